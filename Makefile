@@ -1,0 +1,48 @@
+# Two commands on a fresh Debian machine with Python 3.11: `make demo` and `make test`.
+# Both create .venv at the repo root if missing, install the pinned dependencies, and
+# install ffmpeg and espeak-ng (apt) if they are absent.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_MODEL := models/demo-tdt.nemo
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup system-deps demo test lint bench bench-long model clean
+
+setup: system-deps $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt
+	$(PY) -c "import nemo.collections.asr, runpod, pytest"
+	touch $@
+
+system-deps:
+	@if command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null; then exit 0; fi; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	$$SUDO apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng >/dev/null
+
+demo: setup
+	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) test_local.py
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.throughput
+
+bench-long: setup
+	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio
+
+model: setup
+	$(PY) -m tools.train_demo_model --out $(DEMO_MODEL)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache bench/out

@@ -1,0 +1,64 @@
+"""SKIP_MODEL_LOAD=1: the worker still fetches, decodes, measures and batches, and never imports
+torch, NeMo or librosa. Run in a fresh interpreter, since the test session has NeMo loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import soundfile as sf
+from conftest import DATA_ROOT, REPO, encode
+
+DRY_SCRIPT = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import handler
+import_sec = time.perf_counter() - t0
+out = handler.handler({"id": "dry", "input": {"inputs": json.loads(sys.argv[1])}})
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nemo", "librosa", "lightning"))
+print(json.dumps({"out": out, "heavy": heavy, "import_sec": import_sec}))
+"""
+
+
+def dry_env() -> dict[str, str]:
+    return {**os.environ, "SKIP_MODEL_LOAD": "1", "PARAKEET_MODEL": "nvidia/parakeet-tdt-0.6b-v3"}
+
+
+def test_dry_run_imports_nothing_heavy_and_measures_durations(http_server):
+    rng = np.random.default_rng(0)
+    made = {}
+    for name, seconds, rate, channels in [("a", 1.25, 44100, 2), ("b", 3.5, 48000, 1), ("c", 7.0, 8000, 1)]:
+        wav = DATA_ROOT / f"dry-{name}.wav"
+        sf.write(wav, 0.1 * rng.standard_normal((int(seconds * rate), channels)), rate)
+        made[name] = (wav, seconds)
+    inputs = [
+        {"source": str(made["a"][0])},
+        {"source": http_server.add(encode(made["b"][0], DATA_ROOT / "dry-b.mp3"))},
+        {"source": "file://" + str(encode(made["c"][0], DATA_ROOT / "dry-c.m4a"))},
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", DRY_SCRIPT, json.dumps(inputs)],
+        cwd=REPO, env=dry_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == [], f"dry run imported {report['heavy'][:5]}"
+    results = report["out"]["results"]
+    assert [r["index"] for r in results] == [0, 1, 2]
+    for result, (_, seconds) in zip(results, [made["a"], made["b"], made["c"]], strict=True):
+        assert "error" not in result, result
+        assert "dry run" in result["text"]
+        assert abs(result["duration"] - seconds) <= 0.05, (result, seconds)
+
+
+def test_test_local_script_dry_run():
+    proc = subprocess.run(
+        [sys.executable, "test_local.py"], cwd=REPO, env=dry_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert len(out["results"]) >= 3
+    assert all("dry run" in r["text"] and r["duration"] > 0.3 for r in out["results"])
