@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_MODEL = REPO / "models" / "demo-tdt.nemo"
+DEMO_MODEL = Path(os.environ.get("PW_TEST_MODEL", REPO / "models" / "demo-tdt.nemo"))
 DATA_ROOT = Path(tempfile.mkdtemp(prefix="pw-test-data-"))  # an allowed local root
 TMP_ROOT = Path(tempfile.mkdtemp(prefix="pw-test-tmp-"))  # the worker's temp root
 
