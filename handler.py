@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import concurrent.futures as cf
 import dataclasses
 import itertools
@@ -803,23 +804,24 @@ SUB_MAX_SEC = 7.0
 
 
 def _subtitle_cues(transcript: Transcript) -> list[tuple[float, float, str]]:
-    """Cues of <= 42 characters and <= 7 s, cut at word boundaries, never across segments."""
+    """Cues of <= 42 characters and <= 7 s, cut at word boundaries and at segment ends."""
+    segment_ends = sorted(s["end"] for s in transcript.segments)
     cues: list[tuple[float, float, str]] = []
-    for seg in transcript.segments or [{"start": 0.0, "end": 0.0}]:
-        words = [w for w in transcript.words if seg["start"] - 1e-6 <= w["start"] <= seg["end"] + 1e-6]
-        if not transcript.segments:
-            words = transcript.words
-        line: list[dict[str, Any]] = []
-        for word in words:
+    line: list[dict[str, Any]] = []
+    for word in transcript.words:
+        if line:
             text = " ".join(w["word"] for w in [*line, word])
-            if line and (len(text) > SUB_MAX_CHARS or word["end"] - line[0]["start"] > SUB_MAX_SEC):
+            new_segment = bisect.bisect_left(segment_ends, word["start"]) != bisect.bisect_left(
+                segment_ends, line[-1]["start"]
+            )
+            if new_segment or len(text) > SUB_MAX_CHARS or word["end"] - line[0]["start"] > SUB_MAX_SEC:
                 cues.append((line[0]["start"], line[-1]["end"], " ".join(w["word"] for w in line)))
                 line = []
-            line.append(word)
-        if line:
-            cues.append((line[0]["start"], line[-1]["end"], " ".join(w["word"] for w in line)))
+        line.append(word)
+    if line:
+        cues.append((line[0]["start"], line[-1]["end"], " ".join(w["word"] for w in line)))
     fixed: list[tuple[float, float, str]] = []
-    for start, end, text in cues:  # keep cues ordered, non-overlapping and non-empty in time
+    for start, end, text in cues:  # ordered, non-overlapping, never zero-length
         start = max(start, fixed[-1][1]) if fixed else start
         fixed.append((start, max(end, start + 0.01), text))
     return fixed

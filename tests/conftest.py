@@ -37,6 +37,8 @@ for var in ("SKIP_MODEL_LOAD", "RUNPOD_SERVERLESS", "http_proxy", "https_proxy",
     os.environ.pop(var, None)
 sys.path.insert(0, str(REPO))
 
+from tools import synth  # noqa: E402
+
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(DATA_ROOT, ignore_errors=True)
@@ -96,7 +98,7 @@ def speech_file(text: str, fmt: str = "wav", voice: str = "en-us", speed: int = 
         return _SPEECH_CACHE[key]
     stem = name or f"{abs(hash(key)):x}"
     wav = DATA_ROOT / f"{stem}.src.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(wav), text], check=True)
+    synth.write(wav, synth.speak(text, voice, speed))
     out = DATA_ROOT / f"{stem}.{fmt}"
     if fmt == "wav":
         wav.rename(out)
@@ -153,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self):  # noqa: C901 - one branch per misbehaviour
+    def do_GET(self):
         n = self._count()
         path = self.path.split("?")[0]
         parts = path.strip("/").split("/", 1)

@@ -17,7 +17,7 @@ CFG = dataclasses.replace(
 
 
 def items(*durations: float) -> list[Prepared]:
-    return [Prepared(i, f"item{i}", Path("unused.wav"), int(round(d * SAMPLE_RATE))) for i, d in enumerate(durations)]
+    return [Prepared(i, f"item{i}", Path("unused.wav"), round(d * SAMPLE_RATE)) for i, d in enumerate(durations)]
 
 
 def check_limits(batches: list[list[Prepared]], given: list[Prepared], cfg=CFG) -> None:

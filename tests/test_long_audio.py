@@ -1,0 +1,91 @@
+"""Long audio: local attention above the threshold (and back), and splitting at pauses above
+MAX_SINGLE_PASS_SEC, with thresholds lowered so the demo model shows it in seconds."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import DATA_ROOT, run_job, speech_file
+
+from tools import synth
+
+WORDS = ["one", "hello", "seven", "stop", "three", "world", "nine", "left", "go", "five", "up", "eight", "no", "two"]
+
+
+@pytest.fixture(scope="module")
+def long_clip():
+    """~60 s of words at known offsets, 3.5-4.5 s apart (pauses between them)."""
+    rng = np.random.default_rng(11)
+    offsets = list(np.cumsum(rng.uniform(3.5, 4.5, len(WORDS))) - 2.0)
+    path = synth.write(DATA_ROOT / "long-placed.wav", synth.place_words(WORDS, offsets))
+    return str(path), offsets
+
+
+def check_words(result: dict, offsets: list[float], tolerance: float = 0.5) -> None:
+    assert "error" not in result, result
+    stamps = result["timestamps"]["word"]
+    assert [w["word"] for w in stamps] == WORDS, result["text"]
+    assert result["text"].split() == WORDS
+    starts = [w["start"] for w in stamps]
+    assert starts == sorted(starts), "timestamps go backwards"
+    for stamp, offset in zip(stamps, offsets, strict=True):
+        assert abs(stamp["start"] - offset) <= tolerance, (stamp, offset)
+
+
+def test_local_attention_switch_and_back(worker, config, long_clip):
+    path, offsets = long_clip
+    short = {"source": str(speech_file("four two stop", "wav"))}
+    alone = run_job(worker, [short], timestamps=True)["results"][0]  # full attention, before any switch
+
+    config(short_max_sec=10, local_attention_after_sec=30, local_attention_context=(64, 64))
+    mixed = run_job(worker, [{"source": path}, short], timestamps=True)
+    check_words(mixed["results"][0], offsets)
+    assert worker._STATE["local_attention"] is True  # the long item ran last, with local attention
+
+    after = run_job(worker, [short], timestamps=True)["results"][0]
+    assert worker._STATE["local_attention"] is False  # switched back for short work
+    for result in (mixed["results"][1], after):
+        assert result["text"] == alone["text"] == "four two stop"
+        assert result["timestamps"] == alone["timestamps"]
+
+
+def test_long_item_with_full_attention_runs_alone(worker, config, long_clip):
+    path, offsets = long_clip
+    config(short_max_sec=10, local_attention_after_sec=600)
+    out = run_job(worker, [{"source": path}, {"source": str(speech_file("yes no", "wav"))}], timestamps=True)
+    check_words(out["results"][0], offsets)
+    assert out["results"][1]["text"] == "yes no"
+    assert out["stats"]["batches"] == 2
+    assert worker._STATE["local_attention"] is False
+
+
+@pytest.mark.parametrize("piece_sec", [13.0, 21.0])
+def test_split_at_pauses_keeps_every_word_once(worker, config, long_clip, piece_sec):
+    path, offsets = long_clip
+    config(max_single_pass_sec=piece_sec, short_max_sec=10, local_attention_after_sec=600)
+    out = run_job(worker, [{"source": path}], timestamps=True)
+    result = out["results"][0]
+    check_words(result, offsets)
+    assert result["duration"] > 3 * piece_sec  # it really was split
+    ends = [w["end"] for w in result["timestamps"]["word"]]
+    assert ends == sorted(ends)
+    segments = result["timestamps"]["segment"]
+    assert [s["start"] for s in segments] == sorted(s["start"] for s in segments)
+
+
+def test_split_points_fall_in_pauses(worker, long_clip):
+    """Every cut lands in silence between words, and no piece is longer than allowed."""
+    path, _ = long_clip
+    samples, rate = sf.read(path, dtype="float32")
+    item = worker.Prepared(index=0, source=path, wav=Path(path), frames=len(samples))
+    cuts = worker._split_points(item, 13.0)
+    assert len(cuts) >= 4 and cuts[0] == 0
+    for prev, cut in itertools.pairwise(cuts):
+        assert 0 < cut - prev <= 13.0 * rate
+        window = samples[max(0, cut - rate // 20) : cut + rate // 20]  # 100 ms around the cut
+        assert np.abs(window).max() < 0.01, f"cut at {cut / rate:.2f} s is inside speech"
+    assert len(samples) - cuts[-1] <= 13.0 * rate

@@ -1,0 +1,186 @@
+"""The worker as Runpod runs it: the SDK's local test path, its local API server, progress
+updates posted through the SDK, and a model that fails to load. Real subprocesses, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+from conftest import DATA_ROOT, DEMO_MODEL, REPO, speech_file, words_of
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PARAKEET_MODEL": str(DEMO_MODEL), "PYTHONUNBUFFERED": "1"}
+    env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
+    return {**env, **extra}
+
+
+def test_handler_py_runs_test_input_json():
+    """`python handler.py` with no arguments runs test_input.json through the SDK's local path."""
+    job = json.loads((REPO / "test_input.json").read_text())
+    proc = subprocess.run(
+        [sys.executable, "handler.py"], cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "completed successfully" in proc.stdout
+    expected = json.loads((REPO / "samples" / "TRANSCRIPTS.json").read_text())
+    first = job["input"]["inputs"][0]["source"].rsplit("/", 1)[-1]
+    assert expected[first] in proc.stdout
+
+
+def test_test_input_argument_and_failed_model_exit_codes(tmp_path):
+    """--test_input works, and a model that cannot load makes every job fail with its cause
+    (the SDK's local path then exits non-zero) instead of crashing the worker at start."""
+    wav = speech_file("four five six", "wav")
+    job = json.dumps({"input": {"inputs": [{"source": str(wav)}]}})
+    ok = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", job], cwd=REPO, env=worker_env(),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "four five six" in ok.stdout
+
+    broken = tmp_path / "broken.nemo"
+    broken.write_bytes(b"this is not a nemo archive")
+    bad = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", job], cwd=REPO, env=worker_env(PARAKEET_MODEL=str(broken)),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert f"model '{broken}' could not be loaded" in bad.stdout + bad.stderr
+
+
+def test_model_load_failure_answers_every_job():
+    script = (
+        "import json, handler\n"
+        "for _ in range(2):\n"
+        "    print(json.dumps(handler.handler({'id': 'j', 'input': {'inputs': [{'source': 'samples/x.wav'}]}})))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=worker_env(PARAKEET_MODEL="/nonexistent/model.nemo"),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outputs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(outputs) == 2
+    for out in outputs:
+        assert out == {"error": out["error"]}
+        assert "/nonexistent/model.nemo" in out["error"] and "FileNotFoundError" in out["error"]
+
+
+class _Collector(BaseHTTPRequestHandler):
+    posts: list[dict] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        _Collector.posts.append(json.loads(body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_progress_updates_go_through_the_sdk():
+    """A multi-batch job posts progress after each batch, with growing numbers, to the URL the
+    SDK is given (here a collector on 127.0.0.1)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/job-done/$ID?gpu=test"
+    texts = ["one", "two three", "four five six", "seven eight", "nine zero", "yes no"]
+    inputs = [{"source": str(speech_file(t, "wav"))} for t in texts]
+    script = (
+        "import json, sys, time, handler\n"
+        "out = handler.handler({'id': 'progress-job', 'input': {'inputs': json.loads(sys.argv[1])}})\n"
+        "print(json.dumps(out))\n"
+        "time.sleep(3)  # progress posts run on daemon threads\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(inputs)], cwd=REPO,
+        env=worker_env(RUNPOD_WEBHOOK_POST_OUTPUT=url, BATCH_MAX_ITEMS="2"),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    server.shutdown()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"results"')][-1])
+    assert [words_of(r["text"]) for r in out["results"]] == [t.split() for t in texts]
+    updates = [p["output"] for p in _Collector.posts if p.get("status") == "IN_PROGRESS"]
+    assert len(updates) >= 3, _Collector.posts
+    done = sorted(u["items_done"] for u in updates)
+    assert done == sorted(set(done)) and done[-1] == len(texts)
+    assert all(u["items_total"] == len(texts) for u in updates)
+    seconds = sorted(u["audio_sec_done"] for u in updates)
+    assert seconds[0] > 0 and seconds == sorted(set(seconds))
+
+
+@pytest.fixture(scope="module")
+def local_api():
+    """`python handler.py --rp_serve_api` on a free port: the SDK's own FastAPI server."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+        cwd=REPO, env=worker_env(ALLOWED_LOCAL_ROOTS=f"{DATA_ROOT}:{REPO / 'samples'}"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"API server exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if requests.get(f"{base}/openapi.json", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("API server did not come up")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_local_api_runsync(local_api):
+    texts = ["hello world", "stop go left", "three two one"]
+    inputs = [{"source": str(speech_file(t, "mp3"))} for t in texts]
+    reply = requests.post(f"{local_api}/runsync", json={"input": {"inputs": inputs, "timestamps": True}}, timeout=120)
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["status"] == "COMPLETED", body
+    results = body["output"]["results"]
+    assert [words_of(r["text"]) for r in results] == [t.split() for t in texts]
+    assert all(r["timestamps"]["word"] for r in results)
+
+
+def test_local_api_run_then_status(local_api):
+    texts = ["nine eight", "up down"]
+    inputs = [{"source": str(speech_file(t, "flac"))} for t in texts]
+    queued = requests.post(f"{local_api}/run", json={"input": {"inputs": inputs}}, timeout=30).json()
+    assert queued["status"] == "IN_PROGRESS" and queued["id"]
+    done = requests.post(f"{local_api}/status/{queued['id']}", timeout=120).json()
+    assert done["status"] == "COMPLETED", done
+    assert [words_of(r["text"]) for r in done["output"]["results"]] == [t.split() for t in texts]
+
+
+def test_local_api_job_error_is_failed(local_api):
+    body = requests.post(f"{local_api}/runsync", json={"input": {"inputs": []}}, timeout=60).json()
+    assert body["status"] == "FAILED"
+    assert "inputs" in body["error"]
