@@ -1002,7 +1002,10 @@ def _progress_reporter(
             "audio_sec_total": round(sum(p.duration for p in prepared.values()), 3) if all_known else None,
             "batches_done": done["batches"],
         }
-        runpod.serverless.progress_update(job, update)
+        if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):  # deployed: Runpod set where to post
+            runpod.serverless.progress_update(job, update)
+        else:
+            log.debug("progress (not posted, no RUNPOD_WEBHOOK_POST_OUTPUT): %s", update)
 
     return report
 

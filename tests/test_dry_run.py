@@ -44,7 +44,7 @@ def test_dry_run_imports_nothing_heavy_and_measures_durations(http_server):
         cwd=REPO, env=dry_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"out"')))
     assert report["heavy"] == [], f"dry run imported {report['heavy'][:5]}"
     results = report["out"]["results"]
     assert [r["index"] for r in results] == [0, 1, 2]
@@ -59,6 +59,6 @@ def test_test_local_script_dry_run():
         [sys.executable, "test_local.py"], cwd=REPO, env=dry_env(), capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout[proc.stdout.index("{") :])
+    out = json.loads(proc.stdout[proc.stdout.index("{\n") :])
     assert len(out["results"]) >= 3
     assert all("dry run" in r["text"] and r["duration"] > 0.3 for r in out["results"])
