@@ -83,6 +83,16 @@ def words_of(text: str) -> list[str]:
     return text.lower().split()
 
 
+def word_errors(ref: list[str], hyp: list[str]) -> int:
+    """Word-level edit distance (substitutions + insertions + deletions)."""
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     return DATA_ROOT

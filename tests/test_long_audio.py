@@ -70,7 +70,7 @@ def test_split_at_pauses_keeps_every_word_once(worker, config, long_clip, piece_
     out = run_job(worker, [{"source": path}], timestamps=True)
     result = out["results"][0]
     check_words(result, offsets)
-    assert result["duration"] > 3 * piece_sec  # it really was split
+    assert result["duration"] > 2 * piece_sec  # it really was split, into three pieces or more
     ends = [w["end"] for w in result["timestamps"]["word"]]
     assert ends == sorted(ends)
     segments = result["timestamps"]["segment"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import DATA_ROOT, REPO, encode, run_job, speech_file, words_of
+from conftest import DATA_ROOT, REPO, encode, run_job, speech_file, word_errors, words_of
 
 from tools import synth
 
@@ -43,9 +43,14 @@ def test_order_across_many_batches(worker, config, http_server):
         inputs.append({"source": http_server.add(path) if i % 2 else str(path)})
     out = run_job(worker, inputs)
     assert out["stats"]["batches"] >= 8
-    for text, result in zip(texts, out["results"], strict=True):
-        assert "error" not in result, result
-        assert words_of(result["text"]) == text.split(), (text, result)
+    got = [words_of(r["text"]) for r in out["results"]]
+    expected = [t.split() for t in texts]
+    for i, words in enumerate(got):
+        # its own text is the closest of all 24: order holds even if the model slips a word
+        own = word_errors(expected[i], words)
+        assert all(own < word_errors(other, words) for other in expected if other != expected[i]), (i, words)
+    errors = sum(word_errors(e, g) for e, g in zip(expected, got, strict=True))
+    assert errors / sum(map(len, expected)) <= 0.05, got
 
 
 def place_words(words: list[str], offsets: list[float], name: str) -> str:

@@ -101,7 +101,7 @@ def check_against_nemo(seed: int = 0, sigma: float = 0.05) -> tuple[float, float
     (grad_expected,) = torch.autograd.grad(expected.sum(), acts)
     got = tdt_loss(acts, labels, act_lens, label_lens, vocab, durations, sigma=sigma)
     (grad_got,) = torch.autograd.grad(got.sum(), acts)
-    return float((got - expected).abs().max()), float((grad_got - grad_expected).abs().max())
+    return float((got - expected).abs().max().detach()), float((grad_got - grad_expected).abs().max())
 
 
 if __name__ == "__main__":
