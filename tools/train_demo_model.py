@@ -16,12 +16,14 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from tools import synth
 from tools.tdt_loss import tdt_loss
@@ -29,8 +31,11 @@ from tools.tdt_loss import tdt_loss
 DURATIONS = [0, 1, 2, 3, 4]
 
 
-def make_utterance(seed: int, index: int) -> tuple[np.ndarray, str]:
-    """One training or test utterance (audio, transcript), fixed by (seed, index)."""
+def make_utterance(seed: int, index: int, codec_share: float = 0.0) -> tuple[np.ndarray, str]:
+    """One training or test utterance (audio, transcript), fixed by (seed, index).
+
+    A `codec_share` of them goes through a lossy codec (mp3 or opus) and back, since the
+    worker is fed compressed files far more often than clean WAV."""
     rng = np.random.default_rng([seed, index])
     voice = str(rng.choice(synth.VOICES))
     speed, pitch = int(rng.integers(120, 221)), int(rng.integers(25, 76))
@@ -52,12 +57,26 @@ def make_utterance(seed: int, index: int) -> tuple[np.ndarray, str]:
     noise_db = rng.uniform(15, 45)
     rms = np.sqrt(np.mean(audio**2)) + 1e-9
     audio = audio + rng.standard_normal(len(audio)).astype(np.float32) * rms * 10 ** (-noise_db / 20)
+    if rng.random() < codec_share:
+        audio = codec_round_trip(audio, str(rng.choice(["libmp3lame", "libopus"])), int(rng.integers(24, 97)))
     return audio.astype(np.float32), " ".join(words)
 
 
-def make_set(seed: int, count: int, workers: int = 2) -> list[tuple[np.ndarray, str]]:
+def codec_round_trip(audio: np.ndarray, codec: str, kbps: int) -> np.ndarray:
+    """Encode with ffmpeg and decode back to 16 kHz mono float32 (length may change slightly)."""
+    ext = "mp3" if codec == "libmp3lame" else "ogg"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, enc, dec = (Path(tmp) / n for n in ("a.wav", f"a.{ext}", "b.wav"))
+        synth.write(src, np.clip(audio, -1, 1))
+        run = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i"]
+        subprocess.run([*run, str(src), "-c:a", codec, "-b:a", f"{kbps}k", str(enc)], check=True)
+        subprocess.run([*run, str(enc), "-ac", "1", "-ar", str(synth.SAMPLE_RATE), str(dec)], check=True)
+        return sf.read(dec, dtype="float32")[0]
+
+
+def make_set(seed: int, count: int, codec_share: float = 0.0, workers: int = 2) -> list[tuple[np.ndarray, str]]:
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(make_utterance, [seed] * count, range(count), chunksize=32))
+        return list(pool.map(make_utterance, [seed] * count, range(count), [codec_share] * count, chunksize=32))
 
 
 def build_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> None:
@@ -166,12 +185,14 @@ def train(args: argparse.Namespace) -> None:
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="demo-model-"))
     print(f"synthesizing {args.train} training + {args.test} held-out utterances ...", flush=True)
-    train_set = make_set(args.seed, args.train)
+    train_set = make_set(args.seed, args.train, args.codec_share)
     test_set = make_set(args.seed + 1000, args.test)
     print(f"  {time.time() - started:.0f} s; {sum(len(a) for a, _ in train_set) / 16000 / 3600:.2f} h of audio", flush=True)
-    build_tokenizer([t for _, t in train_set], work / "tokenizer", args.vocab)
-    cfg = OmegaConf.create(model_config(work / "tokenizer", args.d_model, args.layers))
-    model = EncDecRNNTBPEModel(cfg=cfg)
+    if args.init:  # a second stage: continue from a trained model, keep its tokenizer
+        model = EncDecRNNTBPEModel.restore_from(args.init, map_location="cpu")
+    else:
+        build_tokenizer([t for _, t in train_set], work / "tokenizer", args.vocab)
+        model = EncDecRNNTBPEModel(cfg=OmegaConf.create(model_config(work / "tokenizer", args.d_model, args.layers)))
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params:,} parameters, vocab {model.tokenizer.vocab_size}", flush=True)
     blank = model.tokenizer.vocab_size
@@ -232,6 +253,7 @@ def train(args: argparse.Namespace) -> None:
     report = {
         "parameters": params, "nemo_bytes": out.stat().st_size, "train_utterances": args.train,
         "train_audio_hours": round(sum(lengths) / 16000 / 3600, 3), "epochs": args.epochs, "steps": step,
+        "init": args.init and Path(args.init).name, "seed": args.seed, "codec_share": args.codec_share,
         "train_seconds": round(train_sec), "total_seconds": round(time.time() - started),
         "heldout_utterances": args.test, "heldout_words": words, "heldout_wer": round(wer, 4),
     }  # fmt: skip
@@ -254,6 +276,8 @@ def main() -> None:
     p.add_argument("--batch-samples", type=int, default=16000 * 80, help="padded samples per batch")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--init", help="continue training this .nemo (second stage) instead of a new model")
+    p.add_argument("--codec-share", type=float, default=0.0, help="share of utterances sent through mp3/opus")
     train(p.parse_args())
 
 
