@@ -294,10 +294,11 @@ def _load_at_start() -> None:
 class ItemError(Exception):
     """A problem with one input item: reported on that item, never fails the job."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, duration: float | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.duration = duration  # known when the audio was decoded (e.g. too_long)
 
 
 @dataclass
@@ -524,7 +525,9 @@ def _fetch_to_wav(index: int, item: Any, workdir: Path) -> Prepared:
         raise ItemError("empty_audio", "the audio has no samples")
     if frames > CFG.max_audio_sec * SAMPLE_RATE:
         wav.unlink(missing_ok=True)
-        raise ItemError("too_long", f"audio is longer than MAX_AUDIO_SEC={CFG.max_audio_sec:g} s")
+        raise ItemError(
+            "too_long", f"audio is longer than MAX_AUDIO_SEC={CFG.max_audio_sec:g} s", duration=frames / SAMPLE_RATE
+        )
     return Prepared(index=index, source=_label(kind, value), wav=wav, frames=frames, warning=warning)
 
 
@@ -850,8 +853,9 @@ def to_vtt(transcript: Transcript) -> str:
 
 def _item_result(index: int, source: str, out: Any, params: dict[str, Any], prepared: Prepared | None) -> dict[str, Any]:
     result: dict[str, Any] = {"index": index, "source": source}
-    if prepared is not None:
-        result["duration"] = round(prepared.duration, 3)
+    duration = prepared.duration if prepared is not None else getattr(out, "duration", None)
+    if duration is not None:
+        result["duration"] = round(duration, 3)
     if isinstance(out, ItemError):
         result.update(code=out.code, error=out.message)
         return result
@@ -972,12 +976,13 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _source_label(item: Any) -> str:
-    """What a result echoes as its source: the URL or path, "base64", or a short repr."""
-    if isinstance(item, dict) and isinstance(item.get("source"), str) and len(item) == 1:
-        return item["source"][:500]
-    if isinstance(item, dict) and "audio_base64" in item:
-        return "base64"
-    return repr(item)[:200]
+    """What a result echoes as its source: the URL or path, "base64" for inline audio (never
+    the payload), or a short repr of an item that is not a valid source at all."""
+    try:
+        return _label(*_source_of(item))[:1000]
+    except ItemError:
+        source = item.get("source") if isinstance(item, dict) else None
+        return source[:200] if isinstance(source, str) else repr(item)[:200]
 
 
 def _progress_reporter(

@@ -1,0 +1,316 @@
+"""Bad input costs one clear error on that item and nothing else: real server on 127.0.0.1, real
+ffmpeg, real files. Every job also checks (run_job) one result per input, in order, and an
+empty temp root afterwards."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import DATA_ROOT, encode, run_job, speech_file, temp_leftovers, words_of
+
+GOOD_TEXT = "one two three"
+
+
+@pytest.fixture(scope="module")
+def good():
+    """A good clip (mp3) every job carries, to show the bad items cost nothing else."""
+    return speech_file(GOOD_TEXT, "mp3")
+
+
+def assert_good(result: dict) -> None:
+    assert "error" not in result, result
+    assert words_of(result["text"]) == GOOD_TEXT.split()
+
+
+def assert_code(result: dict, code: str, *, contains: str = "") -> None:
+    assert result.get("code") == code, result
+    assert result["error"] and contains.lower() in result["error"].lower(), result
+    assert "text" not in result
+
+
+def make_file(name: str, data: bytes) -> str:
+    path = DATA_ROOT / name
+    path.write_bytes(data)
+    return str(path)
+
+
+# --- URLs ---------------------------------------------------------------------------------
+
+
+def test_url_failures(worker, config, http_server, refused_url, good):
+    config(download_retries=2, download_read_timeout=1.0, max_download_bytes=2_000_000)
+    flaky = f"{http_server.url}/flaky/{os.path.basename(http_server.add(speech_file('seven eight', 'wav')))}"
+    redirected = f"{http_server.url}/redirect/{os.path.basename(http_server.add(good, 'good-redirect.mp3'))}"
+    inputs = [
+        {"source": http_server.add(good)},
+        {"source": f"{http_server.url}/missing.mp3"},
+        {"source": flaky},
+        {"source": f"{http_server.url}/always500/a.mp3"},
+        {"source": refused_url},
+        {"source": f"{http_server.url}/stall/a.mp3"},
+        {"source": f"{http_server.url}/big/a.wav"},
+        {"source": f"{http_server.url}/big-nolength/a.wav"},
+        {"source": f"{http_server.url}/loop"},
+        {"source": redirected},
+        {"source": f"{http_server.url}/html/page.mp3"},
+    ]
+    started = time.monotonic()
+    results = run_job(worker, inputs)["results"]
+    elapsed = time.monotonic() - started
+    assert_good(results[0])
+    assert_code(results[1], "download_failed", contains="HTTP 404")
+    assert words_of(results[2]["text"]) == ["seven", "eight"]  # 500 first, then retried
+    assert http_server.hits[flaky.removeprefix(http_server.url)] == 2
+    assert_code(results[3], "download_failed", contains="3 attempts")
+    assert http_server.hits["/always500/a.mp3"] == 3
+    assert_code(results[4], "download_failed", contains="connect")
+    assert_code(results[5], "download_timeout")
+    assert_code(results[6], "too_large")
+    assert_code(results[7], "too_large")
+    assert_code(results[8], "download_failed", contains="redirects")
+    assert_good(results[9])
+    assert_code(results[10], "not_audio")
+    # the stalled server sleeps 8 s; the job does not wait for it (read timeout 1 s)
+    assert elapsed < 7.5, elapsed
+
+
+def test_private_address_refused_without_opt_in(worker, monkeypatch, http_server, good):
+    monkeypatch.delenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS")
+    results = run_job(worker, [{"source": http_server.add(good)}, {"source": str(good)}])["results"]
+    assert_code(results[0], "forbidden_url", contains="127.0.0.1")
+    assert_good(results[1])
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_files(good):
+    mp3 = good.read_bytes()
+    silent_video = DATA_ROOT / "silent.mp4"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=duration=1:size=64x64:rate=10",
+         "-c:v", "mpeg4", str(silent_video)], check=True,
+    )  # fmt: skip
+    zero_wav = DATA_ROOT / "zero.wav"
+    sf.write(zero_wav, np.zeros(0, np.float32), 16000)
+    longer = speech_file("one two three four five six seven eight nine zero", "wav", name="longer")
+    return {
+        "text_as_mp3": make_file("notes.mp3", b"this is a text file, not audio\n" * 20),
+        "truncated": make_file("truncated.mp3", mp3[: int(len(mp3) * 0.6)]),
+        "empty": make_file("empty.wav", b""),
+        "silent_video": str(silent_video),
+        "zero_wav": str(zero_wav),
+        "longer": str(longer),
+    }
+
+
+def test_file_failures(worker, config, good, bad_files):
+    config(max_audio_sec=2.5)
+    names = ["text_as_mp3", "truncated", "empty", "silent_video", "zero_wav", "longer"]
+    results = run_job(worker, [{"source": str(good)}] + [{"source": bad_files[n]} for n in names])["results"]
+    assert_good(results[0])
+    by_name = dict(zip(names, results[1:], strict=True))
+    assert_code(by_name["text_as_mp3"], "not_audio", contains="ffmpeg")
+    assert_code(by_name["empty"], "empty_audio")
+    assert_code(by_name["silent_video"], "no_audio")
+    assert_code(by_name["zero_wav"], "empty_audio")
+    assert_code(by_name["longer"], "too_long", contains="MAX_AUDIO_SEC")
+    assert by_name["longer"]["duration"] > 2.5
+    truncated = by_name["truncated"]  # what decodes is transcribed
+    assert "error" not in truncated, truncated
+    assert 0 < truncated["duration"] < results[0]["duration"]
+    assert words_of(truncated["text"]) == GOOD_TEXT.split()[: len(words_of(truncated["text"]))]
+    assert words_of(truncated["text"]), "the first words decode"
+
+
+# --- local paths -----------------------------------------------------------------------------
+
+
+def test_path_rules(worker, good):
+    escape = DATA_ROOT / "escape-link.wav"
+    if not escape.is_symlink():
+        escape.symlink_to("/etc/hostname")
+    inner = DATA_ROOT / "inner-link.mp3"
+    if not inner.is_symlink():
+        inner.symlink_to(good)
+    inputs = [
+        {"source": "/etc/hostname"},
+        {"source": str(escape)},
+        {"source": f"{DATA_ROOT}/../../etc/passwd"},
+        {"source": "../etc/passwd"},
+        {"source": str(DATA_ROOT / "no-such-file.wav")},
+        {"source": f"file://{good}"},
+        {"source": str(inner)},
+        {"source": "samples/hello.mp3"},
+    ]
+    results = run_job(worker, inputs)["results"]
+    for result in results[:4]:
+        assert_code(result, "forbidden_path", contains="outside the allowed roots")
+    assert_code(results[4], "not_found")
+    assert_good(results[5])
+    assert_good(results[6])  # a symlink that stays inside the roots is fine
+    assert words_of(results[7]["text"]) == ["hello", "world"]
+
+
+# --- ffmpeg tricks ---------------------------------------------------------------------------
+
+
+def test_ffmpeg_never_reads_other_files(worker, http_server, good):
+    secret = DATA_ROOT / "secret.wav"
+    sf.write(secret, np.zeros(16000, np.float32), 16000)
+    playlist = f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXTINF:10,\n{secret}\n#EXT-X-ENDLIST\n"
+    m3u8 = make_file("evil.m3u8", playlist.encode())
+    concat = make_file("evil.txt", f"ffconcat version 1.0\nfile /etc/passwd\nfile {secret}\n".encode())
+    inputs = [
+        {"source": m3u8},
+        {"source": http_server.add(DATA_ROOT / "evil.m3u8", "playlist.m3u8")},
+        {"source": concat},
+        {"source": f"concat:/etc/passwd|{secret}"},
+        {"source": str(good)},
+    ]
+    results = run_job(worker, inputs)["results"]
+    assert_code(results[0], "not_audio")
+    assert_code(results[1], "not_audio")
+    assert_code(results[2], "not_audio")
+    assert_code(results[3], "invalid_source", contains="concat")
+    assert_good(results[4])
+
+
+# --- base64 ----------------------------------------------------------------------------------
+
+
+def test_base64_items(worker, config, good):
+    config(max_base64_bytes=200_000)
+    wav = speech_file(GOOD_TEXT, "wav")
+    encoded = base64.b64encode(wav.read_bytes()).decode()
+    too_big = base64.b64encode(b"\0" * 300_000).decode()
+    inputs = [
+        {"audio_base64": encoded},
+        {"audio_base64": "data:audio/wav;base64," + encoded},
+        {"source": "data:audio/mpeg;base64," + base64.b64encode(good.read_bytes()).decode()},
+        {"audio_base64": "this is !!! not base64"},
+        {"audio_base64": too_big},
+        {"audio_base64": "data:audio/wav,not-base64-marked"},
+    ]
+    results = run_job(worker, inputs)["results"]
+    for result in results[:3]:
+        assert_good(result)
+        assert result["source"] == "base64"
+    assert_code(results[3], "invalid_source", contains="base64")
+    assert_code(results[4], "too_large")
+    assert_code(results[5], "invalid_source", contains="base64")
+
+
+# --- item shapes -----------------------------------------------------------------------------
+
+
+def test_item_shapes(worker, good):
+    inputs = [
+        {},
+        {"source": ""},
+        {"source": "   "},
+        {"source": 5},
+        {"source": str(good), "audio_base64": "AAAA"},
+        {"source": str(good), "language": "en"},
+        "just a string",
+        {"source": "ftp://example.com/a.mp3"},
+        {"source": "s3://bucket/a.mp3"},
+        {"source": str(good)},
+    ]
+    results = run_job(worker, inputs)["results"]
+    for result in results[:-1]:
+        assert_code(result, "invalid_source")
+    assert "language" in results[5]["error"]
+    assert "ftp" in results[7]["error"]
+    assert_good(results[-1])
+
+
+# --- job shapes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("job_input", "names"),
+    [
+        ({}, "inputs"),
+        ({"inputs": "a.mp3"}, "inputs"),
+        ({"inputs": []}, "inputs"),
+        ({"inputs": [{"source": "a"}], "speed": 2}, "speed"),
+        ({"inputs": [{"source": "a"}], "timestamps": "yes"}, "timestamps"),
+        ({"inputs": [{"source": "a"}], "timestamps": 1}, "timestamps"),
+        ({"inputs": [{"source": "a"}], "output_format": "docx"}, "output_format"),
+        ({"inputs": [{"source": "a"}], "output_format": 3}, "output_format"),
+        ("inputs", "input"),
+        (None, "input"),
+    ],
+)
+def test_invalid_jobs_name_the_field(worker, job_input, names):
+    out = worker.handler({"id": "bad", "input": job_input})
+    assert set(out) == {"error"}, out
+    assert names in out["error"]
+    assert temp_leftovers() == []
+
+
+def test_too_many_inputs(worker, config):
+    config(max_inputs=3)
+    out = worker.handler({"id": "bad", "input": {"inputs": [{"source": "a"}] * 4}})
+    assert set(out) == {"error"} and "MAX_INPUTS=3" in out["error"]
+
+
+# --- the model fails -----------------------------------------------------------------------
+
+
+def failing_forward(worker, monkeypatch, poison_frames: int, exc: Exception) -> list[int]:
+    """Wrap the real model's forward: fail any batch that holds the poisoned item."""
+    real = worker._MODEL.forward
+    calls: list[int] = []
+
+    def forward(*, input_signal, input_signal_length):
+        calls.append(len(input_signal_length))
+        if poison_frames in input_signal_length.tolist():
+            raise exc
+        return real(input_signal=input_signal, input_signal_length=input_signal_length)
+
+    monkeypatch.setattr(worker._MODEL, "forward", forward)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), "transcription_failed"),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out_of_memory"),
+    ],
+)
+def test_failing_batch_is_retried_in_halves(worker, config, monkeypatch, exc, code):
+    config(batch_max_items=8, batch_overhead_sec=1000)  # everything in one batch first
+    texts = ["one", "two three", "four five six", "seven eight", "nine zero", "yes no stop"]
+    paths = [speech_file(t, "wav") for t in texts]
+    poison = sf.info(str(paths[3])).frames
+    calls = failing_forward(worker, monkeypatch, poison, exc)
+    results = run_job(worker, [{"source": str(p)} for p in paths])["results"]
+    for i, (text, result) in enumerate(zip(texts, results, strict=True)):
+        if i == 3:
+            assert_code(result, code, contains=str(exc)[:20])
+        else:
+            assert words_of(result["text"]) == text.split(), result
+    assert calls[0] == 6 and 1 in calls and len(calls) > 3  # one batch of 6, then halves down to 1
+
+
+def test_encode_helper_containers_exist():
+    """The formats the suite feeds the worker really are what their names say."""
+    wav = speech_file("go", "wav")
+    for fmt, codec in [("mp3", "mp3"), ("ogg", "opus"), ("m4a", "aac"), ("flac", "flac")]:
+        out = encode(wav, DATA_ROOT / f"probe.{fmt}")
+        probe = subprocess.run(
+            ["ffprobe", "-v", "error", "-show_entries", "stream=codec_name", "-of", "csv=p=0", str(out)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert probe.stdout.strip() == codec
