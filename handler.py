@@ -180,34 +180,26 @@ def _resolve_model_source(name: str) -> tuple[str, str]:
     return "hub", name
 
 
+RUNPOD_VOLUME_HF_CACHE = "/runpod-volume/huggingface-cache/hub"
+
+
 def _cached_nemo_files(repo_id: str) -> Iterator[str]:
-    """Yield .nemo files of `repo_id` already on disk: HF cache, Runpod model cache, volume."""
-    from huggingface_hub import scan_cache_dir
-    from runpod.serverless.utils.rp_model_cache import (
-        resolve_model_cache_path_from_hugginface_repository as runpod_cache_path,
-    )
+    """Yield .nemo files of `repo_id` already on disk: the HF cache in HF_HOME (baked into the
+    image), the HF cache on a network volume, then Runpod's model cache (the SDK's path)."""
+    from huggingface_hub import try_to_load_from_cache
+    from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
 
     filename = repo_id.rsplit("/", 1)[-1] + ".nemo"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(repo_id, filename)
-        if isinstance(cached, str):
-            yield cached
-    except Exception:  # noqa: BLE001 - a broken cache is a miss, not a failure
-        pass
-    runpod_dir = runpod_cache_path(repo_id)
+    for cache_dir in (None, RUNPOD_VOLUME_HF_CACHE):
+        try:
+            found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+        except Exception:  # noqa: BLE001 - an unreadable cache is a miss, not a failure
+            found = None
+        if isinstance(found, str):
+            yield found
+    runpod_dir = resolve_model_cache_path_from_hugginface_repository(repo_id)
     if runpod_dir and Path(runpod_dir).is_dir():
         yield from (str(p) for p in sorted(Path(runpod_dir).rglob("*.nemo")))
-    volume_hf = Path("/runpod-volume/huggingface-cache/hub")
-    if volume_hf.is_dir():
-        try:
-            for repo in scan_cache_dir(volume_hf).repos:
-                if repo.repo_id == repo_id:
-                    for rev in repo.revisions:
-                        yield from (str(f.file_path) for f in rev.files if f.file_name == filename)
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def load_model(name: str) -> Any:

@@ -184,3 +184,23 @@ def test_local_api_job_error_is_failed(local_api):
     body = requests.post(f"{local_api}/runsync", json={"input": {"inputs": []}}, timeout=60).json()
     assert body["status"] == "FAILED"
     assert "inputs" in body["error"]
+
+
+def test_hub_name_loads_the_baked_copy_without_network(tmp_path):
+    """What the image does: PARAKEET_MODEL is a hub name, and the .nemo that the build put in the
+    HF cache (docker/fetch_model.py) is restored from disk. HF_HUB_OFFLINE=1 proves no download
+    is tried. The demo model stands in for Parakeet's file here."""
+    repo = tmp_path / "hub" / "models--nvidia--parakeet-tdt-0.6b-v3"
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd" / "parakeet-tdt-0.6b-v3.nemo").symlink_to(DEMO_MODEL)
+    job = json.dumps({"input": {"inputs": [{"source": "samples/hello.mp3"}]}})
+    proc = subprocess.run(
+        [sys.executable, "handler.py", "--test_input", job], cwd=REPO,
+        env=worker_env(PARAKEET_MODEL="nvidia/parakeet-tdt-0.6b-v3", HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1"),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "hello world" in proc.stdout
+    assert "parakeet-tdt-0.6b-v3.nemo (file)" in proc.stdout + proc.stderr
