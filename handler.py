@@ -7,8 +7,8 @@ Data flows top to bottom, and so does this file:
 
 The GPU is billed per second, so everything around the model is built to keep it busy: sources
 are fetched and decoded in a thread pool while earlier batches run, each item is decoded by one
-ffmpeg process straight to 16 kHz mono WAV (its length read from the WAV header, no ffprobe), and
-batches are packed by duration so little of the GPU's work is padding.
+ffmpeg process (small ones several to a process) straight to 16 kHz mono WAV (its length read
+from the WAV header, no ffprobe), and batches are packed by duration so little of the GPU's work is padding.
 """
 
 from __future__ import annotations
@@ -405,11 +405,23 @@ def _download(url: str, dest: Path) -> Path:
                 break
             time.sleep(pause)
         try:
-            return _download_once(url, dest, deadline)
+            with _download_slots():
+                return _download_once(url, dest, deadline)
         except _Retry as exc:
             last = str(exc)
             log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)
     raise ItemError("download_failed", f"{last} (after {CFG.download_retries + 1} attempts)")
+
+
+_DOWNLOAD_SLOTS: threading.BoundedSemaphore | None = None
+
+
+def _download_slots() -> threading.BoundedSemaphore:
+    """At most DOWNLOAD_WORKERS downloads at once, however many items wait for ffmpeg."""
+    global _DOWNLOAD_SLOTS
+    if _DOWNLOAD_SLOTS is None:
+        _DOWNLOAD_SLOTS = threading.BoundedSemaphore(CFG.download_workers)
+    return _DOWNLOAD_SLOTS
 
 
 def _download_once(url: str, dest: Path, deadline: float) -> Path:
@@ -457,42 +469,167 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-_FFMPEG_SLOTS: threading.BoundedSemaphore | None = None
+def _ffmpeg_cmd(pairs: Sequence[tuple[Path, Path]]) -> list[str]:
+    """One ffmpeg command decoding the first audio stream of each source to its own 16 kHz mono
+    s16 WAV. Whitelists are per input: no file of ours may make ffmpeg open another one."""
+    cmd = [_ffmpeg_bin(), "-nostdin", "-hide_banner", "-loglevel", "error"]
+    for src, _ in pairs:
+        cmd += ["-protocol_whitelist", "file,pipe", "-format_whitelist", FFMPEG_FORMATS, "-i", f"file:{src}"]
+    for n, (_, dest) in enumerate(pairs):
+        cmd += [
+            "-map", f"{n}:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SAMPLE_RATE),
+            "-c:a", "pcm_s16le", "-t", f"{CFG.max_audio_sec + 1:.3f}", "-f", "wav", "-y", f"file:{dest}",
+        ]  # fmt: skip
+    return cmd
 
 
-def _ffmpeg_slots() -> threading.BoundedSemaphore:
-    """ffmpeg is CPU-bound: at most PREPARE_WORKERS at once, however many downloads run."""
-    global _FFMPEG_SLOTS
-    if _FFMPEG_SLOTS is None:
-        _FFMPEG_SLOTS = threading.BoundedSemaphore(CFG.prepare_workers)
-    return _FFMPEG_SLOTS
+def _run_ffmpeg(pairs: Sequence[tuple[Path, Path]]) -> tuple[int, str]:
+    """Run ffmpeg on `pairs`; (exit code, stderr). Raises decode_timeout."""
+    try:
+        proc = subprocess.run(
+            _ffmpeg_cmd(pairs), stdin=subprocess.DEVNULL, capture_output=True, timeout=CFG.ffmpeg_timeout_sec
+        )
+    except subprocess.TimeoutExpired:
+        raise ItemError("decode_timeout", f"ffmpeg took over {CFG.ffmpeg_timeout_sec:g} s") from None
+    return proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
+
+
+def _wav_frames(dest: Path) -> int:
+    try:
+        return sf.info(str(dest)).frames
+    except RuntimeError as exc:
+        raise ItemError("not_audio", f"ffmpeg wrote no readable audio: {exc}") from None
 
 
 def _to_wav(src: Path, dest: Path) -> tuple[int, str | None]:
     """Decode the first audio stream of `src` to 16 kHz mono s16 WAV; return (frames, warning)."""
-    cmd = [
-        _ffmpeg_bin(), "-nostdin", "-hide_banner", "-loglevel", "error",
-        "-protocol_whitelist", "file,pipe", "-format_whitelist", FFMPEG_FORMATS,
-        "-i", f"file:{src}",
-        "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SAMPLE_RATE),
-        "-c:a", "pcm_s16le", "-t", f"{CFG.max_audio_sec + 1:.3f}", "-f", "wav", "-y", f"file:{dest}",
-    ]  # fmt: skip
-    try:
-        with _ffmpeg_slots():
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=CFG.ffmpeg_timeout_sec)
-    except subprocess.TimeoutExpired:
-        raise ItemError("decode_timeout", f"ffmpeg took over {CFG.ffmpeg_timeout_sec:g} s") from None
-    stderr = proc.stderr.decode("utf-8", "replace").strip()
+    code, stderr = _run_ffmpeg([(src, dest)])
     tail = stderr[-400:]
-    if proc.returncode != 0:
+    if code != 0:
         if "matches no streams" in stderr:
             raise ItemError("no_audio", "the file has no audio stream")
-        raise ItemError("not_audio", f"ffmpeg could not decode it as audio: {tail or 'exit ' + str(proc.returncode)}")
-    try:
-        frames = sf.info(str(dest)).frames
-    except RuntimeError as exc:
-        raise ItemError("not_audio", f"ffmpeg wrote no readable audio: {exc}") from None
-    return frames, (f"decoder reported errors, transcribed what decoded: {tail}" if tail else None)
+        raise ItemError("not_audio", f"ffmpeg could not decode it as audio: {tail or 'exit ' + str(code)}")
+    return _wav_frames(dest), (f"decoder reported errors, transcribed what decoded: {tail}" if tail else None)
+
+
+def _to_wavs(pairs: Sequence[tuple[Path, Path]]) -> list[tuple[int, str | None] | ItemError]:
+    """Several small files in one ffmpeg process: starting ffmpeg (~50 ms, 200 shared libraries)
+    costs more than decoding a short clip. Anything but a clean run is redone file by file, so
+    each error and warning lands on its own item."""
+    if len(pairs) > 1:
+        try:
+            code, stderr = _run_ffmpeg(pairs)
+            if code == 0 and not stderr:
+                return [(_wav_frames(dest), None) for _, dest in pairs]
+        except ItemError:
+            pass
+    out: list[tuple[int, str | None] | ItemError] = []
+    for src, dest in pairs:
+        try:
+            out.append(_to_wav(src, dest))
+        except ItemError as exc:
+            out.append(exc)
+    return out
+
+
+# ffmpeg's CPU cost on one core (Debian's ffmpeg 5.1, measured on this project's benchmark
+# workload): ~55 ms to start, then milliseconds per MB of input by container. Only an estimate,
+# used to order and group the work.
+FFMPEG_START_MS = 55.0
+DECODE_MS_PER_MB = {b"RIFF": 3.0, b"RF64": 3.0, b"FORM": 3.0, b"fLaC": 22.0, b"OggS": 300.0}
+DECODE_MS_PER_MB_OTHER = 75.0  # mp3, m4a/mp4 (58), webm, anything else
+
+
+def _decode_cost_ms(src: Path) -> float:
+    """Estimated ffmpeg decode time of `src`, without its start-up: its size times its format's rate."""
+    with open(src, "rb") as f:
+        magic = f.read(4)
+    return src.stat().st_size / 1e6 * DECODE_MS_PER_MB.get(magic, DECODE_MS_PER_MB_OTHER)
+
+
+@dataclass(eq=False)
+class _Decode:
+    """One file waiting for ffmpeg, and what came of it."""
+
+    src: Path
+    dest: Path
+    cost_ms: float
+    done: bool = False
+    result: tuple[int, str | None] | BaseException | None = None
+
+
+class _Decoder:
+    """Runs ffmpeg for every job's items, PREPARE_WORKERS processes at a time (it is CPU-bound,
+    however many downloads are running). The threads waiting on it take turns doing the work,
+    costliest file first, so that no long decode starts last and holds up the end; files that
+    decode in less time than ffmpeg takes to start go several to a process."""
+
+    GROUP_BELOW_MS = 3 * FFMPEG_START_MS  # a file this cheap shares a process...
+    GROUP_MAX_MS = 6 * FFMPEG_START_MS  # ...with others, up to this much decoding in all
+    GROUP_ITEMS = 16
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.running = 0
+        self.pending: list[_Decode] = []
+        self.cond = threading.Condition()
+
+    def decode(self, src: Path, dest: Path) -> tuple[int, str | None]:
+        """`src` as a 16 kHz mono WAV at `dest`: (frames, warning); raises ItemError."""
+        mine = _Decode(src, dest, _decode_cost_ms(src))
+        with self.cond:
+            self.pending.append(mine)
+            self.pending.sort(key=lambda d: d.cost_ms, reverse=True)
+        while (work := self._next(mine)) is not None:
+            try:
+                self._run(work)
+            finally:
+                with self.cond:
+                    self.running -= 1
+                    self.cond.notify_all()
+        if isinstance(mine.result, BaseException):
+            raise mine.result
+        return mine.result  # type: ignore[return-value]
+
+    def _next(self, mine: _Decode) -> list[_Decode] | None:
+        """Wait until `mine` is done (None), or a slot is free and work waits: take it."""
+        with self.cond:
+            while not mine.done and (self.running >= self.slots or not self.pending):
+                self.cond.wait()
+            if mine.done:
+                return None
+            self.running += 1
+            return self._take()
+
+    def _take(self) -> list[_Decode]:
+        """The next process's work, from the costliest pending file (called holding the lock)."""
+        work = [self.pending.pop(0)]
+        if work[0].cost_ms >= self.GROUP_BELOW_MS:
+            return work
+        total = work[0].cost_ms
+        while self.pending and len(work) < self.GROUP_ITEMS and total + self.pending[0].cost_ms <= self.GROUP_MAX_MS:
+            total += self.pending[0].cost_ms
+            work.append(self.pending.pop(0))
+        return work
+
+    @staticmethod
+    def _run(work: list[_Decode]) -> None:
+        try:
+            results: list[Any] = _to_wavs([(d.src, d.dest) for d in work])
+        except Exception as exc:  # noqa: BLE001 - handed to each waiting item's own thread
+            results = [exc] * len(work)
+        for d, result in zip(work, results, strict=True):
+            d.result, d.done = result, True
+
+
+_DECODER: _Decoder | None = None
+
+
+def _decoder() -> _Decoder:
+    global _DECODER
+    if _DECODER is None:
+        _DECODER = _Decoder(CFG.prepare_workers)
+    return _DECODER
 
 
 def _fetch_to_wav(index: int, item: Any, workdir: Path) -> Prepared:
@@ -509,7 +646,7 @@ def _fetch_to_wav(index: int, item: Any, workdir: Path) -> Prepared:
         raise ItemError("empty_audio", "the file is empty")
     wav = workdir / f"{index}.wav"
     try:
-        frames, warning = _to_wav(src, wav)
+        frames, warning = _decoder().decode(src, wav)
     finally:
         raw.unlink(missing_ok=True)  # the WAV is all we need from here on
     if frames == 0:
@@ -607,6 +744,7 @@ def _maybe_set_local_attention(model: Any, duration: float) -> None:
     """Local attention above LOCAL_ATTENTION_AFTER_SEC, full attention otherwise.
 
     Switching costs about 2 s on the real model, so it only happens when the mode changes.
+    NeMo builds the new attention modules in training mode (dropout on), hence the eval().
     """
     want_local = duration > CFG.local_attention_after_sec
     if want_local == _STATE["local_attention"]:
@@ -615,6 +753,7 @@ def _maybe_set_local_attention(model: Any, duration: float) -> None:
         model.change_attention_model("rel_pos_local_attn", list(CFG.local_attention_context))
     else:
         model.change_attention_model("rel_pos", [-1, -1])
+    model.eval()
     _STATE["local_attention"] = want_local
     log.info("encoder attention: %s", "local" if want_local else "full")
 
@@ -653,6 +792,8 @@ def _run_model(model: Any, batch: Sequence[Prepared], timestamps: bool) -> list[
     audio, lengths = _load_batch(batch)
     with _MODEL_LOCK:
         _maybe_set_local_attention(model, max(p.duration for p in batch))
+        if any(m.training for m in model.modules()):
+            model.eval()  # see _maybe_set_local_attention; NeMo's transcribe() can leave it so too
         if _STATE["timestamps"] != timestamps:
             _configure_decoding(model, timestamps)
         hyps = _forward_decode(model, audio, lengths)
@@ -874,10 +1015,13 @@ _POOL: cf.ThreadPoolExecutor | None = None
 
 
 def _pool() -> cf.ThreadPoolExecutor:
-    """Shared by jobs: downloads wait on the network, ffmpeg is capped by its own semaphore."""
+    """Shared by jobs: downloads wait on the network; ffmpeg runs PREPARE_WORKERS at a time (_Decoder)."""
     global _POOL
     if _POOL is None:
-        size = max(CFG.prepare_workers, CFG.download_workers)
+        # Threads mostly wait: on the network (DOWNLOAD_WORKERS at a time) or for ffmpeg
+        # (PREPARE_WORKERS at a time). Enough of them that items waiting for ffmpeg do not hold
+        # back the next downloads.
+        size = 4 * max(CFG.prepare_workers, CFG.download_workers)
         _POOL = cf.ThreadPoolExecutor(max_workers=size, thread_name_prefix="prepare")
     return _POOL
 

@@ -8,6 +8,7 @@ import base64
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,51 @@ def test_encode_helper_containers_exist():
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         assert probe.stdout.strip() == codec
+
+
+# --- several files to one ffmpeg process ------------------------------------------------------
+
+
+def test_grouped_decode_keeps_each_files_result(worker, tmp_path, good, bad_files):
+    """Small files share an ffmpeg process; a bad one among them still gets its own error, and
+    the good ones the same samples as when decoded alone."""
+    sources = [good, bad_files["text_as_mp3"], bad_files["longer"], bad_files["silent_video"], bad_files["truncated"]]
+    sources += [speech_file(text, fmt) for text, fmt in (("yes no", "ogg"), ("stop go", "flac"), ("left", "m4a"))]
+    pairs = [(src, tmp_path / f"group-{i}.wav") for i, src in enumerate(map(Path, sources))]
+    grouped = worker._to_wavs(pairs)
+    assert len(grouped) == len(pairs)
+    assert isinstance(grouped[1], worker.ItemError) and grouped[1].code == "not_audio"
+    assert isinstance(grouped[3], worker.ItemError) and grouped[3].code == "no_audio"
+    for i in (0, 2, 4, 5, 6, 7):  # 4: a truncated mp3, transcribed as far as it decodes
+        grouped_audio = sf.read(pairs[i][1], dtype="int16")[0]
+        alone = worker._to_wav(pairs[i][0], tmp_path / "alone.wav")
+        assert grouped[i] == alone and alone[0] > 0
+        assert np.array_equal(grouped_audio, sf.read(tmp_path / "alone.wav", dtype="int16")[0])
+    clean = worker._to_wavs([pairs[i] for i in (0, 2, 5, 6, 7)])  # all good: one process
+    assert clean == [grouped[i] for i in (0, 2, 5, 6, 7)]
+
+
+def test_decoder_shared_by_many_threads(worker, tmp_path, good, bad_files):
+    """One ffmpeg slot, 12 threads asking at once (big and small files, good and bad): every
+    thread gets its own file's answer."""
+    import concurrent.futures as cf
+
+    decoder = worker._Decoder(slots=1)
+    sources = [good, bad_files["text_as_mp3"], bad_files["longer"]] * 4
+    expect = {0: None, 1: "not_audio", 2: None}
+
+    def one(i: int):
+        try:
+            return decoder.decode(Path(sources[i]), tmp_path / f"{i}.wav")
+        except worker.ItemError as exc:
+            return exc.code
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(12)))
+    alone = {k: worker._to_wav(Path(sources[k]), tmp_path / "alone.wav")[0] for k in (0, 2)}
+    for i, answer in enumerate(answers):
+        if expect[i % 3]:
+            assert answer == expect[i % 3], (i, answer)
+        else:
+            assert answer == (alone[i % 3], None), (i, answer)
+    assert decoder.running == 0 and decoder.pending == []

@@ -45,6 +45,8 @@ def test_local_attention_switch_and_back(worker, config, long_clip):
     mixed = run_job(worker, [{"source": path}, short], timestamps=True)
     check_words(mixed["results"][0], offsets)
     assert worker._STATE["local_attention"] is True  # the long item ran last, with local attention
+    # NeMo builds the swapped-in attention modules in training mode: dropout must not stay on
+    assert [n for n, m in worker._MODEL.named_modules() if m.training] == []
 
     after = run_job(worker, [short], timestamps=True)["results"][0]
     assert worker._STATE["local_attention"] is False  # switched back for short work
