@@ -921,7 +921,8 @@ def transcribe_batched(
             waiting.append(item)
             full = len(waiting) >= 2 * CFG.batch_max_items
             if full or sum(p.duration for p in waiting) >= 2 * CFG.batch_max_total_sec:
-                first, *_ = _make_batches(waiting)
+                # the biggest of the batches the rest would be packed into: it gains least by waiting
+                first = max(_make_batches(waiting), key=lambda b: sum(p.frames for p in b))
                 waiting = [p for p in waiting if p not in first]
                 run(first)
     for batch in _make_batches(waiting):
