@@ -17,12 +17,14 @@ import base64
 import binascii
 import bisect
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import itertools
 import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -436,7 +438,8 @@ def _download_once(url: str, dest: Path, deadline: float) -> Path:
         raise ItemError("download_timeout", f"no response within {CFG.download_read_timeout:g} s: {_short(exc)}") from None
     except requests.RequestException as exc:
         raise ItemError("download_failed", _short(exc)) from None
-    with response:
+    too_slow = ItemError("download_timeout", f"download took over {CFG.download_total_sec:g} s")
+    with response, _cut_off_at(deadline, response) as expired:
         if response.status_code == 429 or response.status_code >= 500:
             raise _Retry(f"HTTP {response.status_code} from {url}")
         if response.status_code >= 400:
@@ -446,20 +449,54 @@ def _download_once(url: str, dest: Path, deadline: float) -> Path:
                 for chunk in iter_content_capped(response, 1 << 20, CFG.max_download_bytes):
                     out.write(chunk)
                     if time.monotonic() > deadline:
-                        raise ItemError("download_timeout", f"download took over {CFG.download_total_sec:g} s")
+                        raise too_slow
         except SSRFError as exc:
             raise _ssrf_item_error(exc) from None
-        except requests.RequestException as exc:
+        except (requests.RequestException, OSError, ValueError) as exc:
+            if expired.is_set():
+                raise too_slow from None
             code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
             raise ItemError(code, f"download broke off: {_short(exc)}") from None
+        if expired.is_set():  # the cut-off can end the body early without an exception
+            raise too_slow
     return dest
 
 
+@contextlib.contextmanager
+def _cut_off_at(deadline: float, response: requests.Response) -> Iterator[threading.Event]:
+    """Hold the download to its deadline. requests bounds each read, not the whole body, so a
+    server that sends a byte every few seconds would hold the item (and a download slot) for
+    ever. At the deadline a timer shuts the socket down, which wakes the blocked read; the
+    event it sets tells the reader why the body ended."""
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        # urllib3 2 -> http.client response -> buffered reader -> SocketIO -> socket. Should the
+        # chain ever break, the per-chunk deadline check in _download_once still applies.
+        sock = response.raw
+        for attr in ("_fp", "fp", "raw", "_sock"):
+            sock = getattr(sock, attr, None)
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
 def _ssrf_item_error(exc: SSRFError) -> ItemError:
+    """Map the SDK's SSRFError to a code by the start of its message (the rest quotes the URL)."""
     text = str(exc)
-    if "size cap" in text:
+    if text.startswith("download exceeds size cap"):
         return ItemError("too_large", f"download is over the {CFG.max_download_bytes}-byte cap")
-    if "redirect" in text:
+    if text.startswith(("redirect without Location", "exceeded maximum redirects", "could not resolve host",
+                        "no addresses resolved", "no candidate addresses")):  # fmt: skip
         return ItemError("download_failed", text)
     return ItemError("forbidden_url", text)
 

@@ -183,6 +183,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"\0" * 1000)
             self.wfile.flush()
             time.sleep(8)
+        elif parts[0] == "trickle":  # a byte every 0.2 s: never a read timeout, never done
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            try:
+                for _ in range(150):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
         elif parts[0] == "big":  # an honest Content-Length over the cap
             self.send_response(200)
             self.send_header("Content-Length", str(50 * 1024 * 1024))

@@ -82,6 +82,24 @@ def test_url_failures(worker, config, http_server, refused_url, good):
     assert elapsed < 7.5, elapsed
 
 
+def test_download_deadline_and_unknown_host(worker, config, http_server, good):
+    """DOWNLOAD_TOTAL_SEC bounds the whole download, even when every read is quick: a server
+    trickling a byte every 0.2 s (30 s in all) is cut off at the deadline."""
+    config(download_total_sec=2.0, download_read_timeout=1.0)
+    inputs = [
+        {"source": f"{http_server.url}/trickle/a.mp3"},
+        {"source": http_server.add(good)},
+        {"source": "http://no-such-host.invalid/a.mp3"},
+    ]
+    started = time.monotonic()
+    results = run_job(worker, inputs)["results"]
+    elapsed = time.monotonic() - started
+    assert_code(results[0], "download_timeout", contains="over 2 s")
+    assert_good(results[1])
+    assert_code(results[2], "download_failed", contains="resolve")
+    assert elapsed < 6, elapsed
+
+
 def test_private_address_refused_without_opt_in(worker, monkeypatch, http_server, good):
     monkeypatch.delenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS")
     results = run_job(worker, [{"source": http_server.add(good)}, {"source": str(good)}])["results"]
