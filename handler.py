@@ -75,6 +75,13 @@ def _env_flag(name: str) -> bool:
     return _env(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _env(name, default).lower()
+    if value not in choices:
+        raise SystemExit(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
 def _env_pair(name: str, default: str) -> tuple[int, int]:
     raw = _env(name, default)
     try:
@@ -138,7 +145,7 @@ class Config:
             prepare_workers=max(1, _env_num("PREPARE_WORKERS", d.prepare_workers, int)),
             download_workers=max(1, _env_num("DOWNLOAD_WORKERS", d.download_workers, int)),
             allowed_local_roots=tuple(r for r in roots.split(":") if r),
-            dtype=_env("PARAKEET_DTYPE", d.dtype).lower(),
+            dtype=_env_choice("PARAKEET_DTYPE", d.dtype, ("auto", "bf16", "fp16", "fp32")),
             tmp_dir=_env("WORKER_TMP_DIR", d.tmp_dir),
         )
 
