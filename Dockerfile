@@ -1,7 +1,7 @@
 # parakeet-worker: Runpod serverless image.
 #   docker build -t parakeet-worker .
 #   docker build --build-arg PARAKEET_MODEL=nvidia/parakeet-tdt-0.6b-v2 -t parakeet-worker:v2 .
-#   docker run --gpus all -e RUNPOD_SERVERLESS=0 parakeet-worker python handler.py   # local test
+#   docker run --gpus all parakeet-worker   # off Runpod (no job queue): runs test_input.json once
 # torch==2.13.0 on PyPI is built for CUDA 13.0 and brings its own CUDA, cuDNN and NCCL wheels,
 # so the base only needs the CUDA 13.0 driver interface: the small "base" flavour.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu22.04

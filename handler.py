@@ -907,9 +907,12 @@ def _split_points(item: Prepared, piece_sec: float) -> list[int]:
     return cuts
 
 
-def _transcribe_split(model: Any, item: Prepared, timestamps: bool) -> Transcript | ItemError:
+def _transcribe_split(
+    model: Any, item: Prepared, timestamps: bool, on_piece: Callable[[Prepared, float], None] | None = None
+) -> Transcript | ItemError:
     """Audio over MAX_SINGLE_PASS_SEC: transcribe pieces cut at pauses, then join the text and
-    shift each piece's timestamps by where it starts. Only one piece is in memory at a time."""
+    shift each piece's timestamps by where it starts. Only one piece is in memory at a time.
+    `on_piece(item, seconds done)` follows the pieces: one item can take minutes of GPU."""
     cuts = [*_split_points(item, CFG.max_single_pass_sec), item.frames]
     joined = Transcript("")
     for lo, hi in itertools.pairwise(cuts):
@@ -917,6 +920,8 @@ def _transcribe_split(model: Any, item: Prepared, timestamps: bool) -> Transcrip
         (part,) = _run_resilient(model, [piece], timestamps)
         if isinstance(part, ItemError):
             return part
+        if on_piece and hi < item.frames:
+            on_piece(item, hi / SAMPLE_RATE)
         shift = lo / SAMPLE_RATE
         joined.text = f"{joined.text} {part.text}".strip()
         for span in part.words + part.segments:
@@ -932,6 +937,7 @@ def transcribe_batched(
     items: Iterable[Prepared],
     timestamps: bool,
     on_done: Callable[[list[Prepared]], None] | None = None,
+    on_piece: Callable[[Prepared, float], None] | None = None,
 ) -> tuple[dict[int, Transcript | ItemError], list[list[Prepared]]]:
     """Transcribe prepared items as they arrive; return results by input index and the batches.
 
@@ -939,6 +945,7 @@ def transcribe_batched(
     as they are ready, and short ones start early once enough are waiting to fill two batches,
     so the GPU works while later downloads are still running. The rest is packed at the end.
     Local-attention items run last, so the encoder switches mode at most once per job.
+    `on_done(batch)` follows each batch, `on_piece(item, seconds)` the pieces of a split item.
     """
     results: dict[int, Transcript | ItemError] = {}
     batches: list[list[Prepared]] = []
@@ -947,7 +954,7 @@ def transcribe_batched(
 
     def run(batch: list[Prepared]) -> None:
         if len(batch) == 1 and batch[0].duration > CFG.max_single_pass_sec:
-            outs: list[Transcript | ItemError] = [_transcribe_split(model, batch[0], timestamps)]
+            outs: list[Transcript | ItemError] = [_transcribe_split(model, batch[0], timestamps, on_piece)]
         else:
             outs = _run_resilient(model, batch, timestamps)
         results.update((p.index, out) for p, out in zip(batch, outs, strict=False))
@@ -1122,7 +1129,7 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
         errors: dict[int, ItemError] = {}
         futures, ready = _prepare_all(inputs, workdir, errors)
         prepared: dict[int, Prepared] = {}
-        progress = _progress_reporter(job, len(inputs), prepared, errors)
+        progress, piece_progress = _progress_reporter(job, len(inputs), prepared, errors)
 
         def arrived() -> Iterator[Prepared]:
             for item in ready:
@@ -1130,7 +1137,7 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
                 yield item
 
         want_times = params["timestamps"] or params["output_format"] in ("srt", "vtt")
-        outputs, batches = transcribe_batched(_MODEL, arrived(), want_times, progress)
+        outputs, batches = transcribe_batched(_MODEL, arrived(), want_times, progress, piece_progress)
         outputs.update(errors)
         results = []
         for i, item in enumerate(inputs):
@@ -1168,23 +1175,18 @@ def _source_label(item: Any) -> str:
 
 def _progress_reporter(
     job: dict[str, Any], total: int, prepared: dict[int, Prepared], errors: dict[int, ItemError]
-) -> Callable[[list[Prepared]], None]:
-    """After each batch, send items and audio seconds done (and their totals) through the SDK's
-    progress_update. A job that finishes in one short batch sends nothing."""
+) -> tuple[Callable[[list[Prepared]], None], Callable[[Prepared, float], None]]:
+    """After each batch, and each piece of a split item, send items and audio seconds done
+    (and their totals) through the SDK's progress_update. A job that finishes in one short
+    batch sends nothing."""
     done = {"items": 0, "sec": 0.0, "batches": 0}
 
-    def report(batch: list[Prepared]) -> None:
-        done["items"] += len(batch)
-        done["sec"] += sum(p.duration for p in batch)
-        done["batches"] += 1
-        finished = done["items"] + len(errors) >= total
-        if done["batches"] == 1 and finished and batch[0].duration <= CFG.short_max_sec:
-            return
+    def send(partial_sec: float) -> None:
         all_known = len(prepared) + len(errors) >= total
         update = {
             "items_done": done["items"],
             "items_total": total - len(errors) if all_known else total,
-            "audio_sec_done": round(done["sec"], 3),
+            "audio_sec_done": round(done["sec"] + partial_sec, 3),
             "audio_sec_total": round(sum(p.duration for p in prepared.values()), 3) if all_known else None,
             "batches_done": done["batches"],
         }
@@ -1193,7 +1195,18 @@ def _progress_reporter(
         else:
             log.debug("progress (not posted, no RUNPOD_WEBHOOK_POST_OUTPUT): %s", update)
 
-    return report
+    def batch_done(batch: list[Prepared]) -> None:
+        done["items"] += len(batch)
+        done["sec"] += sum(p.duration for p in batch)
+        done["batches"] += 1
+        finished = done["items"] + len(errors) >= total
+        if not (done["batches"] == 1 and finished and batch[0].duration <= CFG.short_max_sec):
+            send(0.0)
+
+    def piece_done(item: Prepared, seconds_into_item: float) -> None:
+        send(seconds_into_item)
+
+    return batch_done, piece_done
 
 
 # ---------------------------------------------------------------------------------------------

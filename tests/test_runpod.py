@@ -16,6 +16,8 @@ import pytest
 import requests
 from conftest import DATA_ROOT, DEMO_MODEL, REPO, speech_file, words_of
 
+from tools import synth
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -40,6 +42,20 @@ def test_handler_py_runs_test_input_json():
     expected = json.loads((REPO / "samples" / "TRANSCRIPTS.json").read_text())
     first = job["input"]["inputs"][0]["source"].rsplit("/", 1)[-1]
     assert expected[first] in proc.stdout
+
+
+def test_runpod_serverless_flag(tmp_path):
+    """Unset, `python handler.py` with nothing to run says what to do; RUNPOD_SERVERLESS=1 hands
+    over to the SDK (off Runpod it looks for test_input.json in the working directory)."""
+    env = worker_env(SKIP_MODEL_LOAD="1")
+    run = [sys.executable, str(REPO / "handler.py")]
+    idle = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert idle.returncode != 0
+    assert "nothing to run: set RUNPOD_SERVERLESS=1" in idle.stderr
+    started = subprocess.run(run, cwd=tmp_path, env={**env, "RUNPOD_SERVERLESS": "1"}, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    out = started.stdout + started.stderr
+    assert "Starting Serverless Worker" in out and "test_input.json not found" in out, out[-2000:]
 
 
 def test_test_input_argument_and_failed_model_exit_codes(tmp_path):
@@ -96,14 +112,13 @@ class _Collector(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-def test_progress_updates_go_through_the_sdk():
-    """A multi-batch job posts progress after each batch, with growing numbers, to the URL the
-    SDK is given (here a collector on 127.0.0.1)."""
+def run_with_progress(inputs: list[dict], **env: str) -> tuple[dict, list[dict]]:
+    """Run one job in a fresh worker process whose SDK posts progress to a collector on
+    127.0.0.1; return the job's output and the IN_PROGRESS updates, in the order posted."""
+    _Collector.posts = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/job-done/$ID?gpu=test"
-    texts = ["one", "two three", "four five six", "seven eight", "nine zero", "yes no"]
-    inputs = [{"source": str(speech_file(t, "wav"))} for t in texts]
     script = (
         "import json, sys, time, handler\n"
         "out = handler.handler({'id': 'progress-job', 'input': {'inputs': json.loads(sys.argv[1])}})\n"
@@ -112,20 +127,43 @@ def test_progress_updates_go_through_the_sdk():
     )
     proc = subprocess.run(
         [sys.executable, "-c", script, json.dumps(inputs)], cwd=REPO,
-        env=worker_env(RUNPOD_WEBHOOK_POST_OUTPUT=url, BATCH_MAX_ITEMS="2"),
-        capture_output=True, text=True, timeout=300,
+        env=worker_env(RUNPOD_WEBHOOK_POST_OUTPUT=url, **env), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     server.shutdown()
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"results"')][-1])
+    return out, [p["output"] for p in _Collector.posts if p.get("status") == "IN_PROGRESS"]
+
+
+def test_progress_updates_go_through_the_sdk():
+    """A multi-batch job posts progress after each batch, with growing numbers, to the URL the
+    SDK is given (here a collector on 127.0.0.1)."""
+    texts = ["one", "two three", "four five six", "seven eight", "nine zero", "yes no"]
+    out, updates = run_with_progress([{"source": str(speech_file(t, "wav"))} for t in texts], BATCH_MAX_ITEMS="2")
     assert [words_of(r["text"]) for r in out["results"]] == [t.split() for t in texts]
-    updates = [p["output"] for p in _Collector.posts if p.get("status") == "IN_PROGRESS"]
     assert len(updates) >= 3, _Collector.posts
     done = sorted(u["items_done"] for u in updates)
     assert done == sorted(set(done)) and done[-1] == len(texts)
     assert all(u["items_total"] == len(texts) for u in updates)
     seconds = sorted(u["audio_sec_done"] for u in updates)
     assert seconds[0] > 0 and seconds == sorted(set(seconds))
+
+
+def test_progress_follows_the_pieces_of_a_split_item():
+    """One item split into pieces reports after each piece, not only when the item is done."""
+    words = ["one", "hello", "seven", "stop", "three", "world", "nine", "left", "go", "five", "up", "eight"]
+    offsets = [1.0 + 4.0 * i for i in range(len(words))]
+    path = synth.write(DATA_ROOT / "progress-long.wav", synth.place_words(words, offsets))
+    out, updates = run_with_progress(
+        [{"source": str(path)}], MAX_SINGLE_PASS_SEC="15", SHORT_MAX_SEC="10", LOCAL_ATTENTION_AFTER_SEC="600"
+    )
+    result = out["results"][0]
+    assert result["text"].split() == words
+    seconds = [u["audio_sec_done"] for u in updates]
+    assert [u["items_done"] for u in updates] == [0] * (len(updates) - 1) + [1], updates
+    assert len(updates) >= 4, updates  # 49 s in pieces of at most 15 s: three cuts, then the end
+    assert seconds == sorted(set(seconds)) and seconds[-1] == pytest.approx(result["duration"], abs=0.01)
+    assert all(u["audio_sec_total"] == pytest.approx(result["duration"], abs=0.01) for u in updates)
 
 
 @pytest.fixture(scope="module")
