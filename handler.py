@@ -117,6 +117,7 @@ class Config:
     download_workers: int = 16
     allowed_local_roots: tuple[str, ...] = ("/runpod-volume", str(APP_DIR / "samples"))
     dtype: str = "auto"
+    network_volume: str = "/runpod-volume"
     tmp_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "parakeet-worker"))
 
     @classmethod
@@ -146,6 +147,7 @@ class Config:
             download_workers=max(1, _env_num("DOWNLOAD_WORKERS", d.download_workers, int)),
             allowed_local_roots=tuple(r for r in roots.split(":") if r),
             dtype=_env_choice("PARAKEET_DTYPE", d.dtype, ("auto", "bf16", "fp16", "fp32")),
+            network_volume=_env("NETWORK_VOLUME_PATH", d.network_volume),
             tmp_dir=_env("WORKER_TMP_DIR", d.tmp_dir),
         )
 
@@ -176,8 +178,8 @@ _STATE: dict[str, Any] = {"local_attention": False, "timestamps": None, "device"
 def _resolve_model_source(name: str) -> tuple[str, str]:
     """Where to load `name` from: ("file", path to a .nemo) or ("hub", repo id).
 
-    Order: a local .nemo path; a copy already in HF_HOME (baked into the image); Runpod's model
-    cache; a network volume mirror of HF_HOME; and only then a download from the hub.
+    Order: a local .nemo path; a copy already in HF_HOME (baked into the image); Runpod's cached
+    models; and otherwise the hub (see _load_from_hub: a network volume's copy, or a download).
     """
     path = Path(name).expanduser()
     if name.endswith(".nemo") or path.is_file():
@@ -189,17 +191,23 @@ def _resolve_model_source(name: str) -> tuple[str, str]:
     return "hub", name
 
 
-RUNPOD_VOLUME_HF_CACHE = "/runpod-volume/huggingface-cache/hub"
+# Where Runpod's "cached models" feature puts a model chosen in the endpoint settings: an HF
+# hub cache (docs.runpod.io/serverless/endpoints/model-caching).
+RUNPOD_CACHED_MODELS = "/runpod-volume/huggingface-cache/hub"
+
+
+def _nemo_filename(repo_id: str) -> str:
+    return repo_id.rsplit("/", 1)[-1] + ".nemo"
 
 
 def _cached_nemo_files(repo_id: str) -> Iterator[str]:
     """Yield .nemo files of `repo_id` already on disk: the HF cache in HF_HOME (baked into the
-    image), the HF cache on a network volume, then Runpod's model cache (the SDK's path)."""
+    image), Runpod's cached models, then the SDK's model-cache path."""
     from huggingface_hub import try_to_load_from_cache
     from runpod.serverless.utils.rp_model_cache import resolve_model_cache_path_from_hugginface_repository
 
-    filename = repo_id.rsplit("/", 1)[-1] + ".nemo"
-    for cache_dir in (None, RUNPOD_VOLUME_HF_CACHE):
+    filename = _nemo_filename(repo_id)
+    for cache_dir in (None, RUNPOD_CACHED_MODELS):
         try:
             found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
         except Exception:  # noqa: BLE001 - an unreadable cache is a miss, not a failure
@@ -222,7 +230,7 @@ def load_model(name: str) -> Any:
     if kind == "file":
         model = ASRModel.restore_from(where, map_location=torch.device(device))
     else:
-        model = ASRModel.from_pretrained(where, map_location=torch.device(device))
+        model = _load_from_hub(where, torch.device(device))
     model.eval()
     model.freeze()
     featurizer = getattr(model.preprocessor, "featurizer", None)
@@ -245,6 +253,32 @@ def load_model(name: str) -> Any:
         _configure_decoding(model, timestamps=False, cuda_graphs=False)
         _warm_up(model)
     return model
+
+
+def _load_from_hub(repo_id: str, device: Any) -> Any:
+    """A hub model found in no cache. With a network volume (and RUNPOD_ENDPOINT_ID), the SDK's
+    VolumeCache mirrors a directory of .nemo files there: an earlier worker's copy is restored
+    (hydrate) instead of downloaded, and a fresh download is copied there (sync, in the
+    background) for the next cold worker. Without a volume it is a plain download."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from nemo.collections.asr.models import ASRModel
+    from runpod.serverless.utils.rp_volume_cache import VolumeCache
+
+    mirror = Path(constants.HF_HOME) / "nemo-volume-mirror"
+    local = mirror / repo_id / _nemo_filename(repo_id)
+    with VolumeCache(dirs=[str(mirror)], volume_path=CFG.network_volume):
+        if local.is_file():
+            log.info("restoring %s from the network volume's copy %s", repo_id, local)
+            return ASRModel.restore_from(str(local), map_location=device)
+        model = ASRModel.from_pretrained(repo_id, map_location=device)
+        downloaded = try_to_load_from_cache(repo_id, local.name)
+        if isinstance(downloaded, str):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(os.path.realpath(downloaded), local)  # same disk: no second copy
+            except OSError:
+                shutil.copyfile(downloaded, local)
+        return model
 
 
 def _autocast_dtype(device: str, torch: Any) -> Any:

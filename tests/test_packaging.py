@@ -132,7 +132,7 @@ def test_local_test_input_is_a_valid_job(name):
 
 def test_every_env_variable_is_documented():
     source = (REPO / "handler.py").read_text()
-    names = set(re.findall(r'_env(?:_num|_flag|_pair)?\("([A-Z_]+)"', source))
+    names = set(re.findall(r'_env(?:_num|_flag|_pair|_choice)?\("([A-Z_]+)"', source))
     names |= set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', source))
     assert len(names) >= 20
     missing = sorted(n for n in names if f"`{n}`" not in README)

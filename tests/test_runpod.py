@@ -242,3 +242,28 @@ def test_hub_name_loads_the_baked_copy_without_network(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "hello world" in proc.stdout
     assert "parakeet-tdt-0.6b-v3.nemo (file)" in proc.stdout + proc.stderr
+
+
+def test_hub_name_restored_from_the_network_volume_copy(tmp_path):
+    """Not baked, not in Runpod's caches: the copy an earlier worker of the endpoint left on the
+    network volume (written here by the SDK's own VolumeCache.sync) is restored, and nothing is
+    downloaded (HF_HUB_OFFLINE=1)."""
+    from runpod.serverless.utils.rp_volume_cache import VolumeCache
+
+    hf_home, volume = tmp_path / "hf", tmp_path / "volume"
+    mirror = hf_home / "nemo-volume-mirror"
+    local = mirror / "nvidia" / "parakeet-tdt-0.6b-v3" / "parakeet-tdt-0.6b-v3.nemo"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(DEMO_MODEL.read_bytes())
+    volume.mkdir()
+    VolumeCache(dirs=[str(mirror)], namespace="endpoint-test", volume_path=str(volume)).sync(background=False)
+    local.unlink()  # a fresh worker: the file is only on the volume now
+    job = json.dumps({"input": {"inputs": [{"source": "samples/hello.mp3"}]}})
+    env = worker_env(PARAKEET_MODEL="nvidia/parakeet-tdt-0.6b-v3", HF_HOME=str(hf_home), HF_HUB_OFFLINE="1",
+                     NETWORK_VOLUME_PATH=str(volume), RUNPOD_ENDPOINT_ID="endpoint-test")  # fmt: skip
+    proc = subprocess.run([sys.executable, "handler.py", "--test_input", job], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "hello world" in proc.stdout
+    assert "from the network volume's copy" in proc.stdout + proc.stderr
+    assert local.is_file() and local.stat().st_size == DEMO_MODEL.stat().st_size
