@@ -124,6 +124,7 @@ def bad_files(good):
     return {
         "text_as_mp3": make_file("notes.mp3", b"this is a text file, not audio\n" * 20),
         "truncated": make_file("truncated.mp3", mp3[: int(len(mp3) * 0.6)]),
+        "garbled": make_file("garbled.mp3", mp3[: len(mp3) // 2] + bytes(range(256)) * 8 + mp3[len(mp3) // 2 :]),
         "empty": make_file("empty.wav", b""),
         "silent_video": str(silent_video),
         "zero_wav": str(zero_wav),
@@ -133,7 +134,7 @@ def bad_files(good):
 
 def test_file_failures(worker, config, good, bad_files):
     config(max_audio_sec=2.5)
-    names = ["text_as_mp3", "truncated", "empty", "silent_video", "zero_wav", "longer"]
+    names = ["text_as_mp3", "truncated", "empty", "silent_video", "zero_wav", "longer", "garbled"]
     results = run_job(worker, [{"source": str(good)}] + [{"source": bad_files[n]} for n in names])["results"]
     assert_good(results[0])
     by_name = dict(zip(names, results[1:], strict=True))
@@ -148,6 +149,9 @@ def test_file_failures(worker, config, good, bad_files):
     assert 0 < truncated["duration"] < results[0]["duration"]
     assert words_of(truncated["text"]) == GOOD_TEXT.split()[: len(words_of(truncated["text"]))]
     assert words_of(truncated["text"]), "the first words decode"
+    garbled = by_name["garbled"]  # ffmpeg skips the junk and says so: text plus a warning
+    assert "error" not in garbled and words_of(garbled["text"]), garbled
+    assert garbled["warning"].startswith("decoder reported errors"), garbled
 
 
 # --- local paths -----------------------------------------------------------------------------
