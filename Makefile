@@ -19,11 +19,16 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PY) -c "import nemo.collections.asr, runpod, pytest"
 	touch $@
 
+# Debian's python3 needs python3-venv before `python3 -m venv` works.
 system-deps:
-	@if command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null; then exit 0; fi; \
+	@PKGS=; command -v ffmpeg >/dev/null || PKGS="$$PKGS ffmpeg"; \
+	command -v espeak-ng >/dev/null || PKGS="$$PKGS espeak-ng"; \
+	test -x $(PY) || $(PYTHON) -c "import ensurepip" 2>/dev/null || PKGS="$$PKGS python3-venv"; \
+	[ -z "$$PKGS" ] && exit 0; \
 	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	echo "apt-get install$$PKGS"; \
 	$$SUDO apt-get update -qq && \
-	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng >/dev/null
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$PKGS >/dev/null
 
 demo: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) test_local.py
