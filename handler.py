@@ -987,10 +987,15 @@ def transcribe_batched(
     deferred: list[Prepared] = []
 
     def run(batch: list[Prepared]) -> None:
-        if len(batch) == 1 and batch[0].duration > CFG.max_single_pass_sec:
-            outs: list[Transcript | ItemError] = [_transcribe_split(model, batch[0], timestamps, on_piece)]
-        else:
-            outs = _run_resilient(model, batch, timestamps)
+        outs: list[Transcript | ItemError]
+        try:
+            if len(batch) == 1 and batch[0].duration > CFG.max_single_pass_sec:
+                outs = [_transcribe_split(model, batch[0], timestamps, on_piece)]
+            else:
+                outs = _run_resilient(model, batch, timestamps)
+        except Exception as exc:  # a bug outside the model call: this batch's items, not the job
+            log.exception("batch of %d failed outside the model", len(batch))
+            outs = [ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}") for _ in batch]
         results.update((p.index, out) for p, out in zip(batch, outs, strict=False))
         batches.append(batch)
         if on_done:
@@ -1177,7 +1182,12 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
         for i, item in enumerate(inputs):
             source = _source_label(item)
             out = outputs.get(i) or ItemError("internal_error", "no result was produced for this item")
-            results.append(_item_result(i, source, out, params, prepared.get(i)))
+            try:
+                results.append(_item_result(i, source, out, params, prepared.get(i)))
+            except Exception as exc:  # a rendering bug costs this item, not the job
+                log.exception("could not render the result of item %d", i)
+                err = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
+                results.append(_item_result(i, source, err, params, None))
         response: dict[str, Any] = {"results": results}
         if params["output_format"] == "text":
             response["text"] = "\n".join(r.get("text", "") for r in results)

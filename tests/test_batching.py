@@ -124,3 +124,16 @@ def test_streaming_packs_as_well_as_packing_at_the_end(monkeypatch, order):
     at_end = _make_batches(given, CFG)
     assert len(batches) <= len(at_end) + 2, [len(b) for b in batches]
     assert _padding_efficiency(batches) >= _padding_efficiency(at_end) - 0.02
+
+
+def test_a_failure_outside_the_model_costs_only_its_batch(monkeypatch, tmp_path):
+    """An item whose audio vanished before it was split (the cut search reads the file) gets
+    an internal_error; the job goes on and the other items still come back (dry run)."""
+    monkeypatch.setattr(handler, "CFG", dataclasses.replace(CFG, short_max_sec=5, max_single_pass_sec=10))
+    gone = Prepared(0, "gone", tmp_path / "gone.wav", 30 * SAMPLE_RATE)
+    fine = Prepared(1, "fine", tmp_path / "fine.wav", 2 * SAMPLE_RATE)
+    results, batches = handler.transcribe_batched(None, iter([gone, fine]), timestamps=False)
+    assert isinstance(results[0], handler.ItemError) and results[0].code == "internal_error"
+    assert "gone.wav" in results[0].message, results[0].message
+    assert results[1].text == handler.DRY_RUN_TEXT
+    assert len(batches) == 2
