@@ -197,8 +197,10 @@ def local_api():
 
 
 def test_local_api_runsync(local_api):
-    texts = ["hello world", "stop go left", "three two one"]
-    inputs = [{"source": str(speech_file(t, "mp3"))} for t in texts]
+    texts = ["hello world", "stop go left", "three two one", "yes", "five six seven eight nine", "up down",
+             "zero", "right no"]  # fmt: skip
+    kinds = ["mp3", "flac", "ogg", "wav", "m4a", "mp3", "opus", "wav"]
+    inputs = [{"source": str(speech_file(t, kind))} for t, kind in zip(texts, kinds, strict=True)]
     reply = requests.post(f"{local_api}/runsync", json={"input": {"inputs": inputs, "timestamps": True}}, timeout=120)
     assert reply.status_code == 200
     body = reply.json()
