@@ -493,7 +493,7 @@ def _download_once(url: str, dest: Path, deadline: float) -> Path:
                         raise too_slow
         except SSRFError as exc:
             raise _ssrf_item_error(exc) from None
-        except (requests.RequestException, OSError, ValueError) as exc:
+        except (requests.RequestException, OSError) as exc:
             if expired.is_set():
                 raise too_slow from None
             code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"

@@ -281,14 +281,12 @@ def run_floor(model: Any, arrays: Sequence[np.ndarray]) -> dict[str, Any]:
 
 def padding_efficiency(seconds: Sequence[float], calls: Sequence[list[int]]) -> float:
     """Real / padded seconds of the batches NeMo forms from these calls (it cuts each call's
-    items into runs of NEMO_BATCH_SIZE in the given order and pads each run to its longest)."""
-    padded = 0.0
-    for call in calls:
-        for start in range(0, len(call), NEMO_BATCH_SIZE):
-            run = [seconds[i] for i in call[start : start + NEMO_BATCH_SIZE]]
-            padded += len(run) * max(run)
-    real = sum(seconds[i] for call in calls for i in call)
-    return round(real / padded, 4) if padded else 1.0
+    items into runs of NEMO_BATCH_SIZE), by the handler's own formula."""
+    import handler
+
+    runs = [call[s : s + NEMO_BATCH_SIZE] for call in calls for s in range(0, len(call), NEMO_BATCH_SIZE)]
+    batches = [[handler.Prepared(i, "", Path(), round(seconds[i] * SAMPLE_RATE)) for i in run] for run in runs]
+    return round(handler._padding_efficiency(batches), 4)
 
 
 def best_of(repeat: int, name: str, run: Any) -> dict[str, Any]:
