@@ -6,7 +6,9 @@ loads the model once, at import).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 import os
 import shutil
 import subprocess
@@ -50,6 +52,7 @@ def worker():
     """The handler module with the demo model loaded (once per session)."""
     import handler
 
+    getattr(handler, "ensure_model", lambda: None)()
     assert handler._MODEL is not None, handler._MODEL_ERROR
     return handler
 
@@ -65,9 +68,15 @@ def config(worker, monkeypatch):
     return apply
 
 
+def call_handler(worker, job: dict) -> dict:
+    """One job through the real handler, in-process, as the SDK would await it."""
+    out = worker.handler(job)
+    return asyncio.run(out) if inspect.iscoroutine(out) else out
+
+
 def run_job(worker, inputs, **params):
     """Run one job through the real handler; check the invariants every job must keep."""
-    out = worker.handler({"id": "test-job", "input": {"inputs": inputs, **params}})
+    out = call_handler(worker, {"id": "test-job", "input": {"inputs": inputs, **params}})
     assert "error" not in out, out
     assert len(out["results"]) == len(inputs)
     assert [r["index"] for r in out["results"]] == list(range(len(inputs)))

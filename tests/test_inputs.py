@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import DATA_ROOT, encode, run_job, speech_file, temp_leftovers, words_of
+from conftest import DATA_ROOT, call_handler, encode, run_job, speech_file, temp_leftovers, words_of
 
 GOOD_TEXT = "one two three"
 
@@ -275,7 +275,7 @@ def test_item_shapes(worker, good):
     ],
 )
 def test_invalid_jobs_name_the_field(worker, job_input, names):
-    out = worker.handler({"id": "bad", "input": job_input})
+    out = call_handler(worker, {"id": "bad", "input": job_input})
     assert set(out) == {"error"}, out
     assert names in out["error"]
     assert temp_leftovers() == []
@@ -283,7 +283,7 @@ def test_invalid_jobs_name_the_field(worker, job_input, names):
 
 def test_too_many_inputs(worker, config):
     config(max_inputs=3)
-    out = worker.handler({"id": "bad", "input": {"inputs": [{"source": "a"}] * 4}})
+    out = call_handler(worker, {"id": "bad", "input": {"inputs": [{"source": "a"}] * 4}})
     assert set(out) == {"error"} and "MAX_INPUTS=3" in out["error"]
 
 
