@@ -13,6 +13,7 @@ from the WAV header, no ffprobe), and batches are packed by duration so little o
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import bisect
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -117,6 +118,8 @@ class Config:
     download_workers: int = 16
     allowed_local_roots: tuple[str, ...] = ("/runpod-volume", str(APP_DIR / "samples"))
     dtype: str = "auto"
+    max_concurrent_jobs: int = 32
+    tmp_max_bytes: int = 4 * 1024**3
     network_volume: str = "/runpod-volume"
     tmp_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "parakeet-worker"))
 
@@ -147,6 +150,8 @@ class Config:
             download_workers=max(1, _env_num("DOWNLOAD_WORKERS", d.download_workers, int)),
             allowed_local_roots=tuple(r for r in roots.split(":") if r),
             dtype=_env_choice("PARAKEET_DTYPE", d.dtype, ("auto", "bf16", "fp16", "fp32")),
+            max_concurrent_jobs=max(1, _env_num("MAX_CONCURRENT_JOBS", d.max_concurrent_jobs, int)),
+            tmp_max_bytes=_env_num("WORKER_TMP_MAX_BYTES", d.tmp_max_bytes, int),
             network_volume=_env("NETWORK_VOLUME_PATH", d.network_volume),
             tmp_dir=_env("WORKER_TMP_DIR", d.tmp_dir),
         )
@@ -164,15 +169,20 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
 ITEM_KEYS = ("source", "audio_base64")
 
 # ---------------------------------------------------------------------------------------------
-# Model: loaded once per process, at import, so a warm (FlashBoot) worker never loads it twice.
-# A failed load is kept, not raised: the worker stays up and answers every job with the cause,
-# instead of crash-looping and burning GPU time on restarts.
+# Model: loaded once per process, by main() before the SDK takes a job (or on the first job
+# when handler() is called in-process), never at import: tests of pure logic and benchmarks
+# import this module without NeMo. A failed load is kept, not raised: the worker stays up and
+# answers every job with the cause, instead of crash-looping and burning GPU time on restarts.
 # ---------------------------------------------------------------------------------------------
 
 _MODEL: Any = None
 _MODEL_ERROR: str | None = None
-_MODEL_LOCK = threading.Lock()  # transcribe is not thread-safe: one model call at a time
-_STATE: dict[str, Any] = {"local_attention": False, "timestamps": None, "device": "cpu", "autocast": None}
+_LOADED = False
+_LOAD_LOCK = threading.Lock()
+_MODEL_LOCK = threading.Lock()  # NeMo models are not thread-safe: one model call at a time
+_STATE: dict[str, Any] = {
+    "local_attention": False, "timestamps": None, "device": "cpu", "autocast": None, "gpu_fault": None,
+}  # fmt: skip
 
 
 def _resolve_model_source(name: str) -> tuple[str, str]:
@@ -310,15 +320,19 @@ def _warm_up(model: Any) -> None:
         _forward_decode(model, np.zeros((1, SAMPLE_RATE), np.float32), [SAMPLE_RATE])
 
 
-def _load_at_start() -> None:
-    global _MODEL, _MODEL_ERROR
-    if CFG.skip_model_load:
-        return
-    try:
-        _MODEL = load_model(CFG.model)
-    except Exception as exc:
-        _MODEL_ERROR = f"model {CFG.model!r} could not be loaded: {type(exc).__name__}: {exc}"
-        log.exception("model load failed")
+def ensure_model() -> Any:
+    """Load the model once per process (thread-safe); None in a dry run or after a failure,
+    which is then kept in _MODEL_ERROR."""
+    global _MODEL, _MODEL_ERROR, _LOADED
+    with _LOAD_LOCK:
+        if not _LOADED and not CFG.skip_model_load:
+            try:
+                _MODEL = load_model(CFG.model)
+            except Exception as exc:
+                _MODEL_ERROR = f"model {CFG.model!r} could not be loaded: {type(exc).__name__}: {exc}"
+                log.exception("model load failed")
+        _LOADED = True
+    return _MODEL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,8 +451,11 @@ class _Retry(Exception):
     """A download failure worth another try (connection error, 429, 5xx)."""
 
 
-def _download(url: str, dest: Path) -> Path:
-    """Stream `url` to `dest` through the Runpod SDK's SSRF-safe fetch, with retries."""
+def _download(
+    url: str, dest: Path, stop: threading.Event | None = None, on_size: Callable[[int], None] | None = None
+) -> Path:
+    """Stream `url` to `dest` through the Runpod SDK's SSRF-safe fetch, with retries. `stop`
+    ends it early (its job was stopped); `on_size` hears the bytes written so far."""
     deadline = time.monotonic() + CFG.download_total_sec
     last = "no attempt made"
     for attempt in range(CFG.download_retries + 1):
@@ -447,9 +464,11 @@ def _download(url: str, dest: Path) -> Path:
             if time.monotonic() + pause > deadline:
                 break
             time.sleep(pause)
+        if stop is not None and stop.is_set():
+            raise ItemError("cancelled", "the job was stopped")
         try:
             with _download_slots():
-                return _download_once(url, dest, deadline)
+                return _download_once(url, dest, deadline, stop, on_size)
         except _Retry as exc:
             last = str(exc)
             log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)
@@ -467,7 +486,10 @@ def _download_slots() -> threading.BoundedSemaphore:
     return _DOWNLOAD_SLOTS
 
 
-def _download_once(url: str, dest: Path, deadline: float) -> Path:
+def _download_once(
+    url: str, dest: Path, deadline: float, stop: threading.Event | None = None,
+    on_size: Callable[[int], None] | None = None,
+) -> Path:
     timeout = (CFG.download_connect_timeout, CFG.download_read_timeout)
     try:
         response = safe_get(url, timeout=timeout, max_bytes=CFG.max_download_bytes)
@@ -491,6 +513,10 @@ def _download_once(url: str, dest: Path, deadline: float) -> Path:
                     out.write(chunk)
                     if time.monotonic() > deadline:
                         raise too_slow
+                    if stop is not None and stop.is_set():
+                        raise ItemError("cancelled", "the job was stopped")
+                    if on_size is not None:
+                        on_size(out.tell())
         except SSRFError as exc:
             raise _ssrf_item_error(exc) from None
         except (requests.RequestException, OSError) as exc:
@@ -710,28 +736,91 @@ def _decoder() -> _Decoder:
     return _DECODER
 
 
-def _fetch_to_wav(index: int, item: Any, workdir: Path) -> Prepared:
-    """Any source, any format -> a 16 kHz mono WAV in `workdir`, with its exact length."""
+class _DiskBudget:
+    """Bounds the worker's temp disk (WORKER_TMP_MAX_BYTES) over all jobs. An item reserves the
+    largest WAV it can decode to (MAX_AUDIO_SEC of 16-bit mono) before it is fetched, keeps
+    just its WAV's size once decoded, and gives that back when the WAV is deleted (as soon as the
+    scheduler has read it). Intake waits while the bound is reached; an item bigger than the
+    whole bound still runs, alone."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.held: dict[Path, int] = {}
+        self.peak = 0
+
+    @property
+    def used(self) -> int:
+        return sum(self.held.values())
+
+    def reserve(self, key: Path, nbytes: int, stop: threading.Event | None = None) -> None:
+        with self.cond:
+            while self.held and self.used + nbytes > CFG.tmp_max_bytes:
+                if stop is not None and stop.is_set():
+                    raise ItemError("cancelled", "the job was stopped")
+                self.cond.wait(0.2)
+            self.held[key] = nbytes
+            self.peak = max(self.peak, self.used)
+
+    def resize(self, key: Path, nbytes: int) -> None:
+        """What `key` really holds, once known (never blocks: the bytes are on disk already)."""
+        with self.cond:
+            self.held[key] = nbytes
+            self.peak = max(self.peak, self.used)
+            self.cond.notify_all()
+
+    def release(self, key: Path) -> None:
+        with self.cond:
+            if self.held.pop(key, None) is not None:
+                self.cond.notify_all()
+
+    def release_under(self, folder: Path) -> None:
+        with self.cond:
+            for key in [k for k in self.held if folder in k.parents]:
+                del self.held[key]
+            self.cond.notify_all()
+
+
+_DISK = _DiskBudget()
+
+
+def _max_wav_bytes() -> int:
+    return int((CFG.max_audio_sec + 1) * SAMPLE_RATE) * 2 + 4096
+
+
+def _fetch_to_wav(index: int, item: Any, workdir: Path, stop: threading.Event | None = None) -> Prepared:
+    """Any source, any format -> a 16 kHz mono WAV in `workdir`, with its exact length.
+    `stop` (the job was stopped) ends a wait for disk, a download or an ffmpeg run early."""
     kind, value = _source_of(item)
-    raw = workdir / f"{index}.src"
+    wav = workdir / f"{index}.wav"
+    _DISK.reserve(wav, _max_wav_bytes(), stop)
+    try:
+        return _fetch_reserved(index, kind, value, wav, stop)
+    except BaseException:
+        wav.unlink(missing_ok=True)
+        _DISK.release(wav)
+        raise
+
+
+def _fetch_reserved(index: int, kind: str, value: str, wav: Path, stop: threading.Event | None) -> Prepared:
+    raw = wav.with_suffix(".src")
     if kind == "url":
-        src = _download(value, raw)
+        src = _download(value, raw, stop, lambda size: _DISK.resize(wav, _max_wav_bytes() + size))
     elif kind == "base64":
         src = _decode_base64(value, raw)
     else:
         src = _local_path(value)
+    if src == raw:  # the source's own bytes sit beside the WAV until ffmpeg is done
+        _DISK.resize(wav, _max_wav_bytes() + raw.stat().st_size)
     if src.stat().st_size == 0:
         raise ItemError("empty_audio", "the file is empty")
-    wav = workdir / f"{index}.wav"
     try:
         frames, warning = _decoder().decode(src, wav)
     finally:
         raw.unlink(missing_ok=True)  # the WAV is all we need from here on
+    _DISK.resize(wav, wav.stat().st_size)
     if frames == 0:
-        wav.unlink(missing_ok=True)
         raise ItemError("empty_audio", "the audio has no samples")
     if frames > CFG.max_audio_sec * SAMPLE_RATE:
-        wav.unlink(missing_ok=True)
         raise ItemError(
             "too_long", f"audio is longer than MAX_AUDIO_SEC={CFG.max_audio_sec:g} s", duration=frames / SAMPLE_RATE
         )
@@ -740,52 +829,76 @@ def _fetch_to_wav(index: int, item: Any, workdir: Path) -> Prepared:
 
 # ---------------------------------------------------------------------------------------------
 # Batching: short items share batches, long ones run alone, and the longest switch the encoder
-# to local attention (or are split, past MAX_SINGLE_PASS_SEC).
+# to local attention (or are split, past MAX_SINGLE_PASS_SEC). Pure functions: ready units in,
+# the next batch out; nothing here touches the model, the disk or a clock.
 # ---------------------------------------------------------------------------------------------
 
 SHORT, LONG, LOCAL = "short", "long", "local"
 
 
-def _bucket_of(duration: float, cfg: Config | None = None) -> str:
-    cfg = cfg or CFG
-    if duration <= cfg.short_max_sec:
+class _Timed(Protocol):
+    @property
+    def duration(self) -> float: ...
+
+
+T = TypeVar("T", bound=_Timed)
+
+
+@dataclass(eq=False)
+class Unit:
+    """One model call's worth of one item (a whole item, or one piece of a split one), waiting
+    for the scheduler. `seq` is its place in arrival order, over every job."""
+
+    item: Prepared
+    job: Any = None  # the _Job it belongs to (None in planning tests)
+    timestamps: bool = False
+    final: bool = True  # the item's last piece: its WAV can go once this one is read
+    seq: int = 0
+    future: cf.Future = field(default_factory=cf.Future)
+
+    @property
+    def duration(self) -> float:
+        return self.item.duration
+
+
+def _bucket_of(duration: float) -> str:
+    if duration <= CFG.short_max_sec:
         return SHORT
-    return LOCAL if duration > cfg.local_attention_after_sec else LONG
+    return LOCAL if duration > CFG.local_attention_after_sec else LONG
 
 
-def _bucketize_by_duration(items: Iterable[Prepared], cfg: Config | None = None) -> dict[str, list[Prepared]]:
+def _bucketize_by_duration(items: Iterable[T]) -> dict[str, list[T]]:
     """Split items into short (batched), long (alone, full attention) and local (alone, local
-    attention) buckets, each sorted by duration so batches pad little and modes switch once."""
-    buckets: dict[str, list[Prepared]] = {SHORT: [], LONG: [], LOCAL: []}
+    attention) buckets, each sorted by duration so batches pad little."""
+    buckets: dict[str, list[T]] = {SHORT: [], LONG: [], LOCAL: []}
     for item in items:
-        buckets[_bucket_of(item.duration, cfg)].append(item)
+        buckets[_bucket_of(item.duration)].append(item)
     for bucket in buckets.values():
         bucket.sort(key=lambda p: p.duration)
     return buckets
 
 
-def _make_batches(items: Sequence[Prepared], cfg: Config | None = None) -> list[list[Prepared]]:
+def _make_batches(items: Sequence[T]) -> list[list[T]]:
     """Pack items into batches of <= BATCH_MAX_ITEMS and <= BATCH_MAX_TOTAL_SEC.
 
     Items are sorted by duration and cut into runs that minimise padded seconds plus a fixed
     cost per batch (BATCH_OVERHEAD_SEC): the exact optimum over contiguous runs, by dynamic
     programming. An item longer than the whole budget gets a batch of its own.
     """
-    cfg = cfg or CFG
     ordered = sorted(items, key=lambda p: p.duration)
     n = len(ordered)
     best = [0.0] + [float("inf")] * n  # best[i]: cheapest packing of the first i items
     cut = [0] * (n + 1)
     for end in range(1, n + 1):
         total = 0.0
-        for start in range(end - 1, max(-1, end - 1 - cfg.batch_max_items), -1):
+        for start in range(end - 1, max(-1, end - 1 - CFG.batch_max_items), -1):
             total += ordered[start].duration
-            if total > cfg.batch_max_total_sec and start < end - 1:
+            if total > CFG.batch_max_total_sec and start < end - 1:
                 break
-            cost = best[start] + (end - start) * ordered[end - 1].duration + cfg.batch_overhead_sec
+            cost = best[start] + (end - start) * ordered[end - 1].duration + CFG.batch_overhead_sec
             if cost < best[end]:
                 best[end], cut[end] = cost, start
-    batches: list[list[Prepared]] = []
+    batches: list[list[T]] = []
     end = n
     while end > 0:
         batches.append(ordered[cut[end] : end])
@@ -793,7 +906,29 @@ def _make_batches(items: Sequence[Prepared], cfg: Config | None = None) -> list[
     return batches[::-1]
 
 
-def _padding_efficiency(batches: Iterable[Sequence[Prepared]]) -> float:
+def _plan_next(ready: Sequence[Unit], local_mode: bool) -> list[Unit]:
+    """The next model batch out of every job's ready units; the scheduler runs exactly this.
+
+    Oldest first, so nothing starves. When the oldest unit is short, the batch is the one that
+    _make_batches packs it into out of all ready short units, from any job: at low load a lone
+    clip runs at once, under load batches fill up while the previous one runs. Otherwise a long
+    unit runs alone; among the long units that came before every waiting short one, one that
+    needs no attention switch goes first, so switches stay rare. A split item sends its pieces
+    one at a time, so short units that arrived while a piece ran go before the next piece.
+    """
+    if not ready:
+        return []
+    buckets = _bucketize_by_duration(ready)
+    oldest_short = min((u.seq for u in buckets[SHORT]), default=float("inf"))
+    alone = [u for u in buckets[LONG] + buckets[LOCAL] if u.seq < oldest_short]
+    if alone:
+        same_mode = [u for u in alone if (_bucket_of(u.duration) == LOCAL) == local_mode]
+        return [min(same_mode or alone, key=lambda u: u.seq)]
+    first = min(buckets[SHORT], key=lambda u: u.seq)
+    return next(batch for batch in _make_batches(buckets[SHORT]) if first in batch)
+
+
+def _padding_efficiency(batches: Iterable[Sequence[_Timed]]) -> float:
     real = padded = 0.0
     for batch in batches:
         real += sum(p.duration for p in batch)
@@ -802,7 +937,8 @@ def _padding_efficiency(batches: Iterable[Sequence[Prepared]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Transcription
+# Transcription: one scheduler thread owns the model and runs every job's units; each job
+# awaits its own units' futures.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -813,6 +949,23 @@ class Transcript:
     text: str
     words: list[dict[str, Any]] = field(default_factory=list)
     segments: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One model batch as a job sees it: which batch, how many items it held from all jobs, and
+    its real and padded audio seconds."""
+
+    id: int
+    size: int
+    real_sec: float
+    padded_sec: float
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    out: Transcript | ItemError
+    batch: BatchInfo | None
 
 
 DRY_RUN_TEXT = "[dry run: SKIP_MODEL_LOAD=1, no model loaded]"
@@ -836,15 +989,20 @@ def _maybe_set_local_attention(model: Any, duration: float) -> None:
     log.info("encoder attention: %s", "local" if want_local else "full")
 
 
-def _load_batch(batch: Sequence[Prepared]) -> tuple[np.ndarray, list[int]]:
-    """Read each WAV straight into its row of one zero-padded float32 matrix: one copy."""
-    lengths = [p.frames for p in batch]
-    audio = np.zeros((len(batch), max(lengths)), dtype=np.float32)
-    for row, p in enumerate(batch):
-        with sf.SoundFile(str(p.wav)) as f:
-            f.seek(p.start)
-            f.read(p.frames, dtype="float32", out=audio[row, : p.frames])
-    return audio, lengths
+def _load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[int, ItemError]]:
+    """Read each item's WAV frames straight into its row of one zero-padded float32 matrix (one
+    copy). An item whose audio cannot be read gets an error and an empty row."""
+    lengths = [p.frames for p in items]
+    audio = np.zeros((len(items), max(lengths)), dtype=np.float32)
+    failed: dict[int, ItemError] = {}
+    for row, p in enumerate(items):
+        try:
+            with sf.SoundFile(str(p.wav)) as f:
+                f.seek(p.start)
+                f.read(p.frames, dtype="float32", out=audio[row, : p.frames])
+        except (OSError, RuntimeError) as exc:
+            failed[row] = ItemError("internal_error", f"could not read the decoded audio {p.wav.name}: {_short(exc)}")
+    return audio, lengths, failed
 
 
 def _forward_decode(model: Any, audio: np.ndarray, lengths: list[int]) -> list[Any]:
@@ -853,7 +1011,7 @@ def _forward_decode(model: Any, audio: np.ndarray, lengths: list[int]) -> list[A
     import torch
 
     device = _STATE["device"]
-    signal = torch.from_numpy(audio).to(device, non_blocking=True)
+    signal = torch.from_numpy(np.ascontiguousarray(audio)).to(device, non_blocking=True)
     length = torch.tensor(lengths, dtype=torch.int64, device=device)
     dtype = _STATE["autocast"]
     with torch.inference_mode(), torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
@@ -863,19 +1021,17 @@ def _forward_decode(model: Any, audio: np.ndarray, lengths: list[int]) -> list[A
     return list(hyps)
 
 
-def _run_model(model: Any, batch: Sequence[Prepared], timestamps: bool) -> list[Transcript]:
-    """One model call on one batch (all items in the same attention mode)."""
+def _run_model(model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool) -> list[Transcript]:
+    """One model call on one batch (all rows in the same attention mode)."""
     if model is None:
-        return [Transcript(DRY_RUN_TEXT) for _ in batch]
-    audio, lengths = _load_batch(batch)
+        return [Transcript(DRY_RUN_TEXT) for _ in lengths]
     with _MODEL_LOCK:
-        _maybe_set_local_attention(model, max(p.duration for p in batch))
+        _maybe_set_local_attention(model, max(lengths) / SAMPLE_RATE)
         if any(m.training for m in model.modules()):
-            model.eval()  # see _maybe_set_local_attention; NeMo's transcribe() can leave it so too
+            model.eval()  # see _maybe_set_local_attention
         if _STATE["timestamps"] != timestamps:
             _configure_decoding(model, timestamps)
         hyps = _forward_decode(model, audio, lengths)
-    del audio
     stride = model.encoder.subsampling_factor * float(model.cfg.preprocessor.window_stride)
     return [_transcript(h, stride if timestamps else None) for h in hyps]
 
@@ -900,23 +1056,154 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
 
 
-def _run_resilient(model: Any, batch: Sequence[Prepared], timestamps: bool) -> list[Transcript | ItemError]:
-    """Run a batch; if the model fails, retry its halves, so only an item that fails alone
-    gets an error. A CUDA out-of-memory takes the same path, after emptying the cache."""
+# Errors after which a CUDA context is unusable: every later call on it fails the same way.
+GPU_FAULT_MARKERS = (
+    "illegal memory access", "device-side assert", "unspecified launch failure", "uncorrectable ecc",
+    "illegal instruction", "misaligned address", "cuda driver error",
+)  # fmt: skip
+
+
+def _is_gpu_fault(exc: BaseException) -> bool:
+    """A known sticky CUDA error, or any other CUDA-side error after which the device fails a
+    one-element probe: either way no later batch can run on this worker."""
+    if _is_oom(exc):
+        return False
+    text = str(exc).lower()
+    if any(marker in text for marker in GPU_FAULT_MARKERS):
+        return True
+    if _STATE["device"] != "cuda" or not any(k in text for k in ("cuda", "cudnn", "cublas", "nccl")):
+        return False
+    import torch
+
     try:
-        return list(_run_model(model, batch, timestamps))
+        torch.ones(1, device="cuda").add_(1).item()
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - the probe failing is the answer
+        return True
+    return False
+
+
+def _gpu_fault_error() -> ItemError:
+    return ItemError("gpu_failed", f"the GPU failed ({_STATE['gpu_fault']}); this worker is being replaced")
+
+
+def _run_resilient(model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool) -> list[Transcript | ItemError]:
+    """Run a batch; if the model fails, retry its halves, so only an item that fails alone
+    gets an error. A CUDA out-of-memory takes the same path, after emptying the cache. A GPU
+    fault is not retried: it fails the batch and marks the worker sick (see _is_gpu_fault)."""
+    if _STATE.get("gpu_fault"):
+        return [_gpu_fault_error() for _ in lengths]
+    try:
+        return list(_run_model(model, audio, lengths, timestamps))
     except Exception as exc:
+        if _is_gpu_fault(exc):
+            log.error("GPU fault, asking Runpod to replace this worker: %s", _short(exc))
+            _STATE["gpu_fault"] = f"{type(exc).__name__}: {_short(exc, 200)}"
+            return [_gpu_fault_error() for _ in lengths]
         if _is_oom(exc):
             import torch
 
             torch.cuda.empty_cache()
-        if len(batch) == 1:
-            log.exception("transcription failed for item %d", batch[0].index)
+        if len(lengths) == 1:
+            log.exception("transcription failed for one item")
             code = "out_of_memory" if _is_oom(exc) else "transcription_failed"
             return [ItemError(code, f"the model failed on this item: {type(exc).__name__}: {_short(exc)}")]
-        log.warning("batch of %d failed (%s); retrying in halves", len(batch), _short(exc, 120))
-        half = len(batch) // 2
-        return _run_resilient(model, batch[:half], timestamps) + _run_resilient(model, batch[half:], timestamps)
+        log.warning("batch of %d failed (%s); retrying in halves", len(lengths), _short(exc, 120))
+        half = len(lengths) // 2
+        first, second = lengths[:half], lengths[half:]
+        return _run_resilient(model, audio[:half, : max(first)], first, timestamps) + _run_resilient(
+            model, audio[half:, : max(second)], second, timestamps
+        )
+
+
+class _Scheduler:
+    """The one thread that runs the model, for every job (continuous batching).
+
+    Jobs submit units as their items become ready; whenever the model is free the thread runs
+    the batch that _plan_next picks from all of them, reads the rows, deletes each finished
+    item's WAV at once, and hands every unit its result through its future. Nothing waits on a
+    timer: a batch runs as soon as the model is free and anything is ready.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.ready: list[Unit] = []
+        self.reading: list[Unit] = []  # units whose WAVs the thread is reading right now
+        self.arrivals = itertools.count()
+        self.batch_ids = itertools.count(1)
+        self.thread: threading.Thread | None = None
+
+    def submit(self, unit: Unit) -> cf.Future:
+        with self.cond:
+            unit.seq = next(self.arrivals)
+            self.ready.append(unit)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="model", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+        return unit.future
+
+    def withdraw(self, job: Any) -> None:
+        """Drop a finished or stopped job's waiting units, and return once the model thread
+        reads none of its files (so its temp dir can go)."""
+        with self.cond:
+            for unit in [u for u in self.ready if u.job is job]:
+                self.ready.remove(unit)
+                unit.future.cancel()
+            while any(u.job is job for u in self.reading):
+                self.cond.wait()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.ready:
+                    self.cond.wait()
+                batch = _plan_next(self.ready, _STATE["local_attention"])
+                for unit in batch:
+                    self.ready.remove(unit)
+                self.reading = batch
+            try:
+                self._run(batch)
+            except Exception as exc:  # a bug outside the model call costs this batch, not the worker
+                log.exception("batch of %d failed outside the model", len(batch))
+                for unit in batch:
+                    _deliver(unit, UnitResult(ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}"), None))
+            finally:
+                with self.cond:
+                    self.reading = []
+                    self.cond.notify_all()
+
+    def _run(self, batch: list[Unit]) -> None:
+        model = _MODEL
+        items = [u.item for u in batch]
+        if model is None:  # dry run: nothing to read
+            audio, lengths, failed = np.zeros((len(items), 1), np.float32), [p.frames for p in items], {}
+        else:
+            audio, lengths, failed = _load_rows(items)
+        with self.cond:
+            self.reading = []
+            self.cond.notify_all()
+        for unit in batch:
+            if unit.final and unit.job is not None:
+                unit.job.discard(unit.item.wav)  # in memory now: the WAV can go
+        rows = [row for row in range(len(batch)) if row not in failed]
+        outs: dict[int, Transcript | ItemError] = dict(failed)
+        if rows:
+            ran = _run_resilient(model, audio[rows] if failed else audio, [lengths[r] for r in rows],
+                                 any(batch[r].timestamps for r in rows))  # fmt: skip
+            outs.update(zip(rows, ran, strict=True))
+        real = sum(items[r].duration for r in rows)
+        info = BatchInfo(next(self.batch_ids), len(rows), real, len(rows) * max((items[r].duration for r in rows), default=0))
+        for row, unit in enumerate(batch):
+            _deliver(unit, UnitResult(outs[row], info if row in rows else None))
+
+
+def _deliver(unit: Unit, result: UnitResult) -> None:
+    with contextlib.suppress(cf.InvalidStateError):  # its job was stopped meanwhile
+        unit.future.set_result(result)
+
+
+_SCHEDULER = _Scheduler()
 
 
 def _split_points(item: Prepared, piece_sec: float) -> list[int]:
@@ -941,21 +1228,45 @@ def _split_points(item: Prepared, piece_sec: float) -> list[int]:
     return cuts
 
 
-def _transcribe_split(
-    model: Any, item: Prepared, timestamps: bool, on_piece: Callable[[Prepared, float], None] | None = None
-) -> Transcript | ItemError:
-    """Audio over MAX_SINGLE_PASS_SEC: transcribe pieces cut at pauses, then join the text and
-    shift each piece's timestamps by where it starts. Only one piece is in memory at a time.
-    `on_piece(item, seconds done)` follows the pieces: one item can take minutes of GPU."""
-    cuts = [*_split_points(item, CFG.max_single_pass_sec), item.frames]
+async def _in_pool(job: _Job, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn` on the prepare pool without blocking the event loop; the job keeps the future
+    so that its temp dir outlives every thread still writing into it."""
+    future = _pool().submit(fn, *args)
+    job.threads.append(future)
+    return await asyncio.wrap_future(future)
+
+
+async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | ItemError:
+    """One input: fetched and decoded on the prepare pool, then handed to the scheduler (in
+    pieces, past MAX_SINGLE_PASS_SEC). Any failure becomes this item's error."""
+    try:
+        prepared = await _in_pool(job, _fetch_to_wav, index, item, job.workdir, job.stop)
+        job.prepared[index] = prepared
+        if prepared.duration > CFG.max_single_pass_sec:
+            out = await _transcribe_split(job, prepared)
+        else:
+            out = await job.run(prepared)
+    except ItemError as exc:
+        out = exc
+    except Exception as exc:  # a bug in one item's path costs that item, not the job
+        log.exception("item %d failed", index)
+        out = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
+    await job.settle(index)
+    return out
+
+
+async def _transcribe_split(job: _Job, item: Prepared) -> Transcript | ItemError:
+    """Audio over MAX_SINGLE_PASS_SEC: pieces cut at pauses go to the scheduler one after the
+    other (other jobs' short clips run in between), then the text is joined and each piece's
+    timestamps shifted by where it starts. Only one piece is in memory at a time."""
+    cuts = [*await _in_pool(job, _split_points, item, CFG.max_single_pass_sec), item.frames]
     joined = Transcript("")
     for lo, hi in itertools.pairwise(cuts):
         piece = dataclasses.replace(item, start=item.start + lo, frames=hi - lo)
-        (part,) = _run_resilient(model, [piece], timestamps)
+        part = await job.run(piece, final=hi == item.frames, whole=item)
         if isinstance(part, ItemError):
+            job.discard(item.wav)
             return part
-        if on_piece and hi < item.frames:
-            on_piece(item, hi / SAMPLE_RATE)
         shift = lo / SAMPLE_RATE
         joined.text = f"{joined.text} {part.text}".strip()
         for span in part.words + part.segments:
@@ -966,60 +1277,14 @@ def _transcribe_split(
     return joined
 
 
-def transcribe_batched(
-    model: Any,
-    items: Iterable[Prepared],
-    timestamps: bool,
-    on_done: Callable[[list[Prepared]], None] | None = None,
-    on_piece: Callable[[Prepared, float], None] | None = None,
-) -> tuple[dict[int, Transcript | ItemError], list[list[Prepared]]]:
-    """Transcribe prepared items as they arrive; return results by input index and the batches.
+async def transcribe_batched(job: _Job) -> dict[int, Transcript | ItemError]:
+    """Transcribe every item of one job; results by input index.
 
-    `items` may be a live iterator (the prepare pool's completions): long items start as soon
-    as they are ready, and short ones start early once enough are waiting to fill two batches,
-    so the GPU works while later downloads are still running. The rest is packed at the end.
-    Local-attention items run last, so the encoder switches mode at most once per job.
-    `on_done(batch)` follows each batch, `on_piece(item, seconds)` the pieces of a split item.
+    Each item goes to the shared scheduler as soon as it is fetched and decoded, so the model
+    works while later downloads run, and this job's clips share batches with other jobs' clips.
     """
-    results: dict[int, Transcript | ItemError] = {}
-    batches: list[list[Prepared]] = []
-    waiting: list[Prepared] = []
-    deferred: list[Prepared] = []
-
-    def run(batch: list[Prepared]) -> None:
-        outs: list[Transcript | ItemError]
-        try:
-            if len(batch) == 1 and batch[0].duration > CFG.max_single_pass_sec:
-                outs = [_transcribe_split(model, batch[0], timestamps, on_piece)]
-            else:
-                outs = _run_resilient(model, batch, timestamps)
-        except Exception as exc:  # a bug outside the model call: this batch's items, not the job
-            log.exception("batch of %d failed outside the model", len(batch))
-            outs = [ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}") for _ in batch]
-        results.update((p.index, out) for p, out in zip(batch, outs, strict=False))
-        batches.append(batch)
-        if on_done:
-            on_done(batch)
-
-    for item in items:
-        bucket = _bucket_of(item.duration)
-        if bucket == LONG:
-            run([item])
-        elif bucket == LOCAL:
-            deferred.append(item)
-        else:
-            waiting.append(item)
-            full = len(waiting) >= 2 * CFG.batch_max_items
-            if full or sum(p.duration for p in waiting) >= 2 * CFG.batch_max_total_sec:
-                # the biggest of the batches the rest would be packed into: it gains least by waiting
-                first = max(_make_batches(waiting), key=lambda b: sum(p.frames for p in b))
-                waiting = [p for p in waiting if p not in first]
-                run(first)
-    for batch in _make_batches(waiting):
-        run(batch)
-    for item in sorted(deferred, key=lambda p: p.duration):
-        run([item])
-    return results, batches
+    outs = await asyncio.gather(*(_transcribe_item(job, i, item) for i, item in enumerate(job.inputs)))
+    return dict(enumerate(outs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1099,7 +1364,8 @@ def _item_result(index: int, source: str, out: Any, params: dict[str, Any], prep
 
 
 # ---------------------------------------------------------------------------------------------
-# Handler
+# Handler: an async function, so the SDK keeps up to MAX_CONCURRENT_JOBS jobs in flight on one
+# worker; everything slow (downloads, ffmpeg, the model) runs off the event loop.
 # ---------------------------------------------------------------------------------------------
 
 _POOL: cf.ThreadPoolExecutor | None = None
@@ -1109,9 +1375,9 @@ def _pool() -> cf.ThreadPoolExecutor:
     """Shared by jobs: downloads wait on the network; ffmpeg runs PREPARE_WORKERS at a time (_Decoder)."""
     global _POOL
     if _POOL is None:
-        # Threads mostly wait: on the network (DOWNLOAD_WORKERS at a time) or for ffmpeg
-        # (PREPARE_WORKERS at a time). Enough of them that items waiting for ffmpeg do not hold
-        # back the next downloads.
+        # Threads mostly wait: on the network (DOWNLOAD_WORKERS at a time), for ffmpeg
+        # (PREPARE_WORKERS at a time) or for temp disk (WORKER_TMP_MAX_BYTES). Enough of them
+        # that items waiting for ffmpeg do not hold back the next downloads.
         size = 4 * max(CFG.prepare_workers, CFG.download_workers)
         _POOL = cf.ThreadPoolExecutor(max_workers=size, thread_name_prefix="prepare")
     return _POOL
@@ -1134,77 +1400,170 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
     return params, None
 
 
-def _prepare_all(inputs: list[Any], workdir: Path, errors: dict[int, ItemError]) -> tuple[list[cf.Future], Iterator[Prepared]]:
-    """Start fetching every item; return the futures and an iterator over finished items."""
-    futures = {_pool().submit(_fetch_to_wav, i, item, workdir): i for i, item in enumerate(inputs)}
+class _Progress:
+    """Posts a job's progress (items and audio seconds done, batches) through the SDK's result
+    channel while the job runs. Each item awaits its own report, so no post can land after the
+    job's final result; a report that says nothing new, or that everything is done (the
+    result says that), is not sent."""
 
-    def finished() -> Iterator[Prepared]:
-        for future in cf.as_completed(futures):
-            index = futures[future]
-            try:
-                yield future.result()
-            except ItemError as exc:
-                errors[index] = exc
-            except Exception as exc:
-                log.exception("preparing item %d failed", index)
-                errors[index] = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
+    def __init__(self, job: _Job):
+        self.job = job
+        self.lock = asyncio.Lock()
+        self.last: dict[str, Any] | None = None
 
-    return list(futures), finished()
+    async def report(self) -> None:
+        async with self.lock:
+            numbers = self.job.progress_numbers()
+            if numbers is None or numbers == self.last:
+                return
+            self.last = numbers
+            await _post_progress(self.job.raw, numbers)
 
 
-def handler(job: dict[str, Any]) -> dict[str, Any]:
+async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
+    """The SDK's progress_update posts from a thread of its own, which could land after the
+    job's result; this awaits the same post (the SDK's send_result) instead. Off Runpod (no
+    RUNPOD_WEBHOOK_POST_OUTPUT) it only logs."""
+    if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
+        log.debug("progress (not posted, no RUNPOD_WEBHOOK_POST_OUTPUT): %s", update)
+        return
+    from runpod.http_client import AsyncClientSession
+    from runpod.serverless.modules.rp_http import send_result
+
+    try:
+        async with AsyncClientSession() as session:
+            await send_result(session, {"status": "IN_PROGRESS", "output": update}, job)
+    except Exception as exc:  # noqa: BLE001 - progress is best effort; the job goes on
+        log.warning("progress post failed: %s", _short(exc))
+
+
+class _Job:
+    """One job on the worker: its inputs, temp dir, stop signal, the batches that carried its
+    items, and its progress. Created and used on the event loop; the model thread only sets
+    futures and calls discard()."""
+
+    def __init__(self, raw: dict[str, Any], params: dict[str, Any]):
+        self.raw = raw
+        self.inputs: list[Any] = params["inputs"]
+        self.timestamps = params["timestamps"] or params["output_format"] in ("srt", "vtt")
+        Path(CFG.tmp_dir).mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix="job-", dir=CFG.tmp_dir))
+        self.stop = threading.Event()
+        self.threads: list[cf.Future] = []
+        self.prepared: dict[int, Prepared] = {}
+        self.batches: dict[int, BatchInfo] = {}
+        self.finished: set[int] = set()
+        self.partial: dict[int, float] = {}  # seconds done inside split items still running
+        self.progress = _Progress(self)
+
+    async def run(self, item: Prepared, final: bool = True, whole: Prepared | None = None) -> Transcript | ItemError:
+        """One unit through the scheduler; the batch that carried it counts in the job's stats."""
+        result: UnitResult = await asyncio.wrap_future(_SCHEDULER.submit(Unit(item, self, self.timestamps, final)))
+        if result.batch is not None:
+            self.batches[result.batch.id] = result.batch
+        if whole is not None and not final and not isinstance(result.out, ItemError):
+            self.partial[whole.index] = (item.start + item.frames - whole.start) / SAMPLE_RATE
+            await self.progress.report()
+        return result.out
+
+    async def settle(self, index: int) -> None:
+        self.finished.add(index)
+        await self.progress.report()
+
+    def progress_numbers(self) -> dict[str, Any] | None:
+        """What a progress post says now, or None while there is nothing to say or once
+        every item is settled."""
+        total = len(self.inputs)
+        if len(self.finished) >= total:
+            return None
+        failed_early = sum(1 for i in self.finished if i not in self.prepared)
+        done = [self.prepared[i] for i in self.finished if i in self.prepared]
+        partial = sum(sec for i, sec in self.partial.items() if i not in self.finished)
+        if not done and not partial:
+            return None
+        all_known = len(self.prepared) + failed_early >= total
+        return {
+            "items_done": len(done),
+            "items_total": total - failed_early if all_known else total,
+            "audio_sec_done": round(sum(p.duration for p in done) + partial, 3),
+            "audio_sec_total": round(sum(p.duration for p in self.prepared.values()), 3) if all_known else None,
+            "batches_done": len(self.batches),
+        }
+
+    def discard(self, wav: Path) -> None:
+        """An item's decoded audio is no longer needed: delete it and give back its disk."""
+        wav.unlink(missing_ok=True)
+        _DISK.release(wav)
+
+    async def close(self) -> None:
+        """Whatever way the job ends (result, error, or stopped by Runpod): its waiting units
+        leave the scheduler, its downloads and ffmpeg runs stop, its temp dir goes."""
+        self.stop.set()
+
+        def clean() -> None:
+            _SCHEDULER.withdraw(self)
+            for future in self.threads:
+                future.cancel()
+            cf.wait(self.threads)  # nothing may still write into workdir once it is gone
+            _DISK.release_under(self.workdir)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, clean))
+
+
+def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dict[str, Any], started: float) -> dict[str, Any]:
+    """The job's answer: one result per input, in input order, and its stats."""
+    results = []
+    for i, item in enumerate(job.inputs):
+        source = _source_label(item)
+        out = outputs.get(i) or ItemError("internal_error", "no result was produced for this item")
+        try:
+            results.append(_item_result(i, source, out, params, job.prepared.get(i)))
+        except Exception as exc:  # a rendering bug costs this item, not the job
+            log.exception("could not render the result of item %d", i)
+            err = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
+            results.append(_item_result(i, source, err, params, None))
+    response: dict[str, Any] = {"results": results}
+    if params["output_format"] == "text":
+        response["text"] = "\n".join(r.get("text", "") for r in results)
+    batches = [job.batches[k] for k in sorted(job.batches)]
+    padded = sum(b.padded_sec for b in batches)
+    response["stats"] = {
+        "model": CFG.model if _MODEL is not None else None,
+        "items": len(job.inputs),
+        "failed": sum(1 for r in results if "error" in r),
+        "audio_sec": round(sum(p.duration for p in job.prepared.values()), 3),
+        "wall_sec": round(time.monotonic() - started, 3),
+        "batches": len(batches),
+        "batch_sizes": [b.size for b in batches],
+        "padding_efficiency": round(sum(b.real_sec for b in batches) / padded, 4) if padded else 1.0,
+    }
+    if _STATE.get("gpu_fault"):
+        response["refresh_worker"] = True  # the SDK asks Runpod to replace this worker
+    return response
+
+
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
     """Runpod entry: {"input": {"inputs": [...], "timestamps": bool, "output_format": str}}."""
     started = time.monotonic()
     params, error = _check_input(job.get("input"))
     if error:
         return {"error": error}
+    if not _LOADED:
+        await asyncio.get_running_loop().run_in_executor(None, ensure_model)
     if _MODEL_ERROR:
         return {"error": _MODEL_ERROR}
-    inputs = params["inputs"]
-    Path(CFG.tmp_dir).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="job-", dir=CFG.tmp_dir))
-    futures: list[cf.Future] = []
+    if _STATE.get("gpu_fault"):
+        return {"error": _gpu_fault_error().message, "refresh_worker": True}
     try:
-        errors: dict[int, ItemError] = {}
-        futures, ready = _prepare_all(inputs, workdir, errors)
-        prepared: dict[int, Prepared] = {}
-        progress, piece_progress = _progress_reporter(job, len(inputs), prepared, errors)
-
-        def arrived() -> Iterator[Prepared]:
-            for item in ready:
-                prepared[item.index] = item
-                yield item
-
-        want_times = params["timestamps"] or params["output_format"] in ("srt", "vtt")
-        outputs, batches = transcribe_batched(_MODEL, arrived(), want_times, progress, piece_progress)
-        outputs.update(errors)
-        results = []
-        for i, item in enumerate(inputs):
-            source = _source_label(item)
-            out = outputs.get(i) or ItemError("internal_error", "no result was produced for this item")
-            try:
-                results.append(_item_result(i, source, out, params, prepared.get(i)))
-            except Exception as exc:  # a rendering bug costs this item, not the job
-                log.exception("could not render the result of item %d", i)
-                err = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
-                results.append(_item_result(i, source, err, params, None))
-        response: dict[str, Any] = {"results": results}
-        if params["output_format"] == "text":
-            response["text"] = "\n".join(r.get("text", "") for r in results)
-        audio_sec = sum(p.duration for p in prepared.values())
-        response["stats"] = {
-            "model": CFG.model if _MODEL is not None else None,
-            "items": len(inputs),
-            "failed": sum(1 for r in results if "error" in r),
-            "audio_sec": round(audio_sec, 3),
-            "wall_sec": round(time.monotonic() - started, 3),
-            "batches": len(batches),
-            "padding_efficiency": round(_padding_efficiency(batches), 4),
-        }
-        return response
+        run = _Job(job, params)
+    except OSError as exc:
+        return {"error": f"the worker cannot use its temp dir {CFG.tmp_dir}: {exc}"}
+    try:
+        outputs = await transcribe_batched(run)
+        return _response(run, outputs, params, started)
     finally:
-        cf.wait(futures)  # nothing may still write into workdir once it is gone
-        shutil.rmtree(workdir, ignore_errors=True)
+        await run.close()
 
 
 def _source_label(item: Any) -> str:
@@ -1217,57 +1576,28 @@ def _source_label(item: Any) -> str:
         return source[:200] if isinstance(source, str) else repr(item)[:200]
 
 
-def _progress_reporter(
-    job: dict[str, Any], total: int, prepared: dict[int, Prepared], errors: dict[int, ItemError]
-) -> tuple[Callable[[list[Prepared]], None], Callable[[Prepared, float], None]]:
-    """After each batch, and each piece of a split item, send items and audio seconds done
-    (and their totals) through the SDK's progress_update. A job that finishes in one short
-    batch sends nothing."""
-    done = {"items": 0, "sec": 0.0, "batches": 0}
-
-    def send(partial_sec: float) -> None:
-        all_known = len(prepared) + len(errors) >= total
-        update = {
-            "items_done": done["items"],
-            "items_total": total - len(errors) if all_known else total,
-            "audio_sec_done": round(done["sec"] + partial_sec, 3),
-            "audio_sec_total": round(sum(p.duration for p in prepared.values()), 3) if all_known else None,
-            "batches_done": done["batches"],
-        }
-        if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):  # deployed: Runpod set where to post
-            runpod.serverless.progress_update(job, update)
-        else:
-            log.debug("progress (not posted, no RUNPOD_WEBHOOK_POST_OUTPUT): %s", update)
-
-    def batch_done(batch: list[Prepared]) -> None:
-        done["items"] += len(batch)
-        done["sec"] += sum(p.duration for p in batch)
-        done["batches"] += 1
-        finished = done["items"] + len(errors) >= total
-        if not (done["batches"] == 1 and finished and batch[0].duration <= CFG.short_max_sec):
-            send(0.0)
-
-    def piece_done(item: Prepared, seconds_into_item: float) -> None:
-        send(seconds_into_item)
-
-    return batch_done, piece_done
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
 logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-_load_at_start()
+
+
+def _concurrency(current: int) -> int:
+    """The SDK's concurrency_modifier. It resizes its job queue only while no job is in flight,
+    so the number is fixed once, at start: MAX_CONCURRENT_JOBS."""
+    return CFG.max_concurrent_jobs
 
 
 def main(argv: list[str]) -> None:
     """RUNPOD_SERVERLESS=1: the Runpod worker loop. Otherwise the SDK's local paths:
-    `--test_input '{...}'`, `--rp_serve_api`, or test_input.json in the working directory."""
+    `--test_input '{...}'`, `--rp_serve_api`, or test_input.json in the working directory.
+    The model is loaded here, before the SDK takes its first job."""
     local_args = any(a.startswith(("--test_input", "--rp_")) for a in argv)
     if not _env_flag("RUNPOD_SERVERLESS") and not local_args and not Path("test_input.json").is_file():
         sys.exit("nothing to run: set RUNPOD_SERVERLESS=1, pass --test_input '{...}' or --rp_serve_api")
-    runpod.serverless.start({"handler": handler})
+    ensure_model()
+    runpod.serverless.start({"handler": handler, "concurrency_modifier": _concurrency})
 
 
 if __name__ == "__main__":

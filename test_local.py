@@ -9,6 +9,7 @@ Exits non-zero when the job or any item reports an error.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -17,11 +18,13 @@ SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
 def main(argv: list[str]) -> int:
-    import handler  # loads the model (unless SKIP_MODEL_LOAD=1)
+    import handler
+
+    handler.ensure_model()  # unless SKIP_MODEL_LOAD=1
 
     sources = argv or sorted(str(p) for p in SAMPLES.iterdir() if p.suffix in {".wav", ".mp3", ".ogg", ".flac", ".m4a"})
     job = {"id": "local-test", "input": {"timestamps": True, "inputs": [{"source": s} for s in sources]}}
-    output = handler.handler(job)
+    output = asyncio.run(handler.handler(job))
     print(json.dumps(output, indent=2))
     failed = "error" in output or any("error" in r for r in output.get("results", []))
     return 1 if failed else 0

@@ -84,6 +84,41 @@ def run_job(worker, inputs, **params):
     return out
 
 
+def run_together(worker, monkeypatch, jobs: list[dict], ready_units: int) -> list[dict]:
+    """Run `jobs` at once, in-process, so that their items share batches for certain: a first
+    one-clip job holds the real model thread inside its model call until `ready_units` units of
+    these jobs wait in the real scheduler; then the model goes on and the scheduler plans."""
+    entered, release = threading.Event(), threading.Event()
+    real = worker._forward_decode
+
+    def held(model, audio, lengths):
+        entered.set()
+        release.wait(120)
+        return real(model, audio, lengths)
+
+    monkeypatch.setattr(worker, "_forward_decode", held)
+    blocker = {"id": "blocker", "input": {"inputs": [{"source": str(speech_file("one", "wav"))}]}}
+
+    async def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.01)
+
+    async def main() -> list[dict]:
+        first = asyncio.ensure_future(worker.handler(blocker))
+        await until(entered.is_set, "the model call")
+        tasks = [asyncio.ensure_future(worker.handler(job)) for job in jobs]
+        try:
+            await until(lambda: len(worker._SCHEDULER.ready) >= ready_units, f"{ready_units} ready units")
+        finally:
+            release.set()
+        assert "error" not in await first
+        return list(await asyncio.gather(*tasks))
+
+    return asyncio.run(main())
+
+
 def temp_leftovers():
     return sorted(str(p) for p in TMP_ROOT.rglob("*")) if TMP_ROOT.exists() else []
 

@@ -1,4 +1,5 @@
-"""Bucketing and batch packing: every limit holds, edge cases included (no model needed)."""
+"""Bucketing, batch packing and the scheduler's plan: every limit holds, edge cases included,
+and the plan is fair and keeps attention switches rare (pure functions: no model, no disk)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,30 @@ from pathlib import Path
 import pytest
 
 import handler
-from handler import SAMPLE_RATE, Prepared, _bucketize_by_duration, _make_batches, _padding_efficiency
+from handler import SAMPLE_RATE, Prepared, Unit, _bucketize_by_duration, _make_batches, _padding_efficiency, _plan_next
 
 CFG = dataclasses.replace(
     handler.CFG, short_max_sec=600, batch_max_items=16, batch_max_total_sec=1200, local_attention_after_sec=1440
 )
 
 
+@pytest.fixture(autouse=True)
+def use(monkeypatch):
+    """The planning functions read the worker's one config, CFG: each test sets its own."""
+    monkeypatch.setattr(handler, "CFG", CFG)
+
+    def apply(**changes):
+        monkeypatch.setattr(handler, "CFG", dataclasses.replace(CFG, **changes))
+
+    return apply
+
+
 def items(*durations: float) -> list[Prepared]:
     return [Prepared(i, f"item{i}", Path("unused.wav"), round(d * SAMPLE_RATE)) for i, d in enumerate(durations)]
 
 
-def check_limits(batches: list[list[Prepared]], given: list[Prepared], cfg=CFG) -> None:
+def check_limits(batches, given) -> None:
+    cfg = handler.CFG
     flat = [p.index for b in batches for p in b]
     assert sorted(flat) == sorted(p.index for p in given), "every item in exactly one batch"
     for batch in batches:
@@ -30,47 +43,47 @@ def check_limits(batches: list[list[Prepared]], given: list[Prepared], cfg=CFG) 
 
 
 def test_bucketize_boundaries():
-    got = _bucketize_by_duration(items(1, 600, 600.001, 1440, 1440.001, 7200), CFG)
+    got = _bucketize_by_duration(items(1, 600, 600.001, 1440, 1440.001, 7200))
     assert [p.index for p in got["short"]] == [0, 1]
     assert [p.index for p in got["long"]] == [2, 3]
     assert [p.index for p in got["local"]] == [4, 5]
 
 
 def test_bucketize_empty_and_sorted():
-    assert _bucketize_by_duration([], CFG) == {"short": [], "long": [], "local": []}
-    got = _bucketize_by_duration(items(30, 5, 12), CFG)
+    assert _bucketize_by_duration([]) == {"short": [], "long": [], "local": []}
+    got = _bucketize_by_duration(items(30, 5, 12))
     assert [p.duration for p in got["short"]] == pytest.approx([5, 12, 30])
 
 
 def test_make_batches_empty():
-    assert _make_batches([], CFG) == []
+    assert _make_batches([]) == []
 
 
 def test_item_count_limit_exactly_at_limit():
     batch_items = items(*[10.0] * 16)
-    batches = _make_batches(batch_items, CFG)
+    batches = _make_batches(batch_items)
     assert [len(b) for b in batches] == [16]
     seventeen = items(*[10.0] * 17)
-    batches = _make_batches(seventeen, CFG)
+    batches = _make_batches(seventeen)
     assert len(batches) == 2
     check_limits(batches, seventeen)
 
 
-def test_total_seconds_limit_exactly_at_limit():
-    cfg = dataclasses.replace(CFG, batch_overhead_sec=1000)  # make batching as eager as allowed
+def test_total_seconds_limit_exactly_at_limit(use):
+    use(batch_overhead_sec=1000)  # make batching as eager as allowed
     exact = items(*[300.0] * 4)  # 1200 s: exactly the budget, one batch
-    assert [len(b) for b in _make_batches(exact, cfg)] == [4]
+    assert [len(b) for b in _make_batches(exact)] == [4]
     over = items(*[300.0] * 4, 0.5)  # 1200.5 s: must split
-    batches = _make_batches(over, cfg)
+    batches = _make_batches(over)
     assert len(batches) == 2
-    check_limits(batches, over, cfg)
+    check_limits(batches, over)
 
 
-def test_item_bigger_than_budget_goes_alone():
-    cfg = dataclasses.replace(CFG, batch_max_total_sec=100, batch_overhead_sec=1000)
+def test_item_bigger_than_budget_goes_alone(use):
+    use(batch_max_total_sec=100, batch_overhead_sec=1000)
     given = items(5, 150, 7)
-    batches = _make_batches(given, cfg)
-    check_limits(batches, given, cfg)
+    batches = _make_batches(given)
+    check_limits(batches, given)
     alone = [b for b in batches if any(p.duration == 150 for p in b)]
     assert len(alone) == 1 and len(alone[0]) == 1
 
@@ -79,7 +92,7 @@ def test_sorted_packing_keeps_padding_low():
     rng = random.Random(7)
     durations = [rng.uniform(1, 600) for _ in range(60)]
     given = items(*durations)
-    batches = _make_batches(given, CFG)
+    batches = _make_batches(given)
     check_limits(batches, given)
     assert _padding_efficiency(batches) >= 0.9
     # and it beats chunking the unsorted list into full batches
@@ -89,51 +102,109 @@ def test_sorted_packing_keeps_padding_low():
 
 def test_many_short_clips_share_batches():
     given = items(*[2.0 + 0.01 * i for i in range(40)])
-    batches = _make_batches(given, CFG)
+    batches = _make_batches(given)
     check_limits(batches, given)
     assert len(batches) == 3  # 40 clips, at most 16 a batch
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_random_workloads_obey_all_limits(seed):
+def test_random_workloads_obey_all_limits(use, seed):
     rng = random.Random(seed)
-    cfg = dataclasses.replace(
-        CFG, batch_max_items=rng.randint(1, 8), batch_max_total_sec=rng.uniform(20, 200), batch_overhead_sec=rng.uniform(0, 50)
-    )
+    use(batch_max_items=rng.randint(1, 8), batch_max_total_sec=rng.uniform(20, 200), batch_overhead_sec=rng.uniform(0, 50))
     given = items(*[rng.uniform(0.1, 120) for _ in range(rng.randint(0, 50))])
-    check_limits(_make_batches(given, cfg), given, cfg)
+    check_limits(_make_batches(given), given)
 
 
-@pytest.mark.parametrize("order", ["input", "largest_first", "smallest_first", "shuffled"])
-def test_streaming_packs_as_well_as_packing_at_the_end(monkeypatch, order):
-    """transcribe_batched() starts batches while items still arrive; whatever the arrival order
-    (the decoder hands out the costliest files first), the batches stay as few and as full as
-    packing everything at the end would make them (dry run: model None)."""
-    monkeypatch.setattr(handler, "CFG", CFG)
+# --- the scheduler's plan: ready units from every job in, the next batch out -------------------
+
+
+def units(*durations: float, job: str = "job", first_seq: int = 0) -> list[Unit]:
+    return [
+        Unit(Prepared(i, f"{job}-{i}", Path("unused.wav"), round(d * SAMPLE_RATE)), job=job, seq=first_seq + i)
+        for i, d in enumerate(durations)
+    ]
+
+
+def test_a_lone_clip_runs_at_once():
+    (clip,) = units(3.0)
+    assert _plan_next([clip], local_mode=False) == [clip]
+    assert _plan_next([], local_mode=False) == []
+
+
+def test_clips_of_different_jobs_share_a_batch():
+    ready = [u for n in range(20) for u in units(2.0 + n * 0.1, job=f"job{n}", first_seq=n)]
+    batch = _plan_next(ready, local_mode=False)
+    assert 8 <= len(batch) <= 16 and len({u.job for u in batch}) == len(batch)  # 20 clips: two batches of 10
+    assert ready[0] in batch  # the oldest is always in the next batch
+
+
+def test_all_ready_at_once_plans_what_packing_at_the_end_would():
     rng = random.Random(3)
-    given = items(*[rng.uniform(300, 600) for _ in range(8)], *[rng.uniform(1, 30) for _ in range(40)])
-    arrival = {
-        "input": given,
-        "largest_first": sorted(given, key=lambda p: -p.frames),
-        "smallest_first": sorted(given, key=lambda p: p.frames),
-        "shuffled": rng.sample(given, len(given)),
-    }[order]
-    results, batches = handler.transcribe_batched(None, iter(arrival), timestamps=False)
-    assert sorted(results) == [p.index for p in given]
-    check_limits(batches, given)
-    at_end = _make_batches(given, CFG)
-    assert len(batches) <= len(at_end) + 2, [len(b) for b in batches]
-    assert _padding_efficiency(batches) >= _padding_efficiency(at_end) - 0.02
+    durations = [rng.uniform(1, 30) for _ in range(40)] + [rng.uniform(300, 600) for _ in range(8)]
+    ready, planned = units(*durations), []
+    while ready:
+        batch = _plan_next(ready, local_mode=False)
+        planned.append(sorted(u.seq for u in batch))
+        ready = [u for u in ready if u not in batch]
+    assert sorted(planned) == sorted(sorted(u.seq for u in b) for b in _make_batches(units(*durations)))
 
 
-def test_a_failure_outside_the_model_costs_only_its_batch(monkeypatch, tmp_path):
-    """An item whose audio vanished before it was split (the cut search reads the file) gets
-    an internal_error; the job goes on and the other items still come back (dry run)."""
-    monkeypatch.setattr(handler, "CFG", dataclasses.replace(CFG, short_max_sec=5, max_single_pass_sec=10))
-    gone = Prepared(0, "gone", tmp_path / "gone.wav", 30 * SAMPLE_RATE)
-    fine = Prepared(1, "fine", tmp_path / "fine.wav", 2 * SAMPLE_RATE)
-    results, batches = handler.transcribe_batched(None, iter([gone, fine]), timestamps=False)
-    assert isinstance(results[0], handler.ItemError) and results[0].code == "internal_error"
-    assert "gone.wav" in results[0].message, results[0].message
-    assert results[1].text == handler.DRY_RUN_TEXT
-    assert len(batches) == 2
+def test_long_units_run_alone_in_arrival_order_with_short_ones():
+    long_first = units(900.0, 3.0, 4.0)  # the long unit came first: it runs first, alone
+    assert _plan_next(long_first, local_mode=False) == [long_first[0]]
+    short_first = units(3.0, 900.0, 4.0)  # a short unit came first: the short ones run together
+    assert _plan_next(short_first, local_mode=False) == [short_first[0], short_first[2]]
+
+
+def test_among_earlier_long_units_one_needing_no_switch_goes_first():
+    ready = units(900.0, 2000.0, 5.0)  # long (full attention), local, short
+    assert _plan_next(ready, local_mode=True) == [ready[1]]
+    assert _plan_next(ready, local_mode=False) == [ready[0]]
+
+
+def simulate(arrivals: list[tuple[float, Unit]], pieces: dict[str, list[float]]) -> tuple[list[list[Unit]], int]:
+    """Drive _plan_next as the scheduler does: the model time of a batch is its padded audio
+    seconds / 100; units arrive at their times; a split item sends its next piece when the
+    previous one is done. Returns the batches run and the number of attention switches."""
+    clock, seq, ready, ran, switches, local = 0.0, 0, [], [], 0, False
+    pending = sorted(arrivals, key=lambda a: a[0])
+    while pending or ready:
+        while pending and pending[0][0] <= clock:
+            seq += 1
+            ready.append(pending.pop(0)[1])
+            ready[-1].seq = seq  # as _Scheduler.submit numbers arrivals
+        if not ready:
+            clock = pending[0][0]
+            continue
+        batch = _plan_next(ready, local_mode=local)
+        ready = [u for u in ready if u not in batch]
+        wants_local = max(u.duration for u in batch) > handler.CFG.local_attention_after_sec
+        switches += wants_local != local
+        local = wants_local
+        clock += len(batch) * max(u.duration for u in batch) / 100
+        ran.append(batch)
+        for unit in batch:
+            rest = pieces.get(unit.job)
+            if rest:
+                nxt = Unit(Prepared(0, unit.job, Path("unused.wav"), round(rest.pop(0) * SAMPLE_RATE)), job=unit.job)
+                pending.append((clock, nxt))  # after the clips that came while this piece ran
+                pending.sort(key=lambda a: a[0])
+    return ran, switches
+
+
+def test_short_clips_run_between_the_pieces_of_a_split_item():
+    """A 4-hour item in 3 local-attention pieces, and one short clip arriving every 2 s of model
+    time from other jobs: every clip waits for at most one piece, and the mode switches at most
+    twice per piece."""
+    first = Unit(Prepared(0, "long", Path("unused.wav"), 5000 * SAMPLE_RATE), job="long", seq=0)
+    arrivals = [(0.0, first)] + [(2.0 * n + 0.5, units(5.0, job=f"clip{n}", first_seq=n + 1)[0]) for n in range(80)]
+    ran, switches = simulate(arrivals, {"long": [5000.0, 4400.0]})
+    order = [u.job for batch in ran for u in batch]
+    assert sorted(order) == sorted(["long"] * 3 + [f"clip{n}" for n in range(80)])
+    piece_at = [i for i, batch in enumerate(ran) if batch[0].job == "long"]
+    assert len(piece_at) == 3 and piece_at[1] > piece_at[0] + 1  # clips ran between the pieces
+    for batch in ran:
+        assert len(batch) <= handler.CFG.batch_max_items
+    assert switches <= 2 * 3
+
+

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import DATA_ROOT, call_handler, encode, run_job, speech_file, temp_leftovers, words_of
+from conftest import DATA_ROOT, call_handler, encode, run_job, run_together, speech_file, temp_leftovers, words_of
 
 GOOD_TEXT = "one two three"
 
@@ -318,13 +318,16 @@ def test_failing_batch_is_retried_in_halves(worker, config, monkeypatch, exc, co
     paths = [speech_file(t, "wav") for t in texts]
     poison = sf.info(str(paths[3])).frames
     calls = failing_forward(worker, monkeypatch, poison, exc)
-    results = run_job(worker, [{"source": str(p)} for p in paths])["results"]
-    for i, (text, result) in enumerate(zip(texts, results, strict=True)):
+    job = {"id": "halves", "input": {"inputs": [{"source": str(p)} for p in paths]}}
+    (out,) = run_together(worker, monkeypatch, [job], ready_units=6)
+    for i, (text, result) in enumerate(zip(texts, out["results"], strict=True)):
         if i == 3:
             assert_code(result, code, contains=str(exc)[:20])
         else:
             assert words_of(result["text"]) == text.split(), result
-    assert calls[0] == 6 and 1 in calls and len(calls) > 3  # one batch of 6, then halves down to 1
+    assert calls[:2] == [1, 6] and 1 in calls[2:] and len(calls) > 4  # one batch of 6, then halves down to 1
+    assert out["stats"]["batch_sizes"] == [6] and "refresh_worker" not in out  # a failed item is not a sick GPU
+    assert temp_leftovers() == []
 
 
 def test_encode_helper_containers_exist():
