@@ -502,7 +502,7 @@ def _download_once(
     except requests.RequestException as exc:
         raise ItemError("download_failed", _short(exc)) from None
     too_slow = ItemError("download_timeout", f"download took over {CFG.download_total_sec:g} s")
-    with response, _cut_off_at(deadline, response) as expired:
+    with response, _cut_off_at(deadline, response, stop) as expired:
         if response.status_code == 429 or response.status_code >= 500:
             raise _Retry(f"HTTP {response.status_code} from {url}")
         if response.status_code >= 400:
@@ -520,25 +520,28 @@ def _download_once(
         except SSRFError as exc:
             raise _ssrf_item_error(exc) from None
         except (requests.RequestException, OSError) as exc:
+            if stop is not None and stop.is_set():
+                raise ItemError("cancelled", "the job was stopped") from None
             if expired.is_set():
                 raise too_slow from None
             code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
             raise ItemError(code, f"download broke off: {_short(exc)}") from None
+        if stop is not None and stop.is_set():
+            raise ItemError("cancelled", "the job was stopped")
         if expired.is_set():  # the cut-off can end the body early without an exception
             raise too_slow
     return dest
 
 
 @contextlib.contextmanager
-def _cut_off_at(deadline: float, response: requests.Response) -> Iterator[threading.Event]:
-    """Hold the download to its deadline. requests bounds each read, not the whole body, so a
-    server that sends a byte every few seconds would hold the item (and a download slot) for
-    ever. At the deadline a timer shuts the socket down, which wakes the blocked read; the
-    event it sets tells the reader why the body ended."""
-    expired = threading.Event()
+def _cut_off_at(deadline: float, response: requests.Response, stop: threading.Event | None = None) -> Iterator[threading.Event]:
+    """Hold the download to its deadline, and to its job's life. requests bounds each read, not
+    the whole body, so a server that sends a byte every few seconds would hold the item (and a
+    download slot) for ever. At the deadline, or when `stop` is set, a watcher shuts the socket
+    down, which wakes the blocked read; the event it sets tells the reader why the body ended."""
+    expired, done = threading.Event(), threading.Event()
 
     def cut() -> None:
-        expired.set()
         # urllib3 2 -> http.client response -> buffered reader -> SocketIO -> socket. Should the
         # chain ever break, the per-chunk deadline check in _download_once still applies.
         sock = response.raw
@@ -548,13 +551,19 @@ def _cut_off_at(deadline: float, response: requests.Response) -> Iterator[thread
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
-    timer.daemon = True
-    timer.start()
+    def watch() -> None:
+        while not done.wait(0.1):
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                expired.set()
+                cut()
+                return
+
+    watcher = threading.Thread(target=watch, name="download-deadline", daemon=True)
+    watcher.start()
     try:
         yield expired
     finally:
-        timer.cancel()
+        done.set()
 
 
 def _ssrf_item_error(exc: SSRFError) -> ItemError:

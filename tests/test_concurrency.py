@@ -1,0 +1,196 @@
+"""Many jobs at once through the runpod SDK's real worker loop: `python handler.py` as the image
+runs it, polling a fake Runpod job queue on 127.0.0.1 (tools/testkit.py). Jobs share the model,
+and each keeps its own promises: results in input order, its own words, its own options and
+errors, its temp dir removed, and nothing posted after it was stopped."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from conftest import DATA_ROOT, REPO, speech_file, words_of
+
+from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+         "yes", "no", "up", "down", "left", "right", "stop", "go", "hello", "world"]  # fmt: skip
+
+
+TRIPLES = list(itertools.permutations(WORDS, 3))
+
+
+def phrase(n: int) -> str:
+    """A different three-word phrase for each n (97 is prime to the 6,840 triples)."""
+    return " ".join(TRIPLES[n * 97 % len(TRIPLES)])
+
+
+def one_clip(text: str, **params) -> dict:
+    return {"inputs": [{"source": str(speech_file(text, "wav"))}], **params}
+
+
+def job_dirs(tmp: Path) -> list[Path]:
+    return sorted(tmp.rglob("job-*"))
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)
+
+
+class Worker:
+    def __init__(self, tmp: Path, script: str | None = None, **env: str):
+        self.tmp = tmp / "worker-tmp"
+        self.log = tmp / "worker.log"
+        self.queue = FakeRunpodQueue()
+        base = loopback_only_env()
+        base.update(WORKER_TMP_DIR=str(self.tmp), LOG_LEVEL="INFO", **env)
+        self.proc = start_worker(self.queue, base, self.log, script)
+
+    def run(self, *job_inputs: dict, timeout: float = 300) -> list[dict]:
+        ids = [self.queue.add(job) for job in job_inputs]
+        try:
+            return self.queue.wait_done(ids, timeout)
+        except TimeoutError:
+            pytest.fail(f"no results; worker log:\n{self.log.read_text()[-4000:]}")
+
+    def close(self) -> None:
+        answered = bool(self.queue.results)
+        code = stop_worker(self.proc)
+        self.queue.close()
+        if answered:  # up and running: SIGTERM ends the SDK's loop and the process cleanly
+            assert code == 0, self.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    w = Worker(tmp_path_factory.mktemp("queue-worker"))
+    yield w
+    w.close()
+
+
+def test_32_one_clip_jobs_at_once_each_get_their_own_words(worker):
+    texts = [phrase(n) for n in range(32)]
+    assert len(set(texts)) == 32
+    outs = worker.run(*(one_clip(t) for t in texts))
+    for text, out in zip(texts, outs, strict=True):
+        assert "error" not in out, out
+        (result,) = out["output"]["results"]
+        assert words_of(result["text"]) == text.split(), (text, result)
+        stats = out["output"]["stats"]
+        assert stats["items"] == 1 and len(stats["batch_sizes"]) == 1 and 1 <= stats["batch_sizes"][0] <= 16
+    assert max(worker.queue.batch_sizes_asked) == 32  # the SDK took jobs in batches (MAX_CONCURRENT_JOBS)
+    assert job_dirs(worker.tmp) == []
+
+
+def test_good_bad_timestamped_and_srt_jobs_at_once(worker):
+    good = one_clip("seven eight nine")
+    stamped = one_clip("left right", timestamps=True)
+    srt = one_clip("hello world stop", output_format="srt")
+    text = {"inputs": [{"source": str(speech_file("yes no", "flac"))}, {"source": str(DATA_ROOT / "absent.wav")}],
+            "output_format": "text"}  # fmt: skip
+    invalid = {"inputs": [{"source": "samples/hello.mp3"}], "output_format": "docx"}
+    empty = {"inputs": []}
+    outs = worker.run(good, stamped, srt, text, invalid, empty)
+
+    assert words_of(outs[0]["output"]["results"][0]["text"]) == ["seven", "eight", "nine"]
+    assert "timestamps" not in outs[0]["output"]["results"][0]  # not asked: not given, though batches are shared
+    words = outs[1]["output"]["results"][0]["timestamps"]["word"]
+    assert [w["word"] for w in words] == ["left", "right"] and words[0]["start"] < words[1]["start"]
+    subtitles = outs[2]["output"]["results"][0]["subtitles"]
+    assert re.match(r"1\n00:00:\d\d,\d{3} --> 00:00:\d\d,\d{3}\nhello world stop\n", subtitles), subtitles
+    first, missing = outs[3]["output"]["results"]
+    assert words_of(first["text"]) == ["yes", "no"] and missing["code"] == "not_found"
+    assert outs[3]["output"]["text"] == "yes no\n" and outs[3]["output"]["stats"]["failed"] == 1
+    assert "output_format" in outs[4]["error"] and "output" not in outs[4]
+    assert "inputs" in outs[5]["error"]
+    assert job_dirs(worker.tmp) == []
+
+
+def test_a_stopped_job_goes_and_the_others_are_unaffected(worker, http_server):
+    """Runpod stops a job (/job-stop): its download stops, its temp dir goes, nothing more is
+    posted for it, and jobs beside and after it are answered as usual."""
+    url = f"{http_server.url}/trickle/stopped.wav"  # a byte every 0.2 s for 30 s
+    stopped = worker.queue.add({"inputs": [{"source": str(speech_file("nine nine", "wav"))}, {"source": url}]})
+    alongside = worker.queue.add(one_clip("go left"))
+    worker.queue.wait_taken([stopped, alongside])
+    (beside,) = worker.queue.wait_done([alongside])
+    wait_for(lambda: len(job_dirs(worker.tmp)) == 1, 60, "the stopped job's temp dir")  # it is downloading
+    worker.queue.stop(stopped)
+    wait_for(lambda: job_dirs(worker.tmp) == [], 20, "the stopped job to clean up")  # well before the 30 s trickle ends
+    (after,) = worker.run(one_clip("three up"))
+    assert words_of(beside["output"]["results"][0]["text"]) == ["go", "left"]
+    assert words_of(after["output"]["results"][0]["text"]) == ["three", "up"]
+    assert stopped not in worker.queue.results
+    # one progress post, after its first item; nothing once it was stopped
+    assert [(p["items_done"], p["items_total"]) for p in worker.queue.progress[stopped]] == [(1, 2)]
+    assert job_dirs(worker.tmp) == []
+
+
+FAULTS = """
+import json, os, threading, time
+_real, _held = handler._forward_decode, [False]
+_poison = {int(k): v for k, v in json.loads(os.environ["PW_POISON"]).items()}
+
+def _faulty(model, audio, lengths):
+    # The first batch the model thread runs waits until PW_HOLD units are ready, so that the
+    # next batch holds all of them (jobs sharing a batch for certain); listed lengths fail.
+    if threading.current_thread().name == "model" and not _held[0]:
+        _held[0] = True
+        deadline = time.monotonic() + 120
+        while len(handler._SCHEDULER.ready) < int(os.environ["PW_HOLD"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for n in lengths:
+        if n in _poison:
+            raise RuntimeError(_poison[n])
+    return _real(model, audio, lengths)
+
+handler._forward_decode = _faulty
+"""
+
+
+def test_model_failures_in_a_batch_shared_by_jobs(tmp_path):
+    """Four jobs share one batch; one clip makes the model fail: only that clip's job gets an
+    error for it. Then a GPU fault: its job asks Runpod to replace the worker (stopPod), and so
+    does every job after it, without running the model again."""
+    texts = ["one two", "three four", "five six", "seven eight"]
+    clips = [speech_file(t, "wav") for t in texts]
+    bad = speech_file("nine zero nine", "wav")
+    sick = speech_file("stop stop go", "wav")
+    poison = {sf.info(str(clips[2])).frames: "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED",
+              sf.info(str(sick)).frames: "CUDA error: an illegal memory access was encountered"}  # fmt: skip
+    w = Worker(tmp_path, FAULTS, PW_POISON=json.dumps(poison), PW_HOLD="4")
+    try:
+        blocker = w.queue.add(one_clip("hello"))
+        w.queue.wait_taken([blocker])
+        outs = w.run(*(one_clip(t) for t in texts))
+        for i, (text, out) in enumerate(zip(texts, outs, strict=True)):
+            (result,) = out["output"]["results"]
+            assert out["output"]["stats"]["batch_sizes"] == [4], out  # one batch for the four jobs
+            if i == 2:
+                assert result["code"] == "transcription_failed" and "CUDNN_STATUS" in result["error"]
+            else:
+                assert words_of(result["text"]) == text.split()
+            assert "stopPod" not in out
+        fault, after = w.run({"inputs": [{"source": str(sick)}]}), None
+        (fault,) = fault
+        assert fault["output"]["results"][0]["code"] == "gpu_failed" and fault.get("stopPod") is True, fault
+        (after,) = w.run({"inputs": [{"source": str(bad)}]})
+        assert "GPU failed" in after["error"] and after.get("stopPod") is True, after
+    finally:
+        w.close()
+    assert job_dirs(w.tmp) == []
+
+
+def test_worker_loop_never_leaves_loopback(worker):
+    """The worker ran with the SDK's start-up checks off (they connect to an outside address)."""
+    assert worker.queue.env()["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
+    assert os.environ.get("RUNPOD_WEBHOOK_GET_JOB") is None  # the test process itself stays local
+    assert REPO.is_dir()
