@@ -285,7 +285,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def instrument(
-    worker: Any, names: Sequence[str] = ("_download", "_run_ffmpeg", "_load_batch", "_forward_decode")
+    worker: Any, names: Sequence[str] = ("_download", "_run_ffmpeg", "_load_rows", "_forward_decode")
 ) -> dict[str, float]:
     """Wrap handler functions to add up the seconds spent in each, for the "where does the time
     go" breakdown. handler.py calls them by their module-level names, so replacing the module

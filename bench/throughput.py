@@ -8,7 +8,7 @@ The workload: --files speech files (the demo vocabulary, espeak-ng voices, pause
 log-uniform from --min-sec to --max-sec, in mp3, m4a, ogg/opus, flac and wav at 8/16/44.1/48 kHz,
 some stereo, served by a real HTTP server on 127.0.0.1. On it, in one process:
 
-1. prepare: the handler's own prepare path (_prepare_all on its pool) vs the sequential way
+1. prepare: the handler's own prepare path (_fetch_to_wav on its pool) vs the sequential way
    (requests download, ffmpeg to 16 kHz WAV, ffprobe for the length), in audio s per wall s;
 2. end to end: handler() vs NeMo's transcribe() on the files' paths (NeMo reads and resamples
    them itself) and vs the model-only floor (transcribe() on decoded arrays sorted by length);
@@ -21,6 +21,7 @@ Prints a table and writes every raw number to bench/out/throughput.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures as cf
 import json
 import os
@@ -126,17 +127,16 @@ def prepare_with_handler(worker: Any, urls: Sequence[str]) -> tuple[float, float
     """(audio seconds, wall seconds) of the handler's prepare path, exactly as handler() runs it."""
     Path(worker.CFG.tmp_dir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=worker.CFG.tmp_dir))
-    errors: dict[int, Any] = {}
+    items: list[Any] = []
     try:
         started = time.perf_counter()
-        futures, ready = worker._prepare_all([{"source": u} for u in urls], workdir, errors)
-        items = list(ready)
+        futures = [worker._pool().submit(worker._fetch_to_wav, i, {"source": u}, workdir) for i, u in enumerate(urls)]
+        items = [f.result() for f in cf.as_completed(futures)]
         wall = time.perf_counter() - started
-        cf.wait(futures)
     finally:
+        for item in items:
+            worker._DISK.release(item.wav)
         shutil.rmtree(workdir, ignore_errors=True)
-    if errors:
-        raise RuntimeError(f"handler prepare failed: { {i: e.message for i, e in errors.items()} }")
     return sum(p.duration for p in items), wall
 
 
@@ -192,7 +192,7 @@ def measure_prepare(worker: Any, urls: Sequence[str], repeat: int, phases: dict[
 
 def run_handler(worker: Any, urls: Sequence[str]) -> dict[str, Any]:
     job = {"id": "bench-throughput", "input": {"inputs": [{"source": u} for u in urls], "timestamps": False}}
-    out, wall = timed(lambda: worker.handler(job))
+    out, wall = timed(lambda: asyncio.run(worker.handler(job)))
     if "error" in out:
         raise RuntimeError(f"handler failed: {out['error']}")
     failed = [r for r in out["results"] if "error" in r]
@@ -491,6 +491,7 @@ def load_worker() -> tuple[Any, float]:
     started = time.perf_counter()
     import handler
 
+    handler.ensure_model()
     if handler._MODEL is None:
         raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
     return handler, time.perf_counter() - started
