@@ -951,13 +951,28 @@ def _padding_efficiency(batches: Iterable[Sequence[_Timed]]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Transcript:
-    """What the model said about one item, timestamps in seconds from the item's start."""
+@dataclass(frozen=True)
+class Span:
+    """A word or a segment, in seconds from the start of its item."""
 
     text: str
-    words: list[dict[str, Any]] = field(default_factory=list)
-    segments: list[dict[str, Any]] = field(default_factory=list)
+    start: float
+    end: float
+
+    def shifted(self, seconds: float) -> Span:
+        return Span(self.text, self.start + seconds, self.end + seconds)
+
+    def as_dict(self, key: str) -> dict[str, Any]:
+        return {key: self.text, "start": round(self.start, 3), "end": round(self.end, 3)}
+
+
+@dataclass
+class Transcript:
+    """What the model said about one item."""
+
+    text: str
+    words: list[Span] = field(default_factory=list)
+    segments: list[Span] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -1052,13 +1067,10 @@ def _transcript(hyp: Any, frame_sec: float | None) -> Transcript:
     if frame_sec is None or not isinstance(getattr(hyp, "timestamp", None), dict):
         return Transcript(text.strip())
 
-    def spans(kind: str, key: str) -> list[dict[str, Any]]:
-        return [
-            {key: s[kind], "start": s["start_offset"] * frame_sec, "end": s["end_offset"] * frame_sec}
-            for s in hyp.timestamp.get(kind, [])
-        ]
+    def spans(kind: str) -> list[Span]:
+        return [Span(s[kind], s["start_offset"] * frame_sec, s["end_offset"] * frame_sec) for s in hyp.timestamp.get(kind, [])]
 
-    return Transcript(text.strip(), spans("word", "word"), spans("segment", "segment"))
+    return Transcript(text.strip(), spans("word"), spans("segment"))
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -1278,11 +1290,8 @@ async def _transcribe_split(job: _Job, item: Prepared) -> Transcript | ItemError
             return part
         shift = lo / SAMPLE_RATE
         joined.text = f"{joined.text} {part.text}".strip()
-        for span in part.words + part.segments:
-            span["start"] += shift
-            span["end"] += shift
-        joined.words += part.words
-        joined.segments += part.segments
+        joined.words += [w.shifted(shift) for w in part.words]
+        joined.segments += [s.shifted(shift) for s in part.segments]
     return joined
 
 
@@ -1306,21 +1315,19 @@ SUB_MAX_SEC = 7.0
 
 def _subtitle_cues(transcript: Transcript) -> list[tuple[float, float, str]]:
     """Cues of <= 42 characters and <= 7 s, cut at word boundaries and at segment ends."""
-    segment_ends = sorted(s["end"] for s in transcript.segments)
+    segment_ends = sorted(s.end for s in transcript.segments)
     cues: list[tuple[float, float, str]] = []
-    line: list[dict[str, Any]] = []
+    line: list[Span] = []
     for word in transcript.words:
         if line:
-            text = " ".join(w["word"] for w in [*line, word])
-            new_segment = bisect.bisect_left(segment_ends, word["start"]) != bisect.bisect_left(
-                segment_ends, line[-1]["start"]
-            )
-            if new_segment or len(text) > SUB_MAX_CHARS or word["end"] - line[0]["start"] > SUB_MAX_SEC:
-                cues.append((line[0]["start"], line[-1]["end"], " ".join(w["word"] for w in line)))
+            text = " ".join(w.text for w in [*line, word])
+            new_segment = bisect.bisect_left(segment_ends, word.start) != bisect.bisect_left(segment_ends, line[-1].start)
+            if new_segment or len(text) > SUB_MAX_CHARS or word.end - line[0].start > SUB_MAX_SEC:
+                cues.append((line[0].start, line[-1].end, " ".join(w.text for w in line)))
                 line = []
         line.append(word)
     if line:
-        cues.append((line[0]["start"], line[-1]["end"], " ".join(w["word"] for w in line)))
+        cues.append((line[0].start, line[-1].end, " ".join(w.text for w in line)))
     fixed: list[tuple[float, float, str]] = []
     for start, end, text in cues:  # ordered, non-overlapping, never zero-length
         start = max(start, fixed[-1][1]) if fixed else start
@@ -1360,10 +1367,8 @@ def _item_result(index: int, source: str, out: Any, params: dict[str, Any], prep
     result["text"] = out.text
     if params["timestamps"]:
         result["timestamps"] = {
-            "word": [{"word": w["word"], "start": round(w["start"], 3), "end": round(w["end"], 3)} for w in out.words],
-            "segment": [
-                {"segment": s["segment"], "start": round(s["start"], 3), "end": round(s["end"], 3)} for s in out.segments
-            ],
+            "word": [w.as_dict("word") for w in out.words],
+            "segment": [s.as_dict("segment") for s in out.segments],
         }
     if params["output_format"] in ("srt", "vtt"):
         result["subtitles"] = to_srt(out) if params["output_format"] == "srt" else to_vtt(out)
