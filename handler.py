@@ -667,6 +667,7 @@ class _Decode:
     src: Path
     dest: Path
     cost_ms: float
+    on_decoded: Callable[[], None] | None = None
     done: bool = False
     result: tuple[int, str | None] | BaseException | None = None
 
@@ -687,9 +688,10 @@ class _Decoder:
         self.pending: list[_Decode] = []
         self.cond = threading.Condition()
 
-    def decode(self, src: Path, dest: Path) -> tuple[int, str | None]:
-        """`src` as a 16 kHz mono WAV at `dest`: (frames, warning); raises ItemError."""
-        mine = _Decode(src, dest, _decode_cost_ms(src))
+    def decode(self, src: Path, dest: Path, on_decoded: Callable[[], None] | None = None) -> tuple[int, str | None]:
+        """`src` as a 16 kHz mono WAV at `dest`: (frames, warning); raises ItemError.
+        `on_decoded` is called when its ffmpeg run ends, together with the rest of its group."""
+        mine = _Decode(src, dest, _decode_cost_ms(src), on_decoded)
         with self.cond:
             self.pending.append(mine)
             self.pending.sort(key=lambda d: d.cost_ms, reverse=True)
@@ -731,6 +733,9 @@ class _Decoder:
             results: list[Any] = _to_wavs([(d.src, d.dest) for d in work])
         except Exception as exc:  # noqa: BLE001 - handed to each waiting item's own thread
             results = [exc] * len(work)
+        for d in work:  # the whole group at once, before any of its threads wakes
+            if d.on_decoded is not None:
+                d.on_decoded()
         for d, result in zip(work, results, strict=True):
             d.result, d.done = result, True
 
@@ -796,21 +801,27 @@ def _max_wav_bytes() -> int:
     return int((CFG.max_audio_sec + 1) * SAMPLE_RATE) * 2 + 4096
 
 
-def _fetch_to_wav(index: int, item: Any, workdir: Path, stop: threading.Event | None = None) -> Prepared:
+def _fetch_to_wav(
+    index: int, item: Any, workdir: Path, stop: threading.Event | None = None,
+    on_decoded: Callable[[], None] | None = None,
+) -> Prepared:
     """Any source, any format -> a 16 kHz mono WAV in `workdir`, with its exact length.
-    `stop` (the job was stopped) ends a wait for disk, a download or an ffmpeg run early."""
+    `stop` (the job was stopped) ends a wait for disk, a download or an ffmpeg run early;
+    `on_decoded` hears when its ffmpeg run is over (see _Decoder.decode)."""
     kind, value = _source_of(item)
     wav = workdir / f"{index}.wav"
     _DISK.reserve(wav, _max_wav_bytes(), stop)
     try:
-        return _fetch_reserved(index, kind, value, wav, stop)
+        return _fetch_reserved(index, kind, value, wav, stop, on_decoded)
     except BaseException:
         wav.unlink(missing_ok=True)
         _DISK.release(wav)
         raise
 
 
-def _fetch_reserved(index: int, kind: str, value: str, wav: Path, stop: threading.Event | None) -> Prepared:
+def _fetch_reserved(
+    index: int, kind: str, value: str, wav: Path, stop: threading.Event | None, on_decoded: Callable[[], None] | None
+) -> Prepared:
     raw = wav.with_suffix(".src")
     if kind == "url":
         src = _download(value, raw, stop, lambda size: _DISK.resize(wav, _max_wav_bytes() + size))
@@ -823,7 +834,7 @@ def _fetch_reserved(index: int, kind: str, value: str, wav: Path, stop: threadin
     if src.stat().st_size == 0:
         raise ItemError("empty_audio", "the file is empty")
     try:
-        frames, warning = _decoder().decode(src, wav)
+        frames, warning = _decoder().decode(src, wav, on_decoded)
     finally:
         raw.unlink(missing_ok=True)  # the WAV is all we need from here on
     _DISK.resize(wav, wav.stat().st_size)
@@ -1152,6 +1163,7 @@ class _Scheduler:
         self.reading: list[Unit] = []  # units whose WAVs the thread is reading right now
         self.arrivals = itertools.count()
         self.batch_ids = itertools.count(1)
+        self.on_the_way = 0  # decoded in an ffmpeg run that just ended, not submitted yet
         self.thread: threading.Thread | None = None
 
     def submit(self, unit: Unit) -> cf.Future:
@@ -1163,6 +1175,24 @@ class _Scheduler:
                 self.thread.start()
             self.cond.notify_all()
         return unit.future
+
+    def expect(self) -> None:
+        with self.cond:
+            self.on_the_way += 1
+
+    def arrived(self) -> None:
+        with self.cond:
+            self.on_the_way -= 1
+            self.cond.notify_all()
+
+    def _gather(self) -> None:
+        """Items decoded by one ffmpeg run come out together, but their threads submit them
+        one by one: wait for the rest of them (50 ms at most, and only while any is on its
+        way), so that they share this batch instead of the first one running alone. Called
+        holding the lock."""
+        deadline = time.monotonic() + 0.05
+        while self.on_the_way > 0 and (left := deadline - time.monotonic()) > 0:
+            self.cond.wait(left)
 
     def withdraw(self, job: Any) -> None:
         """Drop a finished or stopped job's waiting units, and return once the model thread
@@ -1179,6 +1209,7 @@ class _Scheduler:
             with self.cond:
                 while not self.ready:
                     self.cond.wait()
+                self._gather()
                 batch = _plan_next(self.ready, _STATE["local_attention"])
                 for unit in batch:
                     self.ready.remove(unit)
@@ -1257,16 +1288,46 @@ async def _in_pool(job: _Job, fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.wrap_future(future)
 
 
-async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | ItemError:
-    """One input: fetched and decoded on the prepare pool, then handed to the scheduler (in
-    pieces, past MAX_SINGLE_PASS_SEC). Any failure becomes this item's error."""
+class _Arrival:
+    """Tells the scheduler that an item decoded in a group is on its way (see _gather)."""
+
+    def __init__(self) -> None:
+        self.announced = False
+
+    def announce(self) -> None:
+        self.announced = True
+        _SCHEDULER.expect()
+
+    def done(self) -> None:
+        if self.announced:
+            self.announced = False
+            _SCHEDULER.arrived()
+
+
+def _prepare_unit(job: _Job, index: int, item: Any) -> tuple[Prepared, cf.Future | None]:
+    """In a prepare thread: fetch and decode one item, then hand it straight to the scheduler
+    from this thread (no hop through the event loop). A split item's pieces go later, one by
+    one, from the job (future None)."""
+    arrival = _Arrival()
     try:
-        prepared = await _in_pool(job, _fetch_to_wav, index, item, job.workdir, job.stop)
-        job.prepared[index] = prepared
+        prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if prepared.duration > CFG.max_single_pass_sec:
+            return prepared, None
+        return prepared, job.submit(prepared)
+    finally:
+        arrival.done()
+
+
+async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | ItemError:
+    """One input: fetched, decoded and submitted on the prepare pool; its result awaited here
+    (pieces one by one, past MAX_SINGLE_PASS_SEC). Any failure becomes this item's error."""
+    try:
+        prepared, future = await _in_pool(job, _prepare_unit, job, index, item)
+        job.prepared[index] = prepared
+        if future is None:
             out = await _transcribe_split(job, prepared)
         else:
-            out = await job.run(prepared)
+            out = await job.result_of(future)
     except ItemError as exc:
         out = exc
     except Exception as exc:  # a bug in one item's path costs that item, not the job
@@ -1470,12 +1531,23 @@ class _Job:
         self.partial: dict[int, float] = {}  # seconds done inside split items still running
         self.progress = _Progress(self)
 
+    def submit(self, item: Prepared, final: bool = True) -> cf.Future:
+        """Hand one unit to the scheduler (from any thread)."""
+        if self.stop.is_set():
+            raise ItemError("cancelled", "the job was stopped")
+        return _SCHEDULER.submit(Unit(item, self, self.timestamps, final))
+
     async def run(self, item: Prepared, final: bool = True, whole: Prepared | None = None) -> Transcript | ItemError:
-        """One unit through the scheduler; the batch that carried it counts in the job's stats."""
-        result: UnitResult = await asyncio.wrap_future(_SCHEDULER.submit(Unit(item, self, self.timestamps, final)))
+        return await self.result_of(self.submit(item, final), item, final, whole)
+
+    async def result_of(
+        self, future: cf.Future, item: Prepared | None = None, final: bool = True, whole: Prepared | None = None
+    ) -> Transcript | ItemError:
+        """A unit's result; the batch that carried it counts in the job's stats."""
+        result: UnitResult = await asyncio.wrap_future(future)
         if result.batch is not None:
             self.batches[result.batch.id] = result.batch
-        if whole is not None and not final and not isinstance(result.out, ItemError):
+        if item is not None and whole is not None and not final and not isinstance(result.out, ItemError):
             self.partial[whole.index] = (item.start + item.frames - whole.start) / SAMPLE_RATE
             await self.progress.report()
         return result.out
@@ -1515,10 +1587,10 @@ class _Job:
         self.stop.set()
 
         def clean() -> None:
-            _SCHEDULER.withdraw(self)
             for future in self.threads:
                 future.cancel()
-            cf.wait(self.threads)  # nothing may still write into workdir once it is gone
+            cf.wait(self.threads)  # nothing may still write into workdir, or submit, once it goes
+            _SCHEDULER.withdraw(self)
             _DISK.release_under(self.workdir)
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 from conftest import DATA_ROOT, REPO, speech_file, words_of
 
+from handler import Config
 from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -86,7 +87,7 @@ def test_32_one_clip_jobs_at_once_each_get_their_own_words(worker):
         assert words_of(result["text"]) == text.split(), (text, result)
         stats = out["output"]["stats"]
         assert stats["items"] == 1 and len(stats["batch_sizes"]) == 1 and 1 <= stats["batch_sizes"][0] <= 16
-    assert max(worker.queue.batch_sizes_asked) == 32  # the SDK took jobs in batches (MAX_CONCURRENT_JOBS)
+    assert max(worker.queue.batch_sizes_asked) == Config().max_concurrent_jobs  # the SDK took jobs in batches
     assert job_dirs(worker.tmp) == []
 
 
@@ -140,10 +141,12 @@ _real, _held = handler._forward_decode, [False]
 _poison = {int(k): v for k, v in json.loads(os.environ["PW_POISON"]).items()}
 
 def _faulty(model, audio, lengths):
-    # The first batch the model thread runs waits until PW_HOLD units are ready, so that the
-    # next batch holds all of them (jobs sharing a batch for certain); listed lengths fail.
+    # The first batch the model thread runs says so (the file PW_HELD) and waits until PW_HOLD
+    # units are ready, so that the next batch holds all of them (jobs sharing a batch for
+    # certain); listed lengths fail.
     if threading.current_thread().name == "model" and not _held[0]:
         _held[0] = True
+        open(os.environ["PW_HELD"], "w").close()
         deadline = time.monotonic() + 120
         while len(handler._SCHEDULER.ready) < int(os.environ["PW_HOLD"]) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -166,10 +169,11 @@ def test_model_failures_in_a_batch_shared_by_jobs(tmp_path):
     sick = speech_file("stop stop go", "wav")
     poison = {sf.info(str(clips[2])).frames: "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED",
               sf.info(str(sick)).frames: "CUDA error: an illegal memory access was encountered"}  # fmt: skip
-    w = Worker(tmp_path, FAULTS, PW_POISON=json.dumps(poison), PW_HOLD="4")
+    held = tmp_path / "model-held"
+    w = Worker(tmp_path, FAULTS, PW_POISON=json.dumps(poison), PW_HOLD="4", PW_HELD=str(held))
     try:
-        blocker = w.queue.add(one_clip("hello"))
-        w.queue.wait_taken([blocker])
+        w.queue.add(one_clip("hello"))
+        wait_for(held.exists, 300, "the first job's batch to hold the model")
         outs = w.run(*(one_clip(t) for t in texts))
         for i, (text, out) in enumerate(zip(texts, outs, strict=True)):
             (result,) = out["output"]["results"]
