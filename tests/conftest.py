@@ -36,12 +36,22 @@ for var in ("SKIP_MODEL_LOAD", "RUNPOD_SERVERLESS", "http_proxy", "https_proxy",
 sys.path.insert(0, str(REPO))
 
 from tools import synth  # noqa: E402
-from tools.testkit import LocalServer, encode, word_errors  # noqa: E402, F401 - encode, word_errors: for the tests
+from tools.testkit import LocalServer, LoopbackOnly, encode, word_errors  # noqa: E402, F401 - encode, word_errors: for the tests
+
+LOOPBACK = LoopbackOnly()  # LOOPBACK.refused: the names tests tried to resolve
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(DATA_ROOT, ignore_errors=True)
     shutil.rmtree(TMP_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_only():
+    """No test sends traffic anywhere but 127.0.0.1, name look-ups included: any other name
+    fails as an unknown host does, without asking the machine's resolver."""
+    with LOOPBACK:
+        yield LOOPBACK
 
 
 @pytest.fixture(scope="session")

@@ -82,9 +82,10 @@ def test_url_failures(worker, config, http_server, refused_url, good):
     assert elapsed < 7.5, elapsed
 
 
-def test_download_deadline_and_unknown_host(worker, config, http_server, good):
+def test_download_deadline_and_unknown_host(worker, config, http_server, good, loopback_only):
     """DOWNLOAD_TOTAL_SEC bounds the whole download, even when every read is quick: a server
-    trickling a byte every 0.2 s (30 s in all) is cut off at the deadline."""
+    trickling a byte every 0.2 s (30 s in all) is cut off at the deadline. The unknown host is
+    answered by the tests' loopback guard, never by the machine's DNS resolver."""
     config(download_total_sec=2.0, download_read_timeout=1.0)
     inputs = [
         {"source": f"{http_server.url}/trickle/a.mp3"},
@@ -97,6 +98,7 @@ def test_download_deadline_and_unknown_host(worker, config, http_server, good):
     assert_code(results[0], "download_timeout", contains="over 2 s")
     assert_good(results[1])
     assert_code(results[2], "download_failed", contains="resolve")
+    assert "no-such-host.invalid" in loopback_only.refused  # the guard answered: no DNS query left
     assert elapsed < 6, elapsed
 
 

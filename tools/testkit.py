@@ -1,11 +1,14 @@
 """What tests/, bench/ and tools/ share, written once: word error counting, the ffmpeg encode
-helper, a local HTTP server on 127.0.0.1, and a fake Runpod job queue for the SDK's real worker
-loop. Nothing here talks to any address but 127.0.0.1."""
+helper, a local HTTP server on 127.0.0.1, a guard that keeps a process's name look-ups and
+connections on loopback, and a fake Runpod job queue for the SDK's real worker loop. Nothing here
+talks to any address but 127.0.0.1."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -234,3 +237,62 @@ class LocalServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loopback only: no name look-up leaves the process, no connection goes past 127.0.0.1.
+# ---------------------------------------------------------------------------------------------
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class LoopbackOnly:
+    """While active (a context manager), socket.getaddrinfo answers only for 127.0.0.1, ::1 and
+    localhost, and any other name or address fails as an unknown host does (EAI_NONAME) without
+    asking a resolver; a connect() to an address outside 127.0.0.0/8 and ::1 is refused. Names
+    that were asked for are kept in `refused`, in order.
+
+    Everything that resolves through the socket module (the Runpod SDK's SSRF guard, requests,
+    urllib3) is covered in this process; subprocesses are not."""
+
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+        self._saved: tuple[Any, Any, Any] | None = None
+
+    def _getaddrinfo(self, host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode("ascii", "replace") if isinstance(host, bytes) else host
+        if name is None or name in LOOPBACK_NAMES:
+            assert self._saved is not None
+            return self._saved[0](host, *args, **kwargs)
+        self.refused.append(str(name))
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (a test may resolve no name)")
+
+    @staticmethod
+    def _check(address: Any) -> None:
+        if isinstance(address, tuple) and isinstance(address[0], str):
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
+                    return
+            raise ConnectionRefusedError(f"a test may connect only to 127.0.0.1, not {address[0]}")
+
+    def __enter__(self) -> LoopbackOnly:
+        real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+        self._saved = (socket.getaddrinfo, real_connect, real_connect_ex)
+
+        def connect(sock: socket.socket, address: Any) -> None:
+            self._check(address)
+            real_connect(sock, address)
+
+        def connect_ex(sock: socket.socket, address: Any) -> int:
+            self._check(address)
+            return real_connect_ex(sock, address)
+
+        socket.getaddrinfo = self._getaddrinfo  # type: ignore[assignment]
+        socket.socket.connect = connect  # type: ignore[method-assign]
+        socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._saved is not None
+        socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = self._saved  # type: ignore[method-assign]
+        self._saved = None
