@@ -19,6 +19,7 @@ import bisect
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -327,13 +328,67 @@ def _load_at_start() -> None:
 
 
 class ItemError(Exception):
-    """A problem with one input item: reported on that item, never fails the job."""
+    """A problem with one input item: reported on that item, never fails the job. The message
+    may quote the input, so it is made safe to echo (see _echo)."""
 
     def __init__(self, code: str, message: str, duration: float | None = None):
+        message = _echo(message, keep="\n\t")
         super().__init__(message)
         self.code = code
         self.message = message
         self.duration = duration  # known when the audio was decoded (e.g. too_long)
+
+
+# What a result or an error may echo of the input: bounded, and always encodable as UTF-8 (JSON
+# can carry a lone surrogate such as "\ud800"; UTF-8 cannot, and the SDK could then post nothing).
+ECHO_MAX_CHARS = 1000
+LOG_MAX_CHARS = 2000
+_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _echo(text: str, limit: int = ECHO_MAX_CHARS, keep: str = "") -> str:
+    """`text` as a result or a log line may carry it: control characters (but those in `keep`),
+    line separators and lone surrogates written as escapes (\\n, \\x00, \\ud800), and at most
+    `limit` characters (then "...")."""
+    head = _UNSAFE_CHARS.sub(
+        lambda m: m.group() if m.group() in keep else m.group().encode("unicode_escape").decode("ascii"),
+        text[: limit + 1],
+    )
+    return head[:limit] + "..." if len(text) > limit or len(head) > limit else head
+
+
+# A URL's secrets: the userinfo (user:password@) and the query string (signed URLs carry their
+# signature there); also a path with a query string quoted without its scheme and host, as
+# requests' connection errors do ("Max retries exceeded with url: /a.wav?X-Amz-Signature=...").
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s@]*@")
+_URL_QUERY = re.compile(r"(/[^\s?#'\"]*)[?#][^\s'\")]*")
+
+
+def _redact(text: str) -> str:
+    """`text` without URL userinfo and query strings (or fragments): "https://***@host/a.wav?***"."""
+    return _URL_QUERY.sub(r"\1?***", _URL_USERINFO.sub(r"\1***@", text))
+
+
+def _for_log(text: str) -> str:
+    """A message as it may go to the log: no URL secrets, no control characters (a URL with a
+    newline cannot forge a log line), at most LOG_MAX_CHARS characters."""
+    return _echo(_redact(text), LOG_MAX_CHARS)
+
+
+class _SafeLogRecords(logging.Filter):
+    """Makes every record of this worker's logger safe to write (see _for_log). A traceback keeps
+    its lines, each redacted and escaped on its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string: log what there is
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg, record.args = _for_log(message), None
+        if record.exc_info and not record.exc_text:
+            trace = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = "\n".join(_for_log(line) for line in trace.split("\n"))
+        return True
 
 
 @dataclass
@@ -387,24 +442,58 @@ def _source_of(item: Any) -> tuple[str, str]:
     if not isinstance(value, str) or not value.strip():
         raise ItemError("invalid_source", f"'{given[0]}' must be a non-empty string")
     value = value.strip()
+    if re.search("[\ud800-\udfff]", value):
+        raise ItemError("invalid_source", f"'{given[0]}' holds a lone surrogate (\\ud800-\\udfff), which is not text")
     if given[0] == "audio_base64" or value.startswith("data:"):
         return "base64", value
-    scheme = urlparse(value).scheme.lower()
-    if scheme in ("http", "https"):
-        return "url", value
+    if re.search("[\x00-\x1f\x7f]", value):
+        raise ItemError("invalid_source", "'source' holds control characters (a NUL byte, a newline...)")
+    try:
+        parsed = urlparse(value)
+        scheme = parsed.scheme.lower()
+        if scheme in ("http", "https"):
+            _check_url(parsed)
+            return "url", value
+    except ValueError as exc:  # urlparse, .port and the idna codec all raise ValueError
+        raise ItemError("invalid_source", f"malformed URL: {_short(exc)}") from None
     if scheme == "file":
-        return "path", unquote(urlparse(value).path)
+        return "path", unquote(parsed.path)
     if "://" in value or (scheme and len(scheme) > 1):
         raise ItemError("invalid_source", f"unsupported source scheme {scheme!r}: use http(s), a path or base64")
     return "path", value
+
+
+def _check_url(parsed: Any) -> None:
+    """Refuse (ValueError) what no download could fetch, before anything is sent: no host, a port
+    that is not a number from 0 to 65535, or a host name the resolver cannot encode (a label over
+    63 characters, an empty label)."""
+    host = parsed.hostname
+    if not host:
+        raise ValueError("the URL has no host")
+    _ = parsed.port  # ValueError: "Port out of range 0-65535", "Port could not be cast..."
+    if ":" not in host:  # an IPv6 literal needs no encoding
+        host.encode("idna")  # what socket.getaddrinfo does to a name; UnicodeError is a ValueError
 
 
 def _label(kind: str, value: str) -> str:
     return "base64" if kind == "base64" else value
 
 
+# Linux's limits on a path and on one name in it, in bytes: longer ones fail with ENAMETOOLONG.
+PATH_MAX_BYTES = 4095
+NAME_MAX_BYTES = 255
+
+
 def _local_path(raw: str) -> Path:
-    """Resolve a local path, refusing anything (`..`, symlinks) that ends outside the roots."""
+    """Resolve a local path, refusing anything (`..`, symlinks) that ends outside the roots, and
+    anything that is not a regular file (a FIFO would hold ffmpeg for ever)."""
+    if re.search("[\x00-\x1f\x7f]", raw):  # a file:// URL can unquote to one
+        raise ItemError("invalid_source", "the path holds control characters (a NUL byte, a newline...)")
+    encoded = os.fsencode(raw)
+    if len(encoded) > PATH_MAX_BYTES or any(len(part) > NAME_MAX_BYTES for part in encoded.split(b"/")):
+        raise ItemError(
+            "invalid_source", f"the path is too long (over {PATH_MAX_BYTES} bytes, or a name over {NAME_MAX_BYTES})"
+        )
     path = Path(raw) if os.path.isabs(raw) else APP_DIR / raw
     real = Path(os.path.realpath(path))
     for root in CFG.allowed_local_roots:
@@ -413,23 +502,37 @@ def _local_path(raw: str) -> Path:
             break
     else:
         raise ItemError("forbidden_path", f"{raw} is outside the allowed roots {list(CFG.allowed_local_roots)}")
-    if not real.is_file():
-        raise ItemError("not_found", f"no file at {raw}")
+    try:
+        if not real.is_file():
+            raise ItemError("not_found", f"no file at {raw}")
+    except OSError as exc:  # resolved, it can still be too long (ENAMETOOLONG) or unreadable
+        code = "invalid_source" if exc.errno == errno.ENAMETOOLONG else "not_found"
+        raise ItemError(code, f"cannot use {raw}: {exc.strerror or exc}") from None
     return real
 
 
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
 def _decode_base64(value: str, dest: Path) -> Path:
-    """Decode base64 (or a data: URL) to a file, with the MAX_BASE64_BYTES cap."""
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
-    if value.startswith("data:") and ";base64" not in value.split(",", 1)[0]:
-        raise ItemError("invalid_source", "data: URLs must be base64-encoded")
-    payload = re.sub(r"\s+", "", payload)
-    if len(payload) * 3 // 4 > CFG.max_base64_bytes:
+    """Decode base64 (or a data: URL) to a file, with the MAX_BASE64_BYTES cap on the decoded
+    size. The standard and the URL-safe alphabet are both accepted, padded or not."""
+    payload = value
+    if value.startswith("data:"):
+        header, comma, payload = value.partition(",")
+        if not comma:
+            raise ItemError("invalid_source", "a data: URL needs a comma before its payload")
+        if ";base64" not in header.lower():
+            raise ItemError("invalid_source", "data: URLs must be base64-encoded")
+    payload = re.sub(r"\s+", "", payload).rstrip("=")
+    if len(payload) * 3 // 4 > CFG.max_base64_bytes:  # exactly the decoded size, padding aside
         raise ItemError("too_large", f"base64 audio is over the {CFG.max_base64_bytes}-byte cap")
+    payload = payload.translate(_URLSAFE_TO_STANDARD) + "=" * (-len(payload) % 4)
     try:
-        dest.write_bytes(base64.b64decode(payload, validate=True))
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ItemError("invalid_source", "audio_base64 is not valid base64") from None
+    dest.write_bytes(data)
     return dest
 
 
@@ -479,6 +582,8 @@ def _download_once(url: str, dest: Path, deadline: float) -> Path:
         raise ItemError("download_timeout", f"no response within {CFG.download_read_timeout:g} s: {_short(exc)}") from None
     except requests.RequestException as exc:
         raise ItemError("download_failed", _short(exc)) from None
+    except ValueError as exc:  # the URL was checked (_check_url): a redirect's Location was not
+        raise ItemError("download_failed", f"the server redirected to a malformed URL: {_short(exc)}") from None
     too_slow = ItemError("download_timeout", f"download took over {CFG.download_total_sec:g} s")
     with response, _cut_off_at(deadline, response) as expired:
         if response.status_code == 429 or response.status_code >= 500:
@@ -1209,12 +1314,14 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
 
 def _source_label(item: Any) -> str:
     """What a result echoes as its source: the URL or path, "base64" for inline audio (never
-    the payload), or a short repr of an item that is not a valid source at all."""
+    the payload), or a short repr of an item that is not a valid source at all; never more than
+    ECHO_MAX_CHARS characters, and always encodable (see _echo). It cannot raise: one item's
+    label must not cost the job."""
     try:
-        return _label(*_source_of(item))[:1000]
-    except ItemError:
+        return _echo(_label(*_source_of(item)))
+    except Exception:  # noqa: BLE001 - _source_of raises ItemError; anything else is a bug, still one item's
         source = item.get("source") if isinstance(item, dict) else None
-        return source[:200] if isinstance(source, str) else repr(item)[:200]
+        return _echo(source if isinstance(source, str) else repr(item)[: ECHO_MAX_CHARS + 1], 200)
 
 
 def _progress_reporter(
@@ -1258,6 +1365,7 @@ def _progress_reporter(
 # ---------------------------------------------------------------------------------------------
 
 logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log.addFilter(_SafeLogRecords())  # no URL secrets, no forged lines: whoever handles the records
 _load_at_start()
 
 
