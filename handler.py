@@ -339,6 +339,11 @@ class ItemError(Exception):
         self.duration = duration  # known when the audio was decoded (e.g. too_long)
 
 
+class JobError(Exception):
+    """A problem that stops the whole job before any item starts (the worker cannot make its
+    temp dir): the handler answers {"error": message}."""
+
+
 # What a result or an error may echo of the input: bounded, and always encodable as UTF-8 (JSON
 # can carry a lone surrogate such as "\ud800"; UTF-8 cannot, and the SDK could then post nothing).
 ECHO_MAX_CHARS = 1000
@@ -532,8 +537,39 @@ def _decode_base64(value: str, dest: Path) -> Path:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ItemError("invalid_source", "audio_base64 is not valid base64") from None
-    dest.write_bytes(data)
+    try:
+        dest.write_bytes(data)
+    except OSError as exc:
+        dest.unlink(missing_ok=True)
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise _disk_full("writing the decoded base64 audio") from None
+        raise
     return dest
+
+
+# ENOSPC (no space, or no inodes, left) and EDQUOT: the worker's disk is full, not the item bad.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXTS = tuple(os.strerror(e) for e in DISK_FULL_ERRNOS)  # as ffmpeg reports them
+
+
+def _disk_full(doing: str) -> ItemError:
+    return ItemError(
+        "disk_full", f"the worker ran out of disk space (WORKER_TMP_DIR) while {doing}; the item may be fine, retry it"
+    )
+
+
+def _make_job_dir() -> Path:
+    """A fresh temp dir for one job under WORKER_TMP_DIR, which is created if missing. Raises
+    JobError, never OSError, when that cannot be done (WORKER_TMP_DIR cannot be created, or the
+    disk or its inodes are full), so the job gets an answer that says so."""
+    root = Path(CFG.tmp_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="job-", dir=root))
+    except OSError as exc:
+        full = exc.errno in DISK_FULL_ERRNOS
+        why = "the worker ran out of disk space or inodes" if full else f"{exc.strerror or exc}"
+        raise JobError(f"cannot make this job's temp dir under WORKER_TMP_DIR={_echo(str(root), 300)}: {why}") from None
 
 
 class _Retry(Exception):
@@ -541,22 +577,27 @@ class _Retry(Exception):
 
 
 def _download(url: str, dest: Path) -> Path:
-    """Stream `url` to `dest` through the Runpod SDK's SSRF-safe fetch, with retries."""
+    """Stream `url` to `dest` through the Runpod SDK's SSRF-safe fetch, with retries. A failed
+    download leaves no partial file behind (it would hold disk that other items need)."""
     deadline = time.monotonic() + CFG.download_total_sec
     last = "no attempt made"
-    for attempt in range(CFG.download_retries + 1):
-        if attempt:
-            pause = min(2.0 ** (attempt - 1) * 0.5, 8.0)
-            if time.monotonic() + pause > deadline:
-                break
-            time.sleep(pause)
-        try:
-            with _download_slots():
-                return _download_once(url, dest, deadline)
-        except _Retry as exc:
-            last = str(exc)
-            log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)
-    raise ItemError("download_failed", f"{last} (after {CFG.download_retries + 1} attempts)")
+    try:
+        for attempt in range(CFG.download_retries + 1):
+            if attempt:
+                pause = min(2.0 ** (attempt - 1) * 0.5, 8.0)
+                if time.monotonic() + pause > deadline:
+                    break
+                time.sleep(pause)
+            try:
+                with _download_slots():
+                    return _download_once(url, dest, deadline)
+            except _Retry as exc:
+                last = str(exc)
+                log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)  # redacted: _SafeLogRecords
+        raise ItemError("download_failed", f"{last} (after {CFG.download_retries + 1} attempts)")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
 
 
 _DOWNLOAD_SLOTS: threading.BoundedSemaphore | None = None
@@ -599,6 +640,8 @@ def _download_once(url: str, dest: Path, deadline: float) -> Path:
         except SSRFError as exc:
             raise _ssrf_item_error(exc) from None
         except (requests.RequestException, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+                raise _disk_full("writing the download") from None
             if expired.is_set():
                 raise too_slow from None
             code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
@@ -677,18 +720,43 @@ def _run_ffmpeg(pairs: Sequence[tuple[Path, Path]]) -> tuple[int, str]:
     return proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
 
 
+def _says_disk_full(stderr: str) -> bool:
+    return any(text in stderr for text in DISK_FULL_TEXTS)
+
+
+def _fs_full(path: Path) -> bool:
+    """Whether the filesystem holding `path` has no space or no inodes left for us."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
+
+
 def _wav_frames(dest: Path) -> int:
     try:
         return sf.info(str(dest)).frames
     except RuntimeError as exc:
+        dest.unlink(missing_ok=True)
+        if _fs_full(dest.parent):  # a WAV cut short by a full disk reads as "Format not recognised"
+            raise _disk_full("decoding it") from None
         raise ItemError("not_audio", f"ffmpeg wrote no readable audio: {exc}") from None
 
 
 def _to_wav(src: Path, dest: Path) -> tuple[int, str | None]:
-    """Decode the first audio stream of `src` to 16 kHz mono s16 WAV; return (frames, warning)."""
-    code, stderr = _run_ffmpeg([(src, dest)])
+    """Decode the first audio stream of `src` to 16 kHz mono s16 WAV; return (frames, warning).
+    On an error the partial WAV is removed at once: it may be what filled the disk."""
+    try:
+        code, stderr = _run_ffmpeg([(src, dest)])
+    except ItemError:
+        dest.unlink(missing_ok=True)
+        raise
     tail = stderr[-400:]
+    if _says_disk_full(stderr):
+        dest.unlink(missing_ok=True)
+        raise _disk_full("decoding it")
     if code != 0:
+        dest.unlink(missing_ok=True)
         if "matches no streams" in stderr:
             raise ItemError("no_audio", "the file has no audio stream")
         raise ItemError("not_audio", f"ffmpeg could not decode it as audio: {tail or 'exit ' + str(code)}")
@@ -706,6 +774,8 @@ def _to_wavs(pairs: Sequence[tuple[Path, Path]]) -> list[tuple[int, str | None] 
                 return [(_wav_frames(dest), None) for _, dest in pairs]
         except ItemError:
             pass
+        for _, dest in pairs:  # a full disk may be why it failed: free it before the reruns
+            dest.unlink(missing_ok=True)
     out: list[tuple[int, str | None] | ItemError] = []
     for src, dest in pairs:
         try:
