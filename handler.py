@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from signal import SIGKILL
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -709,15 +710,49 @@ def _ffmpeg_cmd(pairs: Sequence[tuple[Path, Path]]) -> list[str]:
     return cmd
 
 
-def _run_ffmpeg(pairs: Sequence[tuple[Path, Path]]) -> tuple[int, str]:
-    """Run ffmpeg on `pairs`; (exit code, stderr). Raises decode_timeout."""
-    try:
-        proc = subprocess.run(
-            _ffmpeg_cmd(pairs), stdin=subprocess.DEVNULL, capture_output=True, timeout=CFG.ffmpeg_timeout_sec
-        )
-    except subprocess.TimeoutExpired:
-        raise ItemError("decode_timeout", f"ffmpeg took over {CFG.ffmpeg_timeout_sec:g} s") from None
-    return proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
+STOP_POLL_SEC = 0.1  # how often a decode that can be stopped looks at its stop event
+
+
+def _run_ffmpeg(
+    pairs: Sequence[tuple[Path, Path]], timeout: float | None = None, stop: threading.Event | None = None
+) -> tuple[int, str]:
+    """Run ffmpeg on `pairs`; (exit code, stderr). Raises decode_timeout past `timeout` seconds
+    (FFMPEG_TIMEOUT_SEC by default), and cancelled within STOP_POLL_SEC of `stop` being set.
+
+    ffmpeg runs in a process group of its own, and on a timeout or a stop the whole group is
+    killed: with a wrapper script as FFMPEG_BIN, killing the wrapper alone would leave its
+    ffmpeg running, and holding the pipe this waits on."""
+    limit = CFG.ffmpeg_timeout_sec if timeout is None else timeout
+    proc = subprocess.Popen(
+        _ffmpeg_cmd(pairs), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + limit
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            _, stderr = proc.communicate(timeout=max(0.0, min(left, STOP_POLL_SEC) if stop is not None else left))
+            return proc.returncode, stderr.decode("utf-8", "replace").strip()
+        except subprocess.TimeoutExpired:
+            if stop is not None and stop.is_set():
+                _kill_group(proc)
+                raise ItemError("cancelled", "the job was cancelled while ffmpeg decoded this item") from None
+            if time.monotonic() >= deadline:
+                _kill_group(proc)
+                raise ItemError("decode_timeout", f"ffmpeg took over {limit:g} s") from None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill `proc`'s process group (it leads its own) and reap it. The leader is not yet reaped
+    here, so its pid, the group's id, cannot have been reused."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=5.0)  # a child that left the group may still hold the pipe
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    proc.wait()
 
 
 def _says_disk_full(stderr: str) -> bool:
@@ -743,11 +778,11 @@ def _wav_frames(dest: Path) -> int:
         raise ItemError("not_audio", f"ffmpeg wrote no readable audio: {exc}") from None
 
 
-def _to_wav(src: Path, dest: Path) -> tuple[int, str | None]:
+def _to_wav(src: Path, dest: Path, stop: threading.Event | None = None) -> tuple[int, str | None]:
     """Decode the first audio stream of `src` to 16 kHz mono s16 WAV; return (frames, warning).
     On an error the partial WAV is removed at once: it may be what filled the disk."""
     try:
-        code, stderr = _run_ffmpeg([(src, dest)])
+        code, stderr = _run_ffmpeg([(src, dest)], stop=stop)
     except ItemError:
         dest.unlink(missing_ok=True)
         raise
@@ -763,13 +798,23 @@ def _to_wav(src: Path, dest: Path) -> tuple[int, str | None]:
     return _wav_frames(dest), (f"decoder reported errors, transcribed what decoded: {tail}" if tail else None)
 
 
-def _to_wavs(pairs: Sequence[tuple[Path, Path]]) -> list[tuple[int, str | None] | ItemError]:
+# A grouped run holds several files whose decoding was estimated at under GROUP_MAX_MS (about
+# 0.3 s) in all, so one still running after this long holds a file that is costlier than its
+# header and size said (or hangs). It is killed and its files decoded alone, each with the full
+# FFMPEG_TIMEOUT_SEC: a hung file then costs one timeout, plus this, never two.
+GROUP_TIMEOUT_SEC = 10.0
+
+
+def _to_wavs(
+    pairs: Sequence[tuple[Path, Path]], stops: Sequence[threading.Event | None] | None = None
+) -> list[tuple[int, str | None] | ItemError]:
     """Several small files in one ffmpeg process: starting ffmpeg (~50 ms, 200 shared libraries)
     costs more than decoding a short clip. Anything but a clean run is redone file by file, so
-    each error and warning lands on its own item."""
+    each error and warning lands on its own item. `stops` (one per pair, or None) can cancel the
+    files' runs alone; a grouped run, bounded by GROUP_TIMEOUT_SEC, does not look at them."""
     if len(pairs) > 1:
         try:
-            code, stderr = _run_ffmpeg(pairs)
+            code, stderr = _run_ffmpeg(pairs, timeout=min(GROUP_TIMEOUT_SEC, CFG.ffmpeg_timeout_sec / 4))
             if code == 0 and not stderr:
                 return [(_wav_frames(dest), None) for _, dest in pairs]
         except ItemError:
@@ -777,9 +822,9 @@ def _to_wavs(pairs: Sequence[tuple[Path, Path]]) -> list[tuple[int, str | None] 
         for _, dest in pairs:  # a full disk may be why it failed: free it before the reruns
             dest.unlink(missing_ok=True)
     out: list[tuple[int, str | None] | ItemError] = []
-    for src, dest in pairs:
+    for n, (src, dest) in enumerate(pairs):
         try:
-            out.append(_to_wav(src, dest))
+            out.append(_to_wav(src, dest, stops[n] if stops else None))
         except ItemError as exc:
             out.append(exc)
     return out
@@ -793,11 +838,61 @@ DECODE_MS_PER_MB = {b"RIFF": 3.0, b"RF64": 3.0, b"FORM": 3.0, b"fLaC": 22.0, b"O
 DECODE_MS_PER_MB_OTHER = 75.0  # mp3, m4a/mp4 (58), webm, anything else
 
 
+# The size says little where silence compresses to nearly nothing: a 50 KB FLAC can hold two
+# minutes of 7-channel 192 kHz audio, a second of ffmpeg. Where the header says how many samples
+# there are (FLAC, Ogg), those count too: ~4 ms per million samples decoded (all channels,
+# resampling included) plus ~0.23 ms per second of 16 kHz WAV written. bench/decode_cost.py fits
+# these to Debian's ffmpeg 5.1 decoding FLAC silence from 16 kHz mono to 192 kHz 7.0: two runs on
+# this project's 2-core machine (load average ~6) gave 3.9 and 4.7 ms, 0.21 and 0.28 ms.
+DECODE_MS_PER_MSAMPLE = 4.0
+DECODE_MS_PER_OUT_SEC = 0.23
+
+
 def _decode_cost_ms(src: Path) -> float:
-    """Estimated ffmpeg decode time of `src`, without its start-up: its size times its format's rate."""
+    """Estimated ffmpeg decode time of `src`, without its start-up: its size times its format's
+    rate, or what its header's sample count says, whichever is more."""
+    if not src.is_file():  # a FIFO would block this open; ffmpeg's timeout deals with it
+        return 0.0
     with open(src, "rb") as f:
-        magic = f.read(4)
-    return src.stat().st_size / 1e6 * DECODE_MS_PER_MB.get(magic, DECODE_MS_PER_MB_OTHER)
+        head = f.read(4096)
+        by_size = src.stat().st_size / 1e6 * DECODE_MS_PER_MB.get(head[:4], DECODE_MS_PER_MB_OTHER)
+        try:
+            declared = _declared_length(f, head)
+        except (OSError, ValueError, IndexError):
+            declared = None
+    if declared is None:
+        return by_size
+    samples, seconds = declared
+    return max(by_size, samples / 1e6 * DECODE_MS_PER_MSAMPLE + seconds * DECODE_MS_PER_OUT_SEC)
+
+
+def _declared_length(f: Any, head: bytes) -> tuple[float, float] | None:
+    """(samples in all channels, seconds) as the file's header declares them: FLAC's STREAMINFO,
+    or an Ogg Opus/Vorbis stream's channels and rate with its last page's granule position. None
+    for other formats, or a header that does not say."""
+    if head[:4] == b"fLaC" and head[4] & 0x7F == 0:  # STREAMINFO, always the first block
+        bits = int.from_bytes(head[18:26], "big")
+        rate, channels, frames = bits >> 44, ((bits >> 41) & 7) + 1, bits & (2**36 - 1)
+        return (frames * channels, frames / rate) if rate and frames else None
+    if head[:4] != b"OggS":
+        return None
+    packet = head[27 + head[26] :]
+    if packet[:8] == b"OpusHead":
+        channels, rate = packet[9], 48000  # Opus granule positions count 48 kHz samples
+    elif packet[:7] == b"\x01vorbis":
+        channels, rate = packet[11], int.from_bytes(packet[12:16], "little")
+    else:
+        return None
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - 65536))  # an Ogg page is at most 65,307 bytes
+    tail = f.read()
+    at = tail.rfind(b"OggS")
+    while at >= 0:  # the last page that ends a packet (granule position != -1)
+        granule = int.from_bytes(tail[at + 6 : at + 14], "little", signed=True)
+        if tail[at + 4] == 0 and granule > 0:
+            return (granule * channels, granule / rate) if rate and channels else None
+        at = tail.rfind(b"OggS", 0, at)
+    return None
 
 
 @dataclass(eq=False)
@@ -807,6 +902,7 @@ class _Decode:
     src: Path
     dest: Path
     cost_ms: float
+    stop: threading.Event | None = None
     done: bool = False
     result: tuple[int, str | None] | BaseException | None = None
 
@@ -827,9 +923,10 @@ class _Decoder:
         self.pending: list[_Decode] = []
         self.cond = threading.Condition()
 
-    def decode(self, src: Path, dest: Path) -> tuple[int, str | None]:
-        """`src` as a 16 kHz mono WAV at `dest`: (frames, warning); raises ItemError."""
-        mine = _Decode(src, dest, _decode_cost_ms(src))
+    def decode(self, src: Path, dest: Path, stop: threading.Event | None = None) -> tuple[int, str | None]:
+        """`src` as a 16 kHz mono WAV at `dest`: (frames, warning); raises ItemError. Once `stop`
+        is set, the file is not started, or, running alone, its ffmpeg is killed (cancelled)."""
+        mine = _Decode(src, dest, _decode_cost_ms(src), stop)
         with self.cond:
             self.pending.append(mine)
             self.pending.sort(key=lambda d: d.cost_ms, reverse=True)
@@ -867,8 +964,12 @@ class _Decoder:
 
     @staticmethod
     def _run(work: list[_Decode]) -> None:
+        cancelled = [d for d in work if d.stop is not None and d.stop.is_set()]
+        for d in cancelled:
+            d.result, d.done = ItemError("cancelled", "the job was cancelled before this item was decoded"), True
+        work = [d for d in work if not d.done]
         try:
-            results: list[Any] = _to_wavs([(d.src, d.dest) for d in work])
+            results: list[Any] = _to_wavs([(d.src, d.dest) for d in work], [d.stop for d in work])
         except Exception as exc:  # noqa: BLE001 - handed to each waiting item's own thread
             results = [exc] * len(work)
         for d, result in zip(work, results, strict=True):
