@@ -22,6 +22,7 @@ import dataclasses
 import errno
 import itertools
 import logging
+import math
 import os
 import re
 import shutil
@@ -93,6 +94,61 @@ def _env_pair(name: str, default: str) -> tuple[int, int]:
     return left, right
 
 
+def _cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup"),
+               affinity: int | None = None) -> int:  # fmt: skip
+    """How many CPUs this process may keep busy: its affinity mask, capped by any cgroup CPU quota
+    (rounded up). os.cpu_count() is the host's count, often 64 to 256 in a container that may
+    use a few, and sizing the ffmpeg and thread pools by it would oversubscribe the quota."""
+    if affinity is None:
+        try:
+            affinity = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            affinity = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root, self_cgroup)
+    return max(1, affinity if quota is None else min(affinity, math.ceil(quota)))
+
+
+def _cgroup_cpu_quota(root: Path, self_cgroup: Path) -> float | None:
+    """CPUs' worth of time per period the cgroup quota allows (1.5 = one and a half CPUs), the
+    tightest of this process's cgroup and its ancestors; None without a quota. Reads cgroup v2
+    (`cpu.max`: "150000 100000" or "max 100000") and v1 (`cpu.cfs_quota_us`, -1 for none, over
+    `cpu.cfs_period_us`). In a container the process's own cgroup is usually mounted at the
+    root; outside one it is the path /proc/self/cgroup names, so both are read."""
+
+    def read(path: Path) -> str:
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    own: dict[str, str] = {}  # controller ("" for v2) -> this process's cgroup path
+    for line in read(self_cgroup).splitlines():
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        for controller in controllers.split(",") if controllers else [""]:
+            own[controller] = path
+
+    def up(base: Path, rel: str | None) -> list[Path]:
+        dirs = [base]
+        if rel and rel.strip("/"):
+            leaf = base / rel.strip("/")
+            dirs += [leaf, *(p for p in leaf.parents if base in p.parents)]
+        return dirs
+
+    limits: list[float] = []
+    for d in up(root, own.get("")):  # v2
+        quota, _, period = read(d / "cpu.max").partition(" ")
+        with contextlib.suppress(ValueError):
+            if quota != "max" and int(quota) > 0 and int(period) > 0:
+                limits.append(int(quota) / int(period))
+    for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):  # v1
+        for d in up(root / mount, own.get("cpu")):
+            with contextlib.suppress(ValueError):
+                quota_us, period_us = int(read(d / "cpu.cfs_quota_us")), int(read(d / "cpu.cfs_period_us"))
+                if quota_us > 0 and period_us > 0:
+                    limits.append(quota_us / period_us)
+    return min(limits) if limits else None
+
+
 @dataclass(frozen=True)
 class Config:
     """Every knob of the worker; README.md documents each environment variable."""
@@ -115,7 +171,7 @@ class Config:
     download_total_sec: float = 900.0
     download_retries: int = 3
     ffmpeg_timeout_sec: float = 900.0
-    prepare_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    prepare_workers: int = field(default_factory=_cpu_limit)  # the container's CPUs, not the host's
     download_workers: int = 16
     allowed_local_roots: tuple[str, ...] = ("/runpod-volume", str(APP_DIR / "samples"))
     dtype: str = "auto"
