@@ -20,8 +20,10 @@ import bisect
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import errno
 import itertools
 import logging
+import math
 import os
 import re
 import shutil
@@ -34,6 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from signal import SIGKILL
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
@@ -92,6 +95,61 @@ def _env_pair(name: str, default: str) -> tuple[int, int]:
     return left, right
 
 
+def _cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup"),
+               affinity: int | None = None) -> int:  # fmt: skip
+    """How many CPUs this process may keep busy: its affinity mask, capped by any cgroup CPU quota
+    (rounded up). os.cpu_count() is the host's count, often 64 to 256 in a container that may
+    use a few, and sizing the ffmpeg and thread pools by it would oversubscribe the quota."""
+    if affinity is None:
+        try:
+            affinity = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not Linux
+            affinity = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root, self_cgroup)
+    return max(1, affinity if quota is None else min(affinity, math.ceil(quota)))
+
+
+def _cgroup_cpu_quota(root: Path, self_cgroup: Path) -> float | None:
+    """CPUs' worth of time per period the cgroup quota allows (1.5 = one and a half CPUs), the
+    tightest of this process's cgroup and its ancestors; None without a quota. Reads cgroup v2
+    (`cpu.max`: "150000 100000" or "max 100000") and v1 (`cpu.cfs_quota_us`, -1 for none, over
+    `cpu.cfs_period_us`). In a container the process's own cgroup is usually mounted at the
+    root; outside one it is the path /proc/self/cgroup names, so both are read."""
+
+    def read(path: Path) -> str:
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    own: dict[str, str] = {}  # controller ("" for v2) -> this process's cgroup path
+    for line in read(self_cgroup).splitlines():
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        for controller in controllers.split(",") if controllers else [""]:
+            own[controller] = path
+
+    def up(base: Path, rel: str | None) -> list[Path]:
+        dirs = [base]
+        if rel and rel.strip("/"):
+            leaf = base / rel.strip("/")
+            dirs += [leaf, *(p for p in leaf.parents if base in p.parents)]
+        return dirs
+
+    limits: list[float] = []
+    for d in up(root, own.get("")):  # v2
+        quota, _, period = read(d / "cpu.max").partition(" ")
+        with contextlib.suppress(ValueError):
+            if quota != "max" and int(quota) > 0 and int(period) > 0:
+                limits.append(int(quota) / int(period))
+    for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):  # v1
+        for d in up(root / mount, own.get("cpu")):
+            with contextlib.suppress(ValueError):
+                quota_us, period_us = int(read(d / "cpu.cfs_quota_us")), int(read(d / "cpu.cfs_period_us"))
+                if quota_us > 0 and period_us > 0:
+                    limits.append(quota_us / period_us)
+    return min(limits) if limits else None
+
+
 @dataclass(frozen=True)
 class Config:
     """Every knob of the worker; README.md documents each environment variable."""
@@ -114,7 +172,7 @@ class Config:
     download_total_sec: float = 900.0
     download_retries: int = 3
     ffmpeg_timeout_sec: float = 900.0
-    prepare_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    prepare_workers: int = field(default_factory=_cpu_limit)  # the container's CPUs, not the host's
     download_workers: int = 16
     allowed_local_roots: tuple[str, ...] = ("/runpod-volume", str(APP_DIR / "samples"))
     dtype: str = "auto"
@@ -341,13 +399,72 @@ def ensure_model() -> Any:
 
 
 class ItemError(Exception):
-    """A problem with one input item: reported on that item, never fails the job."""
+    """A problem with one input item: reported on that item, never fails the job. The message
+    may quote the input, so it is made safe to echo (see _echo)."""
 
     def __init__(self, code: str, message: str, duration: float | None = None):
+        message = _echo(message, keep="\n\t")
         super().__init__(message)
         self.code = code
         self.message = message
         self.duration = duration  # known when the audio was decoded (e.g. too_long)
+
+
+class JobError(Exception):
+    """A problem that stops the whole job before any item starts (the worker cannot make its
+    temp dir): the handler answers {"error": message}."""
+
+
+# What a result or an error may echo of the input: bounded, and always encodable as UTF-8 (JSON
+# can carry a lone surrogate such as "\ud800"; UTF-8 cannot, and the SDK could then post nothing).
+ECHO_MAX_CHARS = 1000
+LOG_MAX_CHARS = 2000
+_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _echo(text: str, limit: int = ECHO_MAX_CHARS, keep: str = "") -> str:
+    """`text` as a result or a log line may carry it: control characters (but those in `keep`),
+    line separators and lone surrogates written as escapes (\\n, \\x00, \\ud800), and at most
+    `limit` characters (then "...")."""
+    head = _UNSAFE_CHARS.sub(
+        lambda m: m.group() if m.group() in keep else m.group().encode("unicode_escape").decode("ascii"),
+        text[: limit + 1],
+    )
+    return head[:limit] + "..." if len(text) > limit or len(head) > limit else head
+
+
+# A URL's secrets: the userinfo (user:password@) and the query string (signed URLs carry their
+# signature there); also a path with a query string quoted without its scheme and host, as
+# requests' connection errors do ("Max retries exceeded with url: /a.wav?X-Amz-Signature=...").
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s@]*@")
+_URL_QUERY = re.compile(r"(/[^\s?#'\"]*)[?#][^\s'\")]*")
+
+
+def _redact(text: str) -> str:
+    """`text` without URL userinfo and query strings (or fragments): "https://***@host/a.wav?***"."""
+    return _URL_QUERY.sub(r"\1?***", _URL_USERINFO.sub(r"\1***@", text))
+
+
+def _for_log(text: str) -> str:
+    """A message as it may go to the log: no URL secrets, no control characters (a URL with a
+    newline cannot forge a log line), at most LOG_MAX_CHARS characters."""
+    return _echo(_redact(text), LOG_MAX_CHARS)
+
+
+class _SafeLogRecords(logging.Filter):
+    """Makes every record of this worker's logger safe to write (see _for_log). A traceback keeps
+    its lines, each redacted and escaped on its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string: log what there is
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg, record.args = _for_log(message), None
+        if record.exc_info and not record.exc_text:
+            trace = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = "\n".join(_for_log(line) for line in trace.split("\n"))
+        return True
 
 
 @dataclass
@@ -401,24 +518,58 @@ def _source_of(item: Any) -> tuple[str, str]:
     if not isinstance(value, str) or not value.strip():
         raise ItemError("invalid_source", f"'{given[0]}' must be a non-empty string")
     value = value.strip()
+    if re.search("[\ud800-\udfff]", value):
+        raise ItemError("invalid_source", f"'{given[0]}' holds a lone surrogate (\\ud800-\\udfff), which is not text")
     if given[0] == "audio_base64" or value.startswith("data:"):
         return "base64", value
-    scheme = urlparse(value).scheme.lower()
-    if scheme in ("http", "https"):
-        return "url", value
+    if re.search("[\x00-\x1f\x7f]", value):
+        raise ItemError("invalid_source", "'source' holds control characters (a NUL byte, a newline...)")
+    try:
+        parsed = urlparse(value)
+        scheme = parsed.scheme.lower()
+        if scheme in ("http", "https"):
+            _check_url(parsed)
+            return "url", value
+    except ValueError as exc:  # urlparse, .port and the idna codec all raise ValueError
+        raise ItemError("invalid_source", f"malformed URL: {_short(exc)}") from None
     if scheme == "file":
-        return "path", unquote(urlparse(value).path)
+        return "path", unquote(parsed.path)
     if "://" in value or (scheme and len(scheme) > 1):
         raise ItemError("invalid_source", f"unsupported source scheme {scheme!r}: use http(s), a path or base64")
     return "path", value
+
+
+def _check_url(parsed: Any) -> None:
+    """Refuse (ValueError) what no download could fetch, before anything is sent: no host, a port
+    that is not a number from 0 to 65535, or a host name the resolver cannot encode (a label over
+    63 characters, an empty label)."""
+    host = parsed.hostname
+    if not host:
+        raise ValueError("the URL has no host")
+    _ = parsed.port  # ValueError: "Port out of range 0-65535", "Port could not be cast..."
+    if ":" not in host:  # an IPv6 literal needs no encoding
+        host.encode("idna")  # what socket.getaddrinfo does to a name; UnicodeError is a ValueError
 
 
 def _label(kind: str, value: str) -> str:
     return "base64" if kind == "base64" else value
 
 
+# Linux's limits on a path and on one name in it, in bytes: longer ones fail with ENAMETOOLONG.
+PATH_MAX_BYTES = 4095
+NAME_MAX_BYTES = 255
+
+
 def _local_path(raw: str) -> Path:
-    """Resolve a local path, refusing anything (`..`, symlinks) that ends outside the roots."""
+    """Resolve a local path, refusing anything (`..`, symlinks) that ends outside the roots, and
+    anything that is not a regular file (a FIFO would hold ffmpeg for ever)."""
+    if re.search("[\x00-\x1f\x7f]", raw):  # a file:// URL can unquote to one
+        raise ItemError("invalid_source", "the path holds control characters (a NUL byte, a newline...)")
+    encoded = os.fsencode(raw)
+    if len(encoded) > PATH_MAX_BYTES or any(len(part) > NAME_MAX_BYTES for part in encoded.split(b"/")):
+        raise ItemError(
+            "invalid_source", f"the path is too long (over {PATH_MAX_BYTES} bytes, or a name over {NAME_MAX_BYTES})"
+        )
     path = Path(raw) if os.path.isabs(raw) else APP_DIR / raw
     real = Path(os.path.realpath(path))
     for root in CFG.allowed_local_roots:
@@ -427,24 +578,69 @@ def _local_path(raw: str) -> Path:
             break
     else:
         raise ItemError("forbidden_path", f"{raw} is outside the allowed roots {list(CFG.allowed_local_roots)}")
-    if not real.is_file():
-        raise ItemError("not_found", f"no file at {raw}")
+    try:
+        if not real.is_file():
+            raise ItemError("not_found", f"no file at {raw}")
+    except OSError as exc:  # resolved, it can still be too long (ENAMETOOLONG) or unreadable
+        code = "invalid_source" if exc.errno == errno.ENAMETOOLONG else "not_found"
+        raise ItemError(code, f"cannot use {raw}: {exc.strerror or exc}") from None
     return real
 
 
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
 def _decode_base64(value: str, dest: Path) -> Path:
-    """Decode base64 (or a data: URL) to a file, with the MAX_BASE64_BYTES cap."""
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
-    if value.startswith("data:") and ";base64" not in value.split(",", 1)[0]:
-        raise ItemError("invalid_source", "data: URLs must be base64-encoded")
-    payload = re.sub(r"\s+", "", payload)
-    if len(payload) * 3 // 4 > CFG.max_base64_bytes:
+    """Decode base64 (or a data: URL) to a file, with the MAX_BASE64_BYTES cap on the decoded
+    size. The standard and the URL-safe alphabet are both accepted, padded or not."""
+    payload = value
+    if value.startswith("data:"):
+        header, comma, payload = value.partition(",")
+        if not comma:
+            raise ItemError("invalid_source", "a data: URL needs a comma before its payload")
+        if ";base64" not in header.lower():
+            raise ItemError("invalid_source", "data: URLs must be base64-encoded")
+    payload = re.sub(r"\s+", "", payload).rstrip("=")
+    if len(payload) * 3 // 4 > CFG.max_base64_bytes:  # exactly the decoded size, padding aside
         raise ItemError("too_large", f"base64 audio is over the {CFG.max_base64_bytes}-byte cap")
+    payload = payload.translate(_URLSAFE_TO_STANDARD) + "=" * (-len(payload) % 4)
     try:
-        dest.write_bytes(base64.b64decode(payload, validate=True))
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ItemError("invalid_source", "audio_base64 is not valid base64") from None
+    try:
+        dest.write_bytes(data)
+    except OSError as exc:
+        dest.unlink(missing_ok=True)
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise _disk_full("writing the decoded base64 audio") from None
+        raise
     return dest
+
+
+# ENOSPC (no space, or no inodes, left) and EDQUOT: the worker's disk is full, not the item bad.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXTS = tuple(os.strerror(e) for e in DISK_FULL_ERRNOS)  # as ffmpeg reports them
+
+
+def _disk_full(doing: str) -> ItemError:
+    return ItemError(
+        "disk_full", f"the worker ran out of disk space (WORKER_TMP_DIR) while {doing}; the item may be fine, retry it"
+    )
+
+
+def _make_job_dir() -> Path:
+    """A fresh temp dir for one job under WORKER_TMP_DIR, which is created if missing. Raises
+    JobError, never OSError, when that cannot be done (WORKER_TMP_DIR cannot be created, or the
+    disk or its inodes are full), so the job gets an answer that says so."""
+    root = Path(CFG.tmp_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="job-", dir=root))
+    except OSError as exc:
+        full = exc.errno in DISK_FULL_ERRNOS
+        why = "the worker ran out of disk space or inodes" if full else f"{exc.strerror or exc}"
+        raise JobError(f"cannot make this job's temp dir under WORKER_TMP_DIR={_echo(str(root), 300)}: {why}") from None
 
 
 class _Retry(Exception):
@@ -455,24 +651,29 @@ def _download(
     url: str, dest: Path, stop: threading.Event | None = None, on_size: Callable[[int], None] | None = None
 ) -> Path:
     """Stream `url` to `dest` through the Runpod SDK's SSRF-safe fetch, with retries. `stop`
-    ends it early (its job was stopped); `on_size` hears the bytes written so far."""
+    ends it early (its job was stopped); `on_size` hears the bytes written so far. A failed
+    download leaves no partial file behind (it would hold disk that other items need)."""
     deadline = time.monotonic() + CFG.download_total_sec
     last = "no attempt made"
-    for attempt in range(CFG.download_retries + 1):
-        if attempt:
-            pause = min(2.0 ** (attempt - 1) * 0.5, 8.0)
-            if time.monotonic() + pause > deadline:
-                break
-            time.sleep(pause)
-        if stop is not None and stop.is_set():
-            raise ItemError("cancelled", "the job was stopped")
-        try:
-            with _download_slots():
-                return _download_once(url, dest, deadline, stop, on_size)
-        except _Retry as exc:
-            last = str(exc)
-            log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)
-    raise ItemError("download_failed", f"{last} (after {CFG.download_retries + 1} attempts)")
+    try:
+        for attempt in range(CFG.download_retries + 1):
+            if attempt:
+                pause = min(2.0 ** (attempt - 1) * 0.5, 8.0)
+                if time.monotonic() + pause > deadline:
+                    break
+                time.sleep(pause)
+            if stop is not None and stop.is_set():
+                raise ItemError("cancelled", "the job was stopped")
+            try:
+                with _download_slots():
+                    return _download_once(url, dest, deadline, stop, on_size)
+            except _Retry as exc:
+                last = str(exc)
+                log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)  # redacted: _SafeLogRecords
+        raise ItemError("download_failed", f"{last} (after {CFG.download_retries + 1} attempts)")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
 
 
 _DOWNLOAD_SLOTS: threading.BoundedSemaphore | None = None
@@ -501,6 +702,8 @@ def _download_once(
         raise ItemError("download_timeout", f"no response within {CFG.download_read_timeout:g} s: {_short(exc)}") from None
     except requests.RequestException as exc:
         raise ItemError("download_failed", _short(exc)) from None
+    except ValueError as exc:  # the URL was checked (_check_url): a redirect's Location was not
+        raise ItemError("download_failed", f"the server redirected to a malformed URL: {_short(exc)}") from None
     too_slow = ItemError("download_timeout", f"download took over {CFG.download_total_sec:g} s")
     with response, _cut_off_at(deadline, response, stop) as expired:
         if response.status_code == 429 or response.status_code >= 500:
@@ -522,6 +725,8 @@ def _download_once(
         except (requests.RequestException, OSError) as exc:
             if stop is not None and stop.is_set():
                 raise ItemError("cancelled", "the job was stopped") from None
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+                raise _disk_full("writing the download") from None
             if expired.is_set():
                 raise too_slow from None
             code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
@@ -596,50 +801,121 @@ def _ffmpeg_cmd(pairs: Sequence[tuple[Path, Path]]) -> list[str]:
     return cmd
 
 
-def _run_ffmpeg(pairs: Sequence[tuple[Path, Path]]) -> tuple[int, str]:
-    """Run ffmpeg on `pairs`; (exit code, stderr). Raises decode_timeout."""
+STOP_POLL_SEC = 0.1  # how often a decode that can be stopped looks at its stop event
+
+
+def _run_ffmpeg(
+    pairs: Sequence[tuple[Path, Path]], timeout: float | None = None, stop: threading.Event | None = None
+) -> tuple[int, str]:
+    """Run ffmpeg on `pairs`; (exit code, stderr). Raises decode_timeout past `timeout` seconds
+    (FFMPEG_TIMEOUT_SEC by default), and cancelled within STOP_POLL_SEC of `stop` being set.
+
+    ffmpeg runs in a process group of its own, and on a timeout or a stop the whole group is
+    killed: with a wrapper script as FFMPEG_BIN, killing the wrapper alone would leave its
+    ffmpeg running, and holding the pipe this waits on."""
+    limit = CFG.ffmpeg_timeout_sec if timeout is None else timeout
+    proc = subprocess.Popen(
+        _ffmpeg_cmd(pairs), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + limit
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            _, stderr = proc.communicate(timeout=max(0.0, min(left, STOP_POLL_SEC) if stop is not None else left))
+            return proc.returncode, stderr.decode("utf-8", "replace").strip()
+        except subprocess.TimeoutExpired:
+            if stop is not None and stop.is_set():
+                _kill_group(proc)
+                raise ItemError("cancelled", "the job was cancelled while ffmpeg decoded this item") from None
+            if time.monotonic() >= deadline:
+                _kill_group(proc)
+                raise ItemError("decode_timeout", f"ffmpeg took over {limit:g} s") from None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill `proc`'s process group (it leads its own) and reap it. The leader is not yet reaped
+    here, so its pid, the group's id, cannot have been reused."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=5.0)  # a child that left the group may still hold the pipe
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    proc.wait()
+
+
+def _says_disk_full(stderr: str) -> bool:
+    return any(text in stderr for text in DISK_FULL_TEXTS)
+
+
+def _fs_full(path: Path) -> bool:
+    """Whether the filesystem holding `path` has no space or no inodes left for us."""
     try:
-        proc = subprocess.run(
-            _ffmpeg_cmd(pairs), stdin=subprocess.DEVNULL, capture_output=True, timeout=CFG.ffmpeg_timeout_sec
-        )
-    except subprocess.TimeoutExpired:
-        raise ItemError("decode_timeout", f"ffmpeg took over {CFG.ffmpeg_timeout_sec:g} s") from None
-    return proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
 
 
 def _wav_frames(dest: Path) -> int:
     try:
         return sf.info(str(dest)).frames
     except RuntimeError as exc:
+        dest.unlink(missing_ok=True)
+        if _fs_full(dest.parent):  # a WAV cut short by a full disk reads as "Format not recognised"
+            raise _disk_full("decoding it") from None
         raise ItemError("not_audio", f"ffmpeg wrote no readable audio: {exc}") from None
 
 
-def _to_wav(src: Path, dest: Path) -> tuple[int, str | None]:
-    """Decode the first audio stream of `src` to 16 kHz mono s16 WAV; return (frames, warning)."""
-    code, stderr = _run_ffmpeg([(src, dest)])
+def _to_wav(src: Path, dest: Path, stop: threading.Event | None = None) -> tuple[int, str | None]:
+    """Decode the first audio stream of `src` to 16 kHz mono s16 WAV; return (frames, warning).
+    On an error the partial WAV is removed at once: it may be what filled the disk."""
+    try:
+        code, stderr = _run_ffmpeg([(src, dest)], stop=stop)
+    except ItemError:
+        dest.unlink(missing_ok=True)
+        raise
     tail = stderr[-400:]
+    if _says_disk_full(stderr):
+        dest.unlink(missing_ok=True)
+        raise _disk_full("decoding it")
     if code != 0:
+        dest.unlink(missing_ok=True)
         if "matches no streams" in stderr:
             raise ItemError("no_audio", "the file has no audio stream")
         raise ItemError("not_audio", f"ffmpeg could not decode it as audio: {tail or 'exit ' + str(code)}")
     return _wav_frames(dest), (f"decoder reported errors, transcribed what decoded: {tail}" if tail else None)
 
 
-def _to_wavs(pairs: Sequence[tuple[Path, Path]]) -> list[tuple[int, str | None] | ItemError]:
+# A grouped run holds several files whose decoding was estimated at under GROUP_MAX_MS (about
+# 0.3 s) in all, so one still running after this long holds a file that is costlier than its
+# header and size said (or hangs). It is killed and its files decoded alone, each with the full
+# FFMPEG_TIMEOUT_SEC: a hung file then costs one timeout, plus this, never two.
+GROUP_TIMEOUT_SEC = 10.0
+
+
+def _to_wavs(
+    pairs: Sequence[tuple[Path, Path]], stops: Sequence[threading.Event | None] | None = None
+) -> list[tuple[int, str | None] | ItemError]:
     """Several small files in one ffmpeg process: starting ffmpeg (~50 ms, 200 shared libraries)
     costs more than decoding a short clip. Anything but a clean run is redone file by file, so
-    each error and warning lands on its own item."""
+    each error and warning lands on its own item. `stops` (one per pair, or None) can cancel the
+    files' runs alone; a grouped run, bounded by GROUP_TIMEOUT_SEC, does not look at them."""
     if len(pairs) > 1:
         try:
-            code, stderr = _run_ffmpeg(pairs)
+            code, stderr = _run_ffmpeg(pairs, timeout=min(GROUP_TIMEOUT_SEC, CFG.ffmpeg_timeout_sec / 4))
             if code == 0 and not stderr:
                 return [(_wav_frames(dest), None) for _, dest in pairs]
         except ItemError:
             pass
+        for _, dest in pairs:  # a full disk may be why it failed: free it before the reruns
+            dest.unlink(missing_ok=True)
     out: list[tuple[int, str | None] | ItemError] = []
-    for src, dest in pairs:
+    for n, (src, dest) in enumerate(pairs):
         try:
-            out.append(_to_wav(src, dest))
+            out.append(_to_wav(src, dest, stops[n] if stops else None))
         except ItemError as exc:
             out.append(exc)
     return out
@@ -653,11 +929,61 @@ DECODE_MS_PER_MB = {b"RIFF": 3.0, b"RF64": 3.0, b"FORM": 3.0, b"fLaC": 22.0, b"O
 DECODE_MS_PER_MB_OTHER = 75.0  # mp3, m4a/mp4 (58), webm, anything else
 
 
+# The size says little where silence compresses to nearly nothing: a 50 KB FLAC can hold two
+# minutes of 7-channel 192 kHz audio, a second of ffmpeg. Where the header says how many samples
+# there are (FLAC, Ogg), those count too: ~4 ms per million samples decoded (all channels,
+# resampling included) plus ~0.23 ms per second of 16 kHz WAV written. bench/decode_cost.py fits
+# these to Debian's ffmpeg 5.1 decoding FLAC silence from 16 kHz mono to 192 kHz 7.0: two runs on
+# this project's 2-core machine (load average ~6) gave 3.9 and 4.7 ms, 0.21 and 0.28 ms.
+DECODE_MS_PER_MSAMPLE = 4.0
+DECODE_MS_PER_OUT_SEC = 0.23
+
+
 def _decode_cost_ms(src: Path) -> float:
-    """Estimated ffmpeg decode time of `src`, without its start-up: its size times its format's rate."""
+    """Estimated ffmpeg decode time of `src`, without its start-up: its size times its format's
+    rate, or what its header's sample count says, whichever is more."""
+    if not src.is_file():  # a FIFO would block this open; ffmpeg's timeout deals with it
+        return 0.0
     with open(src, "rb") as f:
-        magic = f.read(4)
-    return src.stat().st_size / 1e6 * DECODE_MS_PER_MB.get(magic, DECODE_MS_PER_MB_OTHER)
+        head = f.read(4096)
+        by_size = src.stat().st_size / 1e6 * DECODE_MS_PER_MB.get(head[:4], DECODE_MS_PER_MB_OTHER)
+        try:
+            declared = _declared_length(f, head)
+        except (OSError, ValueError, IndexError):
+            declared = None
+    if declared is None:
+        return by_size
+    samples, seconds = declared
+    return max(by_size, samples / 1e6 * DECODE_MS_PER_MSAMPLE + seconds * DECODE_MS_PER_OUT_SEC)
+
+
+def _declared_length(f: Any, head: bytes) -> tuple[float, float] | None:
+    """(samples in all channels, seconds) as the file's header declares them: FLAC's STREAMINFO,
+    or an Ogg Opus/Vorbis stream's channels and rate with its last page's granule position. None
+    for other formats, or a header that does not say."""
+    if head[:4] == b"fLaC" and head[4] & 0x7F == 0:  # STREAMINFO, always the first block
+        bits = int.from_bytes(head[18:26], "big")
+        rate, channels, frames = bits >> 44, ((bits >> 41) & 7) + 1, bits & (2**36 - 1)
+        return (frames * channels, frames / rate) if rate and frames else None
+    if head[:4] != b"OggS":
+        return None
+    packet = head[27 + head[26] :]
+    if packet[:8] == b"OpusHead":
+        channels, rate = packet[9], 48000  # Opus granule positions count 48 kHz samples
+    elif packet[:7] == b"\x01vorbis":
+        channels, rate = packet[11], int.from_bytes(packet[12:16], "little")
+    else:
+        return None
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - 65536))  # an Ogg page is at most 65,307 bytes
+    tail = f.read()
+    at = tail.rfind(b"OggS")
+    while at >= 0:  # the last page that ends a packet (granule position != -1)
+        granule = int.from_bytes(tail[at + 6 : at + 14], "little", signed=True)
+        if tail[at + 4] == 0 and granule > 0:
+            return (granule * channels, granule / rate) if rate and channels else None
+        at = tail.rfind(b"OggS", 0, at)
+    return None
 
 
 @dataclass(eq=False)
@@ -667,6 +993,7 @@ class _Decode:
     src: Path
     dest: Path
     cost_ms: float
+    stop: threading.Event | None = None
     on_decoded: Callable[[], None] | None = None
     done: bool = False
     result: tuple[int, str | None] | BaseException | None = None
@@ -688,10 +1015,13 @@ class _Decoder:
         self.pending: list[_Decode] = []
         self.cond = threading.Condition()
 
-    def decode(self, src: Path, dest: Path, on_decoded: Callable[[], None] | None = None) -> tuple[int, str | None]:
-        """`src` as a 16 kHz mono WAV at `dest`: (frames, warning); raises ItemError.
+    def decode(
+        self, src: Path, dest: Path, stop: threading.Event | None = None, on_decoded: Callable[[], None] | None = None
+    ) -> tuple[int, str | None]:
+        """`src` as a 16 kHz mono WAV at `dest`: (frames, warning); raises ItemError. Once `stop`
+        is set, the file is not started, or, running alone, its ffmpeg is killed (cancelled).
         `on_decoded` is called when its ffmpeg run ends, together with the rest of its group."""
-        mine = _Decode(src, dest, _decode_cost_ms(src), on_decoded)
+        mine = _Decode(src, dest, _decode_cost_ms(src), stop, on_decoded)
         with self.cond:
             self.pending.append(mine)
             self.pending.sort(key=lambda d: d.cost_ms, reverse=True)
@@ -729,8 +1059,12 @@ class _Decoder:
 
     @staticmethod
     def _run(work: list[_Decode]) -> None:
+        cancelled = [d for d in work if d.stop is not None and d.stop.is_set()]
+        for d in cancelled:
+            d.result, d.done = ItemError("cancelled", "the job was cancelled before this item was decoded"), True
+        work = [d for d in work if not d.done]
         try:
-            results: list[Any] = _to_wavs([(d.src, d.dest) for d in work])
+            results: list[Any] = _to_wavs([(d.src, d.dest) for d in work], [d.stop for d in work])
         except Exception as exc:  # noqa: BLE001 - handed to each waiting item's own thread
             results = [exc] * len(work)
         for d in work:  # the whole group at once, before any of its threads wakes
@@ -834,7 +1168,7 @@ def _fetch_reserved(
     if src.stat().st_size == 0:
         raise ItemError("empty_audio", "the file is empty")
     try:
-        frames, warning = _decoder().decode(src, wav, on_decoded)
+        frames, warning = _decoder().decode(src, wav, stop, on_decoded)
     finally:
         raw.unlink(missing_ok=True)  # the WAV is all we need from here on
     _DISK.resize(wav, wav.stat().st_size)
@@ -1463,8 +1797,8 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(job_input, dict):
         return None, 'input must be an object like {"inputs": [{"source": "..."}]}'
     checked = validate(job_input, INPUT_SCHEMA)
-    if "errors" in checked:
-        return None, "invalid input: " + " ".join(checked["errors"])
+    if "errors" in checked:  # they quote unknown keys as given: echo them safely
+        return None, _echo("invalid input: " + " ".join(checked["errors"]))
     params = checked["validated_input"]
     if not params["inputs"]:
         return None, "invalid input: inputs must hold at least one item"
@@ -1521,8 +1855,7 @@ class _Job:
         self.raw = raw
         self.inputs: list[Any] = params["inputs"]
         self.timestamps = params["timestamps"] or params["output_format"] in ("srt", "vtt")
-        Path(CFG.tmp_dir).mkdir(parents=True, exist_ok=True)
-        self.workdir = Path(tempfile.mkdtemp(prefix="job-", dir=CFG.tmp_dir))
+        self.workdir = _make_job_dir()  # first: a JobError here leaves nothing to clean up
         self.stop = threading.Event()
         self.threads: list[cf.Future] = []
         self.prepared: dict[int, Prepared] = {}
@@ -1643,8 +1976,8 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         return {"error": _gpu_fault_error().message, "refresh_worker": True}
     try:
         run = _Job(job, params)
-    except OSError as exc:
-        return {"error": f"the worker cannot use its temp dir {CFG.tmp_dir}: {exc}"}
+    except JobError as exc:
+        return {"error": str(exc)}
     try:
         outputs = await transcribe_batched(run)
         return _response(run, outputs, params, started)
@@ -1654,12 +1987,14 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
 
 def _source_label(item: Any) -> str:
     """What a result echoes as its source: the URL or path, "base64" for inline audio (never
-    the payload), or a short repr of an item that is not a valid source at all."""
+    the payload), or a short repr of an item that is not a valid source at all; never more than
+    ECHO_MAX_CHARS characters, and always encodable (see _echo). It cannot raise: one item's
+    label must not cost the job."""
     try:
-        return _label(*_source_of(item))[:1000]
-    except ItemError:
+        return _echo(_label(*_source_of(item)))
+    except Exception:  # noqa: BLE001 - _source_of raises ItemError; anything else is a bug, still one item's
         source = item.get("source") if isinstance(item, dict) else None
-        return source[:200] if isinstance(source, str) else repr(item)[:200]
+        return _echo(source if isinstance(source, str) else repr(item)[: ECHO_MAX_CHARS + 1], 200)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1667,6 +2002,7 @@ def _source_label(item: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log.addFilter(_SafeLogRecords())  # no URL secrets, no forged lines: whoever handles the records
 
 
 def _concurrency(current: int) -> int:

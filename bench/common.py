@@ -1,5 +1,6 @@
-"""What both benchmarks share: the worker's environment, speech with a known script, a local HTTP
-server, memory probes, word error rate, machine info and result tables.
+"""What both benchmarks share: the worker's environment, speech with a known script, memory
+probes, word error rate, machine info and result tables (the HTTP server, word error counting
+and the ffmpeg encode helper are tools.testkit's).
 
 Generated audio is cached under bench/out/ (git-ignored), keyed by a hash of what made it, so a
 rerun measures the worker instead of espeak-ng and the encoders.
@@ -8,19 +9,16 @@ rerun measures the worker instead of espeak-ng and the encoders.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import psutil
 import soundfile as sf
 
 from tools import synth
+from tools.testkit import word_errors
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
@@ -155,38 +154,6 @@ def write_speech(path: Path, seconds: float, seed: int, bank: Sequence[Utterance
     return script
 
 
-def encode(src: Path, dest: Path, codec: Sequence[str], rate: int, channels: int) -> Path:
-    """Real ffmpeg: `src` to `dest` (container from the suffix) at `rate` Hz and `channels`."""
-    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(src),
-           "-ar", str(rate), "-ac", str(channels), *codec, "-map_metadata", "-1", str(dest)]  # fmt: skip
-    subprocess.run(cmd, check=True)
-    return dest
-
-
-# ---------------------------------------------------------------------------------------------
-# A real HTTP server on 127.0.0.1, in a thread of this process.
-# ---------------------------------------------------------------------------------------------
-
-
-class _QuietFiles(SimpleHTTPRequestHandler):
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serve_directory(root: Path) -> Iterator[str]:
-    """Serve the files under `root`; yield the base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(root)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 # ---------------------------------------------------------------------------------------------
 # Memory, time, and how busy the rest of the machine was.
 # ---------------------------------------------------------------------------------------------
@@ -310,27 +277,6 @@ def instrument(
 # ---------------------------------------------------------------------------------------------
 # Accuracy.
 # ---------------------------------------------------------------------------------------------
-
-
-def word_errors(ref: Sequence[str], hyp: Sequence[str]) -> int:
-    """Word-level edit distance (substitutions + deletions + insertions).
-
-    One numpy row per reference word: insertions within a row are a running minimum of
-    (cost - j) + j, so the row needs no Python loop, and a 3-hour script of ~20k words aligns in
-    seconds instead of the hour a pure-Python double loop would take."""
-    ids: dict[str, int] = {}
-    r = np.array([ids.setdefault(w, len(ids)) for w in ref], np.int32)
-    h = np.array([ids.setdefault(w, len(ids)) for w in hyp], np.int32)
-    if not len(r) or not len(h):
-        return len(r) + len(h)
-    j = np.arange(len(h) + 1, dtype=np.int32)
-    row = j.copy()
-    for i, word in enumerate(r, start=1):
-        new = np.empty_like(row)
-        new[0] = i
-        np.minimum(row[:-1] + (h != word), row[1:] + 1, out=new[1:])
-        row = np.minimum.accumulate(new - j) + j
-    return int(row[-1])
 
 
 def wer(ref: Sequence[str], hyp: Sequence[str]) -> float:

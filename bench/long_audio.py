@@ -34,6 +34,7 @@ from typing import Any
 
 from bench import common
 from bench.common import OUT, REPO, SAMPLE_RATE, timed
+from tools import testkit
 
 SPEC_VERSION = 1
 CODECS = {"wav": ("-c:a", "pcm_s16le"), "flac": ("-c:a", "flac"), "mp3": ("-c:a", "libmp3lame", "-b:a", "64k")}
@@ -58,8 +59,9 @@ def build_audio(spec: dict[str, Any]) -> tuple[Path, list[str]]:
     if spec["format"] == "wav":
         wav.rename(audio)
     else:
-        common.encode(wav, stem.with_suffix(".partial." + spec["format"]), CODECS[spec["format"]], SAMPLE_RATE, 1)
-        stem.with_suffix(".partial." + spec["format"]).rename(audio)
+        partial = stem.with_suffix(".partial." + spec["format"])
+        testkit.encode(wav, partial, "-map_metadata", "-1", codec=CODECS[spec["format"]], rate=SAMPLE_RATE, channels=1)
+        partial.rename(audio)
         wav.unlink()
     script_file.write_text(" ".join(script) + "\n")
     return audio, script
@@ -232,7 +234,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if "error" in result:
         raise SystemExit(f"the handler failed: {result}")
     (OUT / "long_audio.hyp.txt").write_text(result["text"] + "\n")
-    errors = common.word_errors(script, result["text"].split())
+    errors = testkit.word_errors(script, result["text"].split())
     return {
         "machine": machine,
         "wait_quiet": waited,

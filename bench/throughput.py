@@ -39,6 +39,7 @@ import requests
 
 from bench import common
 from bench.common import OUT, REPO, SAMPLE_RATE, fmt, timed
+from tools import testkit
 
 # (suffix, ffmpeg codec arguments, sample rate, channels); file i gets FORMATS[i % len].
 FORMATS: tuple[tuple[str, tuple[str, ...], int, int], ...] = (
@@ -99,7 +100,7 @@ def build_workload(spec: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
         name = f"{i:03d}-{round(seconds)}s-{rate // 1000}k-{channels}ch.{suffix}"
         src = partial / f"{i:03d}.src.wav"
         script = common.write_speech(src, seconds, seed=spec["seed"] * 1000 + i, bank=bank)
-        common.encode(src, partial / name, codec, rate, channels)
+        testkit.encode(src, partial / name, "-map_metadata", "-1", codec=codec, rate=rate, channels=channels)
         src.unlink()
         return {
             "name": name,
@@ -380,7 +381,7 @@ def accuracy(files: Sequence[dict[str, Any]], e2e: dict[str, Any]) -> dict[str, 
         errors = (
             None
             if texts is None
-            else sum(common.word_errors(f["script"], t.split()) for f, t in zip(files, texts, strict=True))
+            else sum(testkit.word_errors(f["script"], t.split()) for f, t in zip(files, texts, strict=True))
         )
         result[f"wer_{method}"] = None if errors is None else errors / max(1, words)
     ours, floor = e2e["handler"]["texts"], e2e["floor"]["texts"]
@@ -509,8 +510,8 @@ def measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
         with common.phase(phases, "imports"):
             result["imports"] = measure_imports(args.import_runs)
     (worker, result["model_load_in_process_sec"]) = load_worker()
-    with common.serve_directory(root) as base:
-        ctx = {"paths": [root / f["name"] for f in files], "urls": [f"{base}/{f['name']}" for f in files],
+    with testkit.LocalServer(root=root) as server:
+        ctx = {"paths": [root / f["name"] for f in files], "urls": [f"{server.url}/files/{f['name']}" for f in files],
                "seconds": [f["seconds"] for f in files]}  # fmt: skip
         result["warm_up_sec"] = warm_up(worker, ctx)
         print("measuring prepare ...", flush=True)

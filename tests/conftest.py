@@ -11,12 +11,10 @@ import dataclasses
 import inspect
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -40,11 +38,22 @@ for var in ("SKIP_MODEL_LOAD", "RUNPOD_SERVERLESS", "http_proxy", "https_proxy",
 sys.path.insert(0, str(REPO))
 
 from tools import synth  # noqa: E402
+from tools.testkit import LocalServer, LoopbackOnly, encode, word_errors  # noqa: E402, F401 - encode, word_errors: for the tests
+
+LOOPBACK = LoopbackOnly()  # LOOPBACK.refused: the names tests tried to resolve
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(DATA_ROOT, ignore_errors=True)
     shutil.rmtree(TMP_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_only():
+    """No test sends traffic anywhere but 127.0.0.1, name look-ups included: any other name
+    fails as an unknown host does, without asking the machine's resolver."""
+    with LOOPBACK:
+        yield LOOPBACK
 
 
 @pytest.fixture(scope="session")
@@ -127,16 +136,6 @@ def words_of(text: str) -> list[str]:
     return text.lower().split()
 
 
-def word_errors(ref: list[str], hyp: list[str]) -> int:
-    """Word-level edit distance (substitutions + insertions + deletions)."""
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]
-
-
 @pytest.fixture(scope="session")
 def data_dir():
     return DATA_ROOT
@@ -163,132 +162,11 @@ def speech_file(text: str, fmt: str = "wav", voice: str = "en-us", speed: int = 
     return out
 
 
-ENCODERS = {
-    "mp3": ["-c:a", "libmp3lame", "-b:a", "64k"],
-    "flac": ["-c:a", "flac"],
-    "ogg": ["-c:a", "libopus", "-b:a", "48k"],
-    "opus": ["-c:a", "libopus", "-b:a", "48k"],
-    "m4a": ["-c:a", "aac", "-b:a", "96k"],
-    "webm": ["-c:a", "libopus"],
-    "wav": ["-c:a", "pcm_s16le"],
-}
-
-
-def encode(src: Path, dest: Path, *extra: str) -> Path:
-    """Real ffmpeg: `src` to the container of `dest`'s suffix (extra args go before the output)."""
-    codec = ENCODERS[dest.suffix.lstrip(".")]
-    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(src), *codec, *extra, str(dest)]
-    subprocess.run(cmd, check=True)
-    return dest
-
-
-# ---------------------------------------------------------------------------------------------
-# A real HTTP server on 127.0.0.1 with the misbehaviours a worker meets in the wild.
-# ---------------------------------------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "TestHTTP/1.0"
-    files: dict[str, Path] = {}
-    hits: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def _count(self) -> int:
-        with self.lock:
-            self.hits[self.path] = self.hits.get(self.path, 0) + 1
-            return self.hits[self.path]
-
-    def _send(self, status: int, body: bytes = b"", ctype: str = "application/octet-stream", length: bool = True):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        if length:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        n = self._count()
-        path = self.path.split("?")[0]
-        parts = path.strip("/").split("/", 1)
-        name = parts[1] if len(parts) > 1 else ""
-        if parts[0] == "files" and name in self.files:
-            self._send(200, self.files[name].read_bytes())
-        elif parts[0] == "flaky" and name in self.files:  # 500 first, then the file
-            self._send(500, b"try again") if n == 1 else self._send(200, self.files[name].read_bytes())
-        elif parts[0] == "always500":
-            self._send(503, b"down")
-        elif parts[0] == "stall":  # promises a body, sends a little, then goes quiet
-            self.send_response(200)
-            self.send_header("Content-Length", "1000000")
-            self.end_headers()
-            self.wfile.write(b"\0" * 1000)
-            self.wfile.flush()
-            time.sleep(8)
-        elif parts[0] == "trickle":  # a byte every 0.2 s: never a read timeout, never done
-            self.send_response(200)
-            self.send_header("Content-Length", "1000000")
-            self.end_headers()
-            try:
-                for _ in range(150):
-                    self.wfile.write(b"\0")
-                    self.wfile.flush()
-                    time.sleep(0.2)
-            except OSError:
-                pass
-        elif parts[0] == "big":  # an honest Content-Length over the cap
-            self.send_response(200)
-            self.send_header("Content-Length", str(50 * 1024 * 1024))
-            self.end_headers()
-            self.wfile.write(b"\0" * 65536)
-        elif parts[0] == "big-nolength":  # no Content-Length, body runs past the cap
-            self.send_response(200)
-            self.end_headers()
-            try:
-                for _ in range(200):
-                    self.wfile.write(b"\0" * 65536)
-            except OSError:
-                pass
-        elif parts[0] == "loop":
-            self.send_response(302)
-            self.send_header("Location", "/loop")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif parts[0] == "redirect" and name in self.files:
-            self.send_response(301)
-            self.send_header("Location", f"/files/{name}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif parts[0] == "html":
-            self._send(200, b"<!doctype html><html><body><h1>Not audio</h1></body></html>", "text/html")
-        else:
-            self._send(404, b"not found", "text/plain")
-
-
 @pytest.fixture(scope="session")
 def http_server():
-    """Serve files by name on 127.0.0.1: server.add(path) -> URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-
-    class Server:
-        url = base
-        hits = _Handler.hits
-
-        @staticmethod
-        def add(path: Path, name: str | None = None) -> str:
-            name = name or path.name
-            _Handler.files[name] = path
-            return f"{base}/files/{name}"
-
-    yield Server
-    server.shutdown()
-    server.server_close()
+    """A real HTTP server on 127.0.0.1 (tools.testkit.AudioRoutes): server.add(path) -> URL."""
+    with LocalServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

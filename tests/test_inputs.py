@@ -5,10 +5,13 @@ empty temp root afterwards."""
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import os
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -82,9 +85,10 @@ def test_url_failures(worker, config, http_server, refused_url, good):
     assert elapsed < 7.5, elapsed
 
 
-def test_download_deadline_and_unknown_host(worker, config, http_server, good):
+def test_download_deadline_and_unknown_host(worker, config, http_server, good, loopback_only):
     """DOWNLOAD_TOTAL_SEC bounds the whole download, even when every read is quick: a server
-    trickling a byte every 0.2 s (30 s in all) is cut off at the deadline."""
+    trickling a byte every 0.2 s (30 s in all) is cut off at the deadline. The unknown host is
+    answered by the tests' loopback guard, never by the machine's DNS resolver."""
     config(download_total_sec=2.0, download_read_timeout=1.0)
     inputs = [
         {"source": f"{http_server.url}/trickle/a.mp3"},
@@ -97,6 +101,7 @@ def test_download_deadline_and_unknown_host(worker, config, http_server, good):
     assert_code(results[0], "download_timeout", contains="over 2 s")
     assert_good(results[1])
     assert_code(results[2], "download_failed", contains="resolve")
+    assert "no-such-host.invalid" in loopback_only.refused  # the guard answered: no DNS query left
     assert elapsed < 6, elapsed
 
 
@@ -388,3 +393,106 @@ def test_decoder_shared_by_many_threads(worker, tmp_path, good, bad_files):
         else:
             assert answer == (alone[i % 3], None), (i, answer)
     assert decoder.running == 0 and decoder.pending == []
+
+
+# --- hostile sources -------------------------------------------------------------------------
+
+
+def test_hostile_sources_cost_nothing_else(worker, http_server, good, data_dir):
+    """One job: two good items among sources built to break the worker. Each hostile item gets a
+    specific code (never internal_error), both good items come back right, what is echoed is
+    bounded, and the whole response can be posted as UTF-8 JSON."""
+    fifo = data_dir / "hostile.fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    bad_redirect = f"{http_server.url}/goto?to=" + quote("http://127.0.0.1:99999/a.wav", safe="")
+    bad_host_redirect = f"{http_server.url}/goto?to=" + quote("http://" + "a" * 70 + ".example/a.wav", safe="")
+    hostile = {  # source or item -> the code it must get
+        "http://[::1": "invalid_source",
+        "http://exa\u2100mple.com/a.wav": "invalid_source",  # NFKC-unsafe host: urlparse raises
+        "\ud800": "invalid_source",  # a lone surrogate, as JSON's "\ud800" escape carries it
+        f"{data_dir}/\udcff.wav": "invalid_source",
+        "data:audio/wav;base64": "invalid_source",  # no comma
+        f"{data_dir}/a\x00b.wav": "invalid_source",
+        f"file://{data_dir}/a%00b.wav": "invalid_source",
+        f"{data_dir}/" + "a" * 5000: "invalid_source",  # ENAMETOOLONG
+        f"{data_dir}/" + "a" * 300 + ".wav": "invalid_source",  # one name over 255 bytes
+        "/" + "x" * 1_000_000: "invalid_source",  # a 1 MB path
+        "http://127.0.0.1:99999/a.wav": "invalid_source",
+        "http://127.0.0.1:abc/a.wav": "invalid_source",
+        "http://" + "a" * 70 + ".example/a.wav": "invalid_source",  # a DNS label over 63 (idna)
+        "http:///a.wav": "invalid_source",  # no host
+        "http://127.0.0.1:1/a.wav\nFAKE 12:00:00 ERROR forged log line": "invalid_source",
+        bad_redirect: "download_failed",  # the server redirects to a malformed URL
+        bad_host_redirect: "download_failed",
+        str(fifo): "not_found",  # not a regular file: it would hold ffmpeg for ever
+        "a\x85b\u2028c": "forbidden_path",  # C1 control and line separator: escaped when echoed
+    }
+    items = [{"source": s} for s in hostile]
+    item_codes = [
+        ({"audio_base64": "\ud800AAAA"}, "invalid_source"),
+        ({"source": str(good), "\ud800": 1}, "invalid_source"),
+        ({"source": str(good), "k" * 100_000: 1}, "invalid_source"),
+        ({"source": {"nested": ["\ud800"]}}, "invalid_source"),
+    ]
+    items += [item for item, _ in item_codes]
+    codes = list(hostile.values()) + [code for _, code in item_codes]
+    wav = speech_file("seven eight", "wav")
+    inputs = [{"source": str(good)}, *items, {"audio_base64": base64.b64encode(wav.read_bytes()).decode()}]
+    out = run_job(worker, inputs)
+    json.dumps(out, ensure_ascii=False).encode("utf-8")  # no lone surrogate anywhere
+    results = out["results"]
+    assert_good(results[0])
+    assert words_of(results[-1]["text"]) == ["seven", "eight"], results[-1]
+    for result, code in zip(results[1:-1], codes, strict=True):
+        assert result.get("code") == code, result
+        assert "text" not in result
+        assert len(result["error"]) <= 1003 and len(result["source"]) <= 1003, (len(result["error"]), result["source"])
+    assert out["stats"]["failed"] == len(items)
+    by_source = dict(zip(hostile, results[1:], strict=False))
+    assert by_source["a\x85b\u2028c"]["source"] == "a\\x85b\\u2028c"  # escaped, not a line break
+    assert by_source["\ud800"]["source"] == "\\ud800"
+    assert by_source["/" + "x" * 1_000_000]["source"].endswith("x...")
+
+
+def test_base64_alphabets_padding_and_exact_cap(worker, config):
+    """URL-safe base64, base64 without its padding, and a payload of exactly MAX_BASE64_BYTES
+    are all fine; one byte more is too_large."""
+    wav = speech_file(GOOD_TEXT, "wav", name="b64-exact")
+    data = wav.read_bytes()
+    assert len(data) % 3, "a length that is a multiple of 3 would need no padding"
+    standard = base64.b64encode(data).decode()
+    urlsafe = base64.urlsafe_b64encode(data).decode()
+    assert urlsafe != standard  # the file's bytes do hit the characters the alphabets differ in
+    config(max_base64_bytes=len(data))
+    inputs = [
+        {"audio_base64": urlsafe},
+        {"audio_base64": standard.rstrip("=")},
+        {"audio_base64": standard},  # exactly the cap
+        {"source": "data:audio/wav;base64," + urlsafe.rstrip("=")},
+        {"audio_base64": base64.b64encode(data + b"\0").decode()},  # one byte over
+    ]
+    results = run_job(worker, inputs)["results"]
+    for result in results[:4]:
+        assert_good(result)
+    assert_code(results[4], "too_large")
+
+
+def test_logs_keep_no_url_secrets_and_no_forged_lines(worker, config, http_server, caplog):
+    """A URL's userinfo and query string (credentials, signatures) never reach the log, and a
+    message cannot start a line of its own."""
+    config(download_retries=1)
+    port = http_server.url.rsplit(":", 1)[1]
+    url = f"http://alice:hunter2@127.0.0.1:{port}/always500/a.mp3?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA"
+    with caplog.at_level(logging.INFO, logger="parakeet-worker"):
+        results = run_job(worker, [{"source": url}])["results"]
+        worker.log.warning("an item said %s", "x\nFAKE 12:00:00 ERROR forged\r\x1b[31m")
+    assert_code(results[0], "download_failed", contains="2 attempts")
+    messages = [r.getMessage() for r in caplog.records if r.name == "parakeet-worker"]
+    retry = [m for m in messages if "download attempt" in m]
+    assert retry, messages
+    assert "127.0.0.1" in retry[0] and "always500/a.mp3?***" in retry[0], retry
+    for secret in ("alice", "hunter2", "s3cr3t", "AKIA"):
+        assert not any(secret in m for m in messages), (secret, messages)
+    forged = messages[-1]
+    assert forged == "an item said x\\nFAKE 12:00:00 ERROR forged\\r\\x1b[31m", forged

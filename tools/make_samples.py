@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 from pathlib import Path
 
 from tools import synth
+from tools.testkit import encode
 
 # file name -> (text, voice, speed, ffmpeg codec arguments)
 SAMPLES = {
@@ -31,9 +31,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (text, voice, speed, codec) in SAMPLES.items():
             wav = synth.write(Path(tmp) / "s.wav", synth.speak(text, voice, speed))
-            cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(wav), *codec,
-                   "-map_metadata", "-1", "-fflags", "+bitexact", str(out / name)]  # fmt: skip
-            subprocess.run(cmd, check=True)
+            encode(wav, out / name, "-map_metadata", "-1", "-fflags", "+bitexact", codec=codec)
     transcripts = {name: text for name, (text, *_rest) in SAMPLES.items()}
     (out / "TRANSCRIPTS.json").write_text(json.dumps(transcripts, indent=2) + "\n")
     print(f"wrote {len(SAMPLES)} samples to {out}")

@@ -1,22 +1,308 @@
 """What tests/, bench/ and tools/ share, written once: word error counting, the ffmpeg encode
-helper, a local HTTP server on 127.0.0.1, and a fake Runpod job queue for the SDK's real worker
-loop. Nothing here talks to any address but 127.0.0.1."""
+helper, a local HTTP server on 127.0.0.1, a guard that keeps a process's name look-ups and
+connections on loopback, and a fake Runpod job queue for the SDK's real worker loop. Nothing here
+talks to any address but 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse, urlsplit
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy: word error counting.
+# ---------------------------------------------------------------------------------------------
+
+
+def word_errors(ref: Sequence[str], hyp: Sequence[str]) -> int:
+    """Word-level edit distance (substitutions + deletions + insertions) between word lists.
+
+    One numpy row per reference word: insertions within a row are a running minimum of
+    (cost - j) + j, so the row needs no Python loop, and a 3-hour script of ~20k words aligns in
+    seconds instead of the hour a pure-Python double loop would take."""
+    ids: dict[str, int] = {}
+    r = np.array([ids.setdefault(w, len(ids)) for w in ref], np.int32)
+    h = np.array([ids.setdefault(w, len(ids)) for w in hyp], np.int32)
+    if not len(r) or not len(h):
+        return len(r) + len(h)
+    j = np.arange(len(h) + 1, dtype=np.int32)
+    row = j.copy()
+    for i, word in enumerate(r, start=1):
+        new = np.empty_like(row)
+        new[0] = i
+        np.minimum(row[:-1] + (h != word), row[1:] + 1, out=new[1:])
+        row = np.minimum.accumulate(new - j) + j
+    return int(row[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Real ffmpeg: encode a file to another container/codec.
+# ---------------------------------------------------------------------------------------------
+
+# The codec each container gets when encode() is given none.
+ENCODERS: dict[str, tuple[str, ...]] = {
+    "mp3": ("-c:a", "libmp3lame", "-b:a", "64k"),
+    "flac": ("-c:a", "flac"),
+    "ogg": ("-c:a", "libopus", "-b:a", "48k"),
+    "opus": ("-c:a", "libopus", "-b:a", "48k"),
+    "m4a": ("-c:a", "aac", "-b:a", "96k"),
+    "webm": ("-c:a", "libopus"),
+    "wav": ("-c:a", "pcm_s16le"),
+}
+
+
+def encode(
+    src: Path,
+    dest: Path,
+    *extra: str,
+    codec: Sequence[str] | None = None,
+    rate: int | None = None,
+    channels: int | None = None,
+) -> Path:
+    """Real ffmpeg: `src` to `dest`, the container from `dest`'s suffix. `codec` defaults to the
+    suffix's entry in ENCODERS; `rate` and `channels` resample and remix; `extra` arguments go
+    last, before the output."""
+    if codec is None:
+        codec = ENCODERS.get(Path(dest).suffix.lstrip("."), ())
+    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(src)]
+    if rate is not None:
+        cmd += ["-ar", str(rate)]
+    if channels is not None:
+        cmd += ["-ac", str(channels)]
+    subprocess.run([*cmd, *codec, *extra, str(dest)], check=True)
+    return Path(dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real HTTP server on 127.0.0.1, in a thread of this process, with the misbehaviours a worker
+# meets in the wild.
+# ---------------------------------------------------------------------------------------------
+
+
+class AudioRoutes(BaseHTTPRequestHandler):
+    """GET routes (`name` is a file added with LocalServer.add, or a path under its root):
+
+    /files/<name>          the file                     /flaky/<name>       500 first, then the file
+    /redirect/<name>       301 to /files/<name>         /always500/...      503 every time
+    /stall/...             promises 1 MB, sends 1 KB, sleeps 8 s
+    /trickle/...           a byte every 0.2 s for 30 s (never a read timeout, never done)
+    /big/...               an honest Content-Length of 50 MiB, then 64 KiB
+    /big-nolength/...      no Content-Length, 12.5 MiB of zeros
+    /loop                  302 to itself                /html/...           an HTML page
+    /goto?to=<location>    302 to exactly `location`, however malformed
+    anything else          404
+    """
+
+    server_version = "TestHTTP/1.0"
+    server: LocalServer._Server
+
+    def log_message(self, *args: Any) -> None:  # keep test and benchmark output clean
+        pass
+
+    def _count(self) -> int:
+        hits = self.server.hits
+        with self.server.lock:
+            hits[self.path] = hits.get(self.path, 0) + 1
+            return hits[self.path]
+
+    def _send(self, status: int, body: bytes = b"", ctype: str = "application/octet-stream") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _redirect(self, status: int, location: str) -> None:
+        self.send_response(status)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _file(self, name: str) -> Path | None:
+        found = self.server.files.get(name)
+        root = self.server.root
+        if found is None and root is not None:
+            candidate = (root / unquote(name)).resolve()
+            if candidate.is_file() and root.resolve() in candidate.parents:
+                found = candidate
+        return found
+
+    def _send_file(self, path: Path) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.end_headers()
+        with open(path, "rb") as f, contextlib.suppress(OSError):  # the client may hang up
+            shutil.copyfileobj(f, self.wfile, 1 << 20)
+
+    def do_GET(self) -> None:
+        n = self._count()
+        url = urlsplit(self.path)
+        parts = url.path.strip("/").split("/", 1)
+        name = parts[1] if len(parts) > 1 else ""
+        route = parts[0]
+        file = self._file(name) if name else None
+        if route == "files" and file:
+            self._send_file(file)
+        elif route == "flaky" and file:
+            self._send(500, b"try again") if n == 1 else self._send_file(file)
+        elif route == "redirect" and file:
+            self._redirect(301, f"/files/{name}")
+        elif route == "always500":
+            self._send(503, b"down")
+        elif route == "stall":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"\0" * 1000)
+            self.wfile.flush()
+            time.sleep(8)
+        elif route == "trickle":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(150):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+        elif route == "big":
+            self.send_response(200)
+            self.send_header("Content-Length", str(50 * 1024 * 1024))
+            self.end_headers()
+            self.wfile.write(b"\0" * 65536)
+        elif route == "big-nolength":
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(200):
+                    self.wfile.write(b"\0" * 65536)
+        elif route == "loop":
+            self._redirect(302, "/loop")
+        elif route == "goto":
+            self._redirect(302, parse_qs(url.query).get("to", ["/"])[0])
+        elif route == "html":
+            self._send(200, b"<!doctype html><html><body><h1>Not audio</h1></body></html>", "text/html")
+        else:
+            self._send(404, b"not found", "text/plain")
+
+
+class LocalServer:
+    """A ThreadingHTTPServer on 127.0.0.1 (a free port) serving `handler` in a daemon thread.
+
+        with LocalServer(root=some_dir) as server:
+            url = server.add(path)            # -> f"{server.url}/files/{path.name}"
+
+    `hits` counts requests by path (query included); `files` maps names to added files."""
+
+    class _Server(ThreadingHTTPServer):
+        daemon_threads = True
+        files: dict[str, Path]
+        hits: dict[str, int]
+        lock: threading.Lock
+        root: Path | None
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler] = AudioRoutes, root: Path | None = None):
+        self.httpd = self._Server(("127.0.0.1", 0), handler)
+        self.httpd.files, self.httpd.hits, self.httpd.lock = {}, {}, threading.Lock()
+        self.httpd.root = Path(root) if root is not None else None
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.files, self.hits = self.httpd.files, self.httpd.hits
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def add(self, path: Path, name: str | None = None) -> str:
+        """Serve `path` as /files/<name> (its file name by default); return its URL."""
+        name = name or Path(path).name
+        self.files[name] = Path(path)
+        return f"{self.url}/files/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> LocalServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loopback only: no name look-up leaves the process, no connection goes past 127.0.0.1.
+# ---------------------------------------------------------------------------------------------
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class LoopbackOnly:
+    """While active (a context manager), socket.getaddrinfo answers only for 127.0.0.1, ::1 and
+    localhost, and any other name or address fails as an unknown host does (EAI_NONAME) without
+    asking a resolver; a connect() to an address outside 127.0.0.0/8 and ::1 is refused. Names
+    that were asked for are kept in `refused`, in order.
+
+    Everything that resolves through the socket module (the Runpod SDK's SSRF guard, requests,
+    urllib3) is covered in this process; subprocesses are not."""
+
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+        self._saved: tuple[Any, Any, Any] | None = None
+
+    def _getaddrinfo(self, host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode("ascii", "replace") if isinstance(host, bytes) else host
+        if name is None or name in LOOPBACK_NAMES:
+            assert self._saved is not None
+            return self._saved[0](host, *args, **kwargs)
+        self.refused.append(str(name))
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (a test may resolve no name)")
+
+    @staticmethod
+    def _check(address: Any) -> None:
+        if isinstance(address, tuple) and isinstance(address[0], str):
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
+                    return
+            raise ConnectionRefusedError(f"a test may connect only to 127.0.0.1, not {address[0]}")
+
+    def __enter__(self) -> LoopbackOnly:
+        real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+        self._saved = (socket.getaddrinfo, real_connect, real_connect_ex)
+
+        def connect(sock: socket.socket, address: Any) -> None:
+            self._check(address)
+            real_connect(sock, address)
+
+        def connect_ex(sock: socket.socket, address: Any) -> int:
+            self._check(address)
+            return real_connect_ex(sock, address)
+
+        socket.getaddrinfo = self._getaddrinfo  # type: ignore[assignment]
+        socket.socket.connect = connect  # type: ignore[method-assign]
+        socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._saved is not None
+        socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = self._saved  # type: ignore[method-assign]
+        self._saved = None
+
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +26,7 @@ import soundfile as sf
 
 from tools import synth
 from tools.tdt_loss import tdt_loss
+from tools.testkit import encode, word_errors
 
 DURATIONS = [0, 1, 2, 3, 4]
 
@@ -68,9 +68,8 @@ def codec_round_trip(audio: np.ndarray, codec: str, kbps: int) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         src, enc, dec = (Path(tmp) / n for n in ("a.wav", f"a.{ext}", "b.wav"))
         synth.write(src, np.clip(audio, -1, 1))
-        run = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i"]
-        subprocess.run([*run, str(src), "-c:a", codec, "-b:a", f"{kbps}k", str(enc)], check=True)
-        subprocess.run([*run, str(enc), "-ac", "1", "-ar", str(synth.SAMPLE_RATE), str(dec)], check=True)
+        encode(src, enc, codec=("-c:a", codec, "-b:a", f"{kbps}k"))
+        encode(enc, dec, codec=(), rate=synth.SAMPLE_RATE, channels=1)
         return sf.read(dec, dtype="float32")[0]
 
 
@@ -156,20 +155,11 @@ def batches_by_length(lengths: list[int], max_samples: int, rng: random.Random) 
     return out
 
 
-def word_errors(ref: str, hyp: str) -> int:
-    r, h = ref.split(), hyp.split()
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, row[0] = row[0], i
-        for j, hw in enumerate(h, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-    return row[len(h)]
-
-
 def evaluate(model, data: list[tuple[np.ndarray, str]]) -> tuple[float, int]:
     model.eval()
     hyps = model.transcribe([a for a, _ in data], batch_size=16, verbose=False)
-    errors = sum(word_errors(t, h.text if hasattr(h, "text") else h) for (_, t), h in zip(data, hyps, strict=True))
+    texts = [h.text if hasattr(h, "text") else h for h in hyps]
+    errors = sum(word_errors(t.split(), h.split()) for (_, t), h in zip(data, texts, strict=True))
     words = sum(len(t.split()) for _, t in data)
     return errors / words, words
 

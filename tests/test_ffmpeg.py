@@ -1,0 +1,179 @@
+"""ffmpeg that hangs, is stopped, or meets a file that decodes to far more than its size says:
+real ffmpeg, hung on a FIFO (it blocks opening one until a writer comes, which never does)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import speech_file
+
+
+@pytest.fixture
+def fifo(tmp_path) -> Path:
+    path = tmp_path / "hangs.fifo"
+    os.mkfifo(path)
+    return path
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def gone(pids, within: float = 10.0) -> bool:
+    """Whether all of `pids` have died, waiting up to `within` s: a killed process closes its
+    files (ending our wait on its pipe) a moment before it is dead."""
+    deadline = time.monotonic() + within
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def ffmpeg_pids_reading(path: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(path).encode() in cmdline and b"ffmpeg" in cmdline and alive(int(proc.name)):
+                pids.append(int(proc.name))
+    return pids
+
+
+def in_thread(fn, limit: float):
+    """Run fn() in a thread; (its result or exception, seconds taken). Fails the test if it is
+    still running after `limit` seconds."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["out"] = fn()
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            box["out"] = exc
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"still running after {limit} s"
+    return box["out"], time.monotonic() - started
+
+
+def test_timeout_kills_the_whole_process_group(worker, config, monkeypatch, tmp_path, fifo):
+    """FFMPEG_BIN is a wrapper that runs ffmpeg as its child: on the timeout the child dies too
+    (killing only the wrapper left it running, and the worker waiting on its pipe)."""
+    pidfile = tmp_path / "ffmpeg.pid"
+    wrapper = tmp_path / "ffmpeg-wrapper.sh"
+    wrapper.write_text(f'#!/bin/sh\n"{shutil.which("ffmpeg")}" "$@" &\necho $! > "{pidfile}"\nwait\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("FFMPEG_BIN", str(wrapper))
+    config(ffmpeg_timeout_sec=1.0)
+    try:
+        out, _ = in_thread(lambda: worker._to_wav(fifo, tmp_path / "out.wav"), limit=60)
+        assert isinstance(out, worker.ItemError) and out.code == "decode_timeout", out
+        assert gone([int(pidfile.read_text())]), "the wrapper's ffmpeg outlived the timeout"
+    finally:
+        if pidfile.exists() and alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), 9)
+
+
+def test_stop_kills_a_running_decode(worker, config, tmp_path, fifo):
+    """A set stop event ends an ffmpeg running alone on one file: cancelled, process gone, long
+    before FFMPEG_TIMEOUT_SEC."""
+    config(ffmpeg_timeout_sec=300.0)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    out, took = in_thread(lambda: worker._to_wav(fifo, tmp_path / "out.wav", stop=stop), limit=60)
+    assert isinstance(out, worker.ItemError) and out.code == "cancelled", out
+    assert gone(ffmpeg_pids_reading(fifo))
+    assert not (tmp_path / "out.wav").exists()
+    assert took < 60
+
+
+def test_stop_through_the_decoder(worker, config, tmp_path, fifo):
+    """_Decoder.decode(stop=...): a running decode is killed; one whose job was cancelled
+    before it started never starts an ffmpeg at all."""
+    config(ffmpeg_timeout_sec=300.0)
+    decoder = worker._Decoder(slots=1)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    out, _ = in_thread(lambda: decoder.decode(fifo, tmp_path / "a.wav", stop=stop), limit=60)
+    assert isinstance(out, worker.ItemError) and out.code == "cancelled", out
+    assert gone(ffmpeg_pids_reading(fifo))
+
+    good = speech_file("one two three", "mp3")
+    out, _ = in_thread(lambda: decoder.decode(good, tmp_path / "b.wav", stop=stop), limit=60)
+    assert isinstance(out, worker.ItemError) and out.code == "cancelled", out
+    assert not (tmp_path / "b.wav").exists(), "ffmpeg ran for a cancelled item"
+    assert decoder.running == 0 and decoder.pending == []
+    assert decoder.decode(good, tmp_path / "c.wav", stop=threading.Event())[0] > 0  # an unset event: decoded
+
+
+def test_hung_file_in_a_group_costs_one_timeout(worker, config, monkeypatch, tmp_path, fifo):
+    """A file that hangs ffmpeg in a grouped run: the group is given up early and each file
+    run alone, so the good ones decode and the hung one costs FFMPEG_TIMEOUT_SEC once, not
+    twice (group run, then alone)."""
+    timeout = 8.0
+    config(ffmpeg_timeout_sec=timeout)
+    limits: list[float] = []  # the time limit of each ffmpeg run, as _run_ffmpeg applies it
+    real = worker._run_ffmpeg
+
+    def recording(pairs, *args, **kwargs):
+        started = time.monotonic()
+        try:
+            return real(pairs, *args, **kwargs)
+        except worker.ItemError as exc:
+            if exc.code == "decode_timeout":
+                limits.append(time.monotonic() - started)
+            raise
+
+    monkeypatch.setattr(worker, "_run_ffmpeg", recording)
+    goods = [speech_file("one two three", "mp3"), speech_file("seven eight", "wav")]
+    pairs = [(fifo, tmp_path / "hung.wav")] + [(g, tmp_path / f"{i}.wav") for i, g in enumerate(goods)]
+    out, took = in_thread(lambda: worker._to_wavs(pairs), limit=120)
+    assert isinstance(out[0], worker.ItemError) and out[0].code == "decode_timeout", out
+    assert all(isinstance(r, tuple) and r[0] > 0 for r in out[1:]), out
+    assert len(limits) == 2 and limits[0] < timeout / 2 <= timeout <= limits[1], limits  # short group, then one full
+    assert took < 2 * timeout, took
+
+
+@pytest.mark.parametrize(
+    ("name", "lavfi", "args", "seconds"),
+    [
+        ("bomb.flac", "anullsrc=r=96000:cl=7.0", ["-c:a", "flac"], 120),
+        ("bomb.ogg", "anullsrc=r=48000:cl=stereo", ["-c:a", "libopus", "-b:a", "6k", "-frame_duration", "120"], 400),
+    ],
+)
+def test_cost_estimate_reads_the_header_not_just_the_size(worker, tmp_path, name, lavfi, args, seconds):
+    """Silence compresses to almost nothing: a small file that decodes to minutes of
+    many-channel audio is estimated by the samples its header declares, so it runs in an ffmpeg
+    of its own instead of holding up a group of small files."""
+    bomb = tmp_path / name
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", lavfi, "-t", str(seconds),
+                    *args, str(bomb)], check=True)  # fmt: skip
+    assert bomb.stat().st_size < 300_000
+    cost = worker._decode_cost_ms(bomb)
+    assert cost > worker._Decoder.GROUP_BELOW_MS, cost
+    small = speech_file("one two three", "mp3")
+    decoder = worker._Decoder(slots=1)
+    decoder.pending = sorted(
+        [worker._Decode(small, tmp_path / f"s{i}.wav", worker._decode_cost_ms(small)) for i in range(3)]
+        + [worker._Decode(bomb, tmp_path / "bomb.wav", cost)],
+        key=lambda d: d.cost_ms, reverse=True,
+    )  # fmt: skip
+    assert [d.src for d in decoder._take()] == [bomb]
+    assert [d.src for d in decoder._take()] == [small] * 3
