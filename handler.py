@@ -787,16 +787,18 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _ffmpeg_cmd(pairs: Sequence[tuple[Path, Path]]) -> list[str]:
+def _ffmpeg_cmd(pairs: Sequence[tuple[Path, Path]], limits: Sequence[int | None] | None = None) -> list[str]:
     """One ffmpeg command decoding the first audio stream of each source to its own 16 kHz mono
-    s16 WAV. Whitelists are per input: no file of ours may make ffmpeg open another one."""
+    s16 WAV. Whitelists are per input: no file of ours may make ffmpeg open another one.
+    `limits` caps each WAV's bytes (-fs): what the temp-disk budget reserved for it."""
     cmd = [_ffmpeg_bin(), "-nostdin", "-hide_banner", "-loglevel", "error"]
     for src, _ in pairs:
         cmd += ["-protocol_whitelist", "file,pipe", "-format_whitelist", FFMPEG_FORMATS, "-i", f"file:{src}"]
     for n, (_, dest) in enumerate(pairs):
         cmd += [
             "-map", f"{n}:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SAMPLE_RATE),
-            "-c:a", "pcm_s16le", "-t", f"{CFG.max_audio_sec + 1:.3f}", "-f", "wav", "-y", f"file:{dest}",
+            "-c:a", "pcm_s16le", "-t", f"{CFG.max_audio_sec + 1:.3f}",
+            *(["-fs", str(limits[n])] if limits and limits[n] else []), "-f", "wav", "-y", f"file:{dest}",
         ]  # fmt: skip
     return cmd
 
@@ -805,7 +807,8 @@ STOP_POLL_SEC = 0.1  # how often a decode that can be stopped looks at its stop 
 
 
 def _run_ffmpeg(
-    pairs: Sequence[tuple[Path, Path]], timeout: float | None = None, stop: threading.Event | None = None
+    pairs: Sequence[tuple[Path, Path]], timeout: float | None = None, stop: threading.Event | None = None,
+    limits: Sequence[int | None] | None = None,
 ) -> tuple[int, str]:
     """Run ffmpeg on `pairs`; (exit code, stderr). Raises decode_timeout past `timeout` seconds
     (FFMPEG_TIMEOUT_SEC by default), and cancelled within STOP_POLL_SEC of `stop` being set.
@@ -815,7 +818,7 @@ def _run_ffmpeg(
     ffmpeg running, and holding the pipe this waits on."""
     limit = CFG.ffmpeg_timeout_sec if timeout is None else timeout
     proc = subprocess.Popen(
-        _ffmpeg_cmd(pairs), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        _ffmpeg_cmd(pairs, limits), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + limit
@@ -869,11 +872,13 @@ def _wav_frames(dest: Path) -> int:
         raise ItemError("not_audio", f"ffmpeg wrote no readable audio: {exc}") from None
 
 
-def _to_wav(src: Path, dest: Path, stop: threading.Event | None = None) -> tuple[int, str | None]:
+def _to_wav(
+    src: Path, dest: Path, stop: threading.Event | None = None, limit: int | None = None
+) -> tuple[int, str | None]:
     """Decode the first audio stream of `src` to 16 kHz mono s16 WAV; return (frames, warning).
     On an error the partial WAV is removed at once: it may be what filled the disk."""
     try:
-        code, stderr = _run_ffmpeg([(src, dest)], stop=stop)
+        code, stderr = _run_ffmpeg([(src, dest)], stop=stop, limits=[limit])
     except ItemError:
         dest.unlink(missing_ok=True)
         raise
@@ -897,7 +902,8 @@ GROUP_TIMEOUT_SEC = 10.0
 
 
 def _to_wavs(
-    pairs: Sequence[tuple[Path, Path]], stops: Sequence[threading.Event | None] | None = None
+    pairs: Sequence[tuple[Path, Path]], stops: Sequence[threading.Event | None] | None = None,
+    limits: Sequence[int | None] | None = None,
 ) -> list[tuple[int, str | None] | ItemError]:
     """Several small files in one ffmpeg process: starting ffmpeg (~50 ms, 200 shared libraries)
     costs more than decoding a short clip. Anything but a clean run is redone file by file, so
@@ -905,7 +911,7 @@ def _to_wavs(
     files' runs alone; a grouped run, bounded by GROUP_TIMEOUT_SEC, does not look at them."""
     if len(pairs) > 1:
         try:
-            code, stderr = _run_ffmpeg(pairs, timeout=min(GROUP_TIMEOUT_SEC, CFG.ffmpeg_timeout_sec / 4))
+            code, stderr = _run_ffmpeg(pairs, timeout=min(GROUP_TIMEOUT_SEC, CFG.ffmpeg_timeout_sec / 4), limits=limits)
             if code == 0 and not stderr:
                 return [(_wav_frames(dest), None) for _, dest in pairs]
         except ItemError:
@@ -915,7 +921,7 @@ def _to_wavs(
     out: list[tuple[int, str | None] | ItemError] = []
     for n, (src, dest) in enumerate(pairs):
         try:
-            out.append(_to_wav(src, dest, stops[n] if stops else None))
+            out.append(_to_wav(src, dest, stops[n] if stops else None, limits[n] if limits else None))
         except ItemError as exc:
             out.append(exc)
     return out
@@ -995,6 +1001,7 @@ class _Decode:
     cost_ms: float
     stop: threading.Event | None = None
     on_decoded: Callable[[], None] | None = None
+    limit: int | None = None
     done: bool = False
     result: tuple[int, str | None] | BaseException | None = None
 
@@ -1016,12 +1023,14 @@ class _Decoder:
         self.cond = threading.Condition()
 
     def decode(
-        self, src: Path, dest: Path, stop: threading.Event | None = None, on_decoded: Callable[[], None] | None = None
+        self, src: Path, dest: Path, stop: threading.Event | None = None,
+        on_decoded: Callable[[], None] | None = None, limit: int | None = None,
     ) -> tuple[int, str | None]:
         """`src` as a 16 kHz mono WAV at `dest`: (frames, warning); raises ItemError. Once `stop`
         is set, the file is not started, or, running alone, its ffmpeg is killed (cancelled).
-        `on_decoded` is called when its ffmpeg run ends, together with the rest of its group."""
-        mine = _Decode(src, dest, _decode_cost_ms(src), stop, on_decoded)
+        `on_decoded` is called when its ffmpeg run ends, together with the rest of its group;
+        `limit` caps the WAV's bytes."""
+        mine = _Decode(src, dest, _decode_cost_ms(src), stop, on_decoded, limit)
         with self.cond:
             self.pending.append(mine)
             self.pending.sort(key=lambda d: d.cost_ms, reverse=True)
@@ -1064,7 +1073,7 @@ class _Decoder:
             d.result, d.done = ItemError("cancelled", "the job was cancelled before this item was decoded"), True
         work = [d for d in work if not d.done]
         try:
-            results: list[Any] = _to_wavs([(d.src, d.dest) for d in work], [d.stop for d in work])
+            results: list[Any] = _to_wavs([(d.src, d.dest) for d in work], [d.stop for d in work], [d.limit for d in work])
         except Exception as exc:  # noqa: BLE001 - handed to each waiting item's own thread
             results = [exc] * len(work)
         for d in work:  # the whole group at once, before any of its threads wakes
@@ -1085,11 +1094,11 @@ def _decoder() -> _Decoder:
 
 
 class _DiskBudget:
-    """Bounds the worker's temp disk (WORKER_TMP_MAX_BYTES) over all jobs. An item reserves the
-    largest WAV it can decode to (MAX_AUDIO_SEC of 16-bit mono) before it is fetched, keeps
-    just its WAV's size once decoded, and gives that back when the WAV is deleted (as soon as the
-    scheduler has read it). Intake waits while the bound is reached; an item bigger than the
-    whole bound still runs, alone."""
+    """Bounds the worker's temp disk (WORKER_TMP_MAX_BYTES) over all jobs. A downloaded or
+    base64 source counts as its bytes arrive. Before ffmpeg runs, the item reserves what its WAV
+    should take (see _wav_bytes_estimate) and waits while that would pass the bound; once decoded
+    it keeps just its WAV's size, and gives that back when the WAV is deleted (as soon as the
+    scheduler has read it). An item bigger than the whole bound still runs, alone."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
@@ -1101,8 +1110,10 @@ class _DiskBudget:
         return sum(self.held.values())
 
     def reserve(self, key: Path, nbytes: int, stop: threading.Event | None = None) -> None:
+        """Hold `nbytes` for `key` (in place of what it held), waiting while that would pass the
+        bound and anything else is held."""
         with self.cond:
-            while self.held and self.used + nbytes > CFG.tmp_max_bytes:
+            while (others := self.used - self.held.get(key, 0)) and others + nbytes > CFG.tmp_max_bytes:
                 if stop is not None and stop.is_set():
                     raise ItemError("cancelled", "the job was stopped")
                 self.cond.wait(0.2)
@@ -1131,8 +1142,36 @@ class _DiskBudget:
 _DISK = _DiskBudget()
 
 
+WAV_BYTES_PER_SEC = SAMPLE_RATE * 2  # 16 kHz mono s16
+# For a source whose header declares no length: its WAV as a multiple of its size. A 64 kbit/s
+# mp3 or AAC decodes to 4x (256 kbit/s), 16 kbit/s speech opus to 16x. A longer WAV is not lost:
+# ffmpeg stops at the reservation and the item is decoded again with the most it can take.
+WAV_PER_SOURCE_BYTE = 16
+
+
 def _max_wav_bytes() -> int:
+    """The largest WAV any item can make: ffmpeg stops at MAX_AUDIO_SEC (+1 s)."""
     return int((CFG.max_audio_sec + 1) * SAMPLE_RATE) * 2 + 4096
+
+
+def _wav_bytes_estimate(src: Path) -> int:
+    """How many bytes the WAV of `src` should take: from the length its header declares (RIFF,
+    FLAC, Ogg), else WAV_PER_SOURCE_BYTE times its size; at most _max_wav_bytes()."""
+    seconds = None
+    try:
+        if src.is_file():
+            with open(src, "rb") as f:
+                head = f.read(4096)
+                declared = _declared_length(f, head)
+            if declared is not None:
+                seconds = declared[1]
+            elif head[:4] in (b"RIFF", b"RF64"):
+                seconds = sf.info(str(src)).duration
+    except (OSError, ValueError, IndexError, RuntimeError):
+        seconds = None  # an unreadable header: the size decides
+    size = src.stat().st_size if src.is_file() else 0
+    guess = seconds * WAV_BYTES_PER_SEC * 1.01 + 65536 if seconds else size * WAV_PER_SOURCE_BYTE + (1 << 20)
+    return int(min(guess, _max_wav_bytes()))
 
 
 def _fetch_to_wav(
@@ -1144,7 +1183,6 @@ def _fetch_to_wav(
     `on_decoded` hears when its ffmpeg run is over (see _Decoder.decode)."""
     kind, value = _source_of(item)
     wav = workdir / f"{index}.wav"
-    _DISK.reserve(wav, _max_wav_bytes(), stop)
     try:
         return _fetch_reserved(index, kind, value, wav, stop, on_decoded)
     except BaseException:
@@ -1158,17 +1196,17 @@ def _fetch_reserved(
 ) -> Prepared:
     raw = wav.with_suffix(".src")
     if kind == "url":
-        src = _download(value, raw, stop, lambda size: _DISK.resize(wav, _max_wav_bytes() + size))
+        src = _download(value, raw, stop, lambda size: _DISK.resize(wav, size))
     elif kind == "base64":
         src = _decode_base64(value, raw)
     else:
         src = _local_path(value)
-    if src == raw:  # the source's own bytes sit beside the WAV until ffmpeg is done
-        _DISK.resize(wav, _max_wav_bytes() + raw.stat().st_size)
+    source_bytes = raw.stat().st_size if src == raw else 0  # it sits beside the WAV until ffmpeg is done
+    _DISK.resize(wav, source_bytes)
     if src.stat().st_size == 0:
         raise ItemError("empty_audio", "the file is empty")
     try:
-        frames, warning = _decoder().decode(src, wav, stop, on_decoded)
+        frames, warning = _decode_in_budget(src, wav, source_bytes, stop, on_decoded)
     finally:
         raw.unlink(missing_ok=True)  # the WAV is all we need from here on
     _DISK.resize(wav, wav.stat().st_size)
@@ -1179,6 +1217,24 @@ def _fetch_reserved(
             "too_long", f"audio is longer than MAX_AUDIO_SEC={CFG.max_audio_sec:g} s", duration=frames / SAMPLE_RATE
         )
     return Prepared(index=index, source=_label(kind, value), wav=wav, frames=frames, warning=warning)
+
+
+def _decode_in_budget(
+    src: Path, wav: Path, source_bytes: int, stop: threading.Event | None, on_decoded: Callable[[], None] | None
+) -> tuple[int, str | None]:
+    """Decode `src` under the temp-disk bound: reserve what its WAV should take (waiting while
+    the bound is reached) and stop ffmpeg there. Audio longer than its header or size said is
+    decoded again, with the most any item can take reserved: the bound holds either way."""
+    limit = _wav_bytes_estimate(src)
+    while True:
+        _DISK.reserve(wav, limit + source_bytes, stop)
+        frames, warning = _decoder().decode(src, wav, stop, on_decoded, limit)
+        if limit >= _max_wav_bytes() or wav.stat().st_size < limit:
+            return frames, warning
+        log.info("%s decodes to more than the %d bytes its header or size said; decoding it again", src.name, limit)
+        wav.unlink(missing_ok=True)
+        _DISK.resize(wav, source_bytes)
+        limit = _max_wav_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1629,8 +1685,9 @@ class _Arrival:
         self.announced = False
 
     def announce(self) -> None:
-        self.announced = True
-        _SCHEDULER.expect()
+        if not self.announced:  # an item decoded twice (see _decode_in_budget) comes once
+            self.announced = True
+            _SCHEDULER.expect()
 
     def done(self) -> None:
         if self.announced:

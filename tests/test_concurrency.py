@@ -5,16 +5,19 @@ errors, its temp dir removed, and nothing posted after it was stopped."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
 import re
+import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import DATA_ROOT, REPO, speech_file, words_of
+from conftest import DATA_ROOT, REPO, encode, run_job, speech_file, words_of
 
 from handler import Config
 from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker
@@ -71,27 +74,27 @@ class Worker:
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
+def queue_worker(tmp_path_factory):
     w = Worker(tmp_path_factory.mktemp("queue-worker"))
     yield w
     w.close()
 
 
-def test_32_one_clip_jobs_at_once_each_get_their_own_words(worker):
+def test_32_one_clip_jobs_at_once_each_get_their_own_words(queue_worker):
     texts = [phrase(n) for n in range(32)]
     assert len(set(texts)) == 32
-    outs = worker.run(*(one_clip(t) for t in texts))
+    outs = queue_worker.run(*(one_clip(t) for t in texts))
     for text, out in zip(texts, outs, strict=True):
         assert "error" not in out, out
         (result,) = out["output"]["results"]
         assert words_of(result["text"]) == text.split(), (text, result)
         stats = out["output"]["stats"]
         assert stats["items"] == 1 and len(stats["batch_sizes"]) == 1 and 1 <= stats["batch_sizes"][0] <= 16
-    assert max(worker.queue.batch_sizes_asked) == Config().max_concurrent_jobs  # the SDK took jobs in batches
-    assert job_dirs(worker.tmp) == []
+    assert max(queue_worker.queue.batch_sizes_asked) == Config().max_concurrent_jobs  # the SDK took jobs in batches
+    assert job_dirs(queue_worker.tmp) == []
 
 
-def test_good_bad_timestamped_and_srt_jobs_at_once(worker):
+def test_good_bad_timestamped_and_srt_jobs_at_once(queue_worker):
     good = one_clip("seven eight nine")
     stamped = one_clip("left right", timestamps=True)
     srt = one_clip("hello world stop", output_format="srt")
@@ -99,7 +102,7 @@ def test_good_bad_timestamped_and_srt_jobs_at_once(worker):
             "output_format": "text"}  # fmt: skip
     invalid = {"inputs": [{"source": "samples/hello.mp3"}], "output_format": "docx"}
     empty = {"inputs": []}
-    outs = worker.run(good, stamped, srt, text, invalid, empty)
+    outs = queue_worker.run(good, stamped, srt, text, invalid, empty)
 
     assert words_of(outs[0]["output"]["results"][0]["text"]) == ["seven", "eight", "nine"]
     assert "timestamps" not in outs[0]["output"]["results"][0]  # not asked: not given, though batches are shared
@@ -112,27 +115,27 @@ def test_good_bad_timestamped_and_srt_jobs_at_once(worker):
     assert outs[3]["output"]["text"] == "yes no\n" and outs[3]["output"]["stats"]["failed"] == 1
     assert "output_format" in outs[4]["error"] and "output" not in outs[4]
     assert "inputs" in outs[5]["error"]
-    assert job_dirs(worker.tmp) == []
+    assert job_dirs(queue_worker.tmp) == []
 
 
-def test_a_stopped_job_goes_and_the_others_are_unaffected(worker, http_server):
+def test_a_stopped_job_goes_and_the_others_are_unaffected(queue_worker, http_server):
     """Runpod stops a job (/job-stop): its download stops, its temp dir goes, nothing more is
     posted for it, and jobs beside and after it are answered as usual."""
     url = f"{http_server.url}/trickle/stopped.wav"  # a byte every 0.2 s for 30 s
-    stopped = worker.queue.add({"inputs": [{"source": str(speech_file("nine nine", "wav"))}, {"source": url}]})
-    alongside = worker.queue.add(one_clip("go left"))
-    worker.queue.wait_taken([stopped, alongside])
-    (beside,) = worker.queue.wait_done([alongside])
-    wait_for(lambda: len(job_dirs(worker.tmp)) == 1, 60, "the stopped job's temp dir")  # it is downloading
-    worker.queue.stop(stopped)
-    wait_for(lambda: job_dirs(worker.tmp) == [], 20, "the stopped job to clean up")  # well before the 30 s trickle ends
-    (after,) = worker.run(one_clip("three up"))
+    stopped = queue_worker.queue.add({"inputs": [{"source": str(speech_file("nine nine", "wav"))}, {"source": url}]})
+    alongside = queue_worker.queue.add(one_clip("go left"))
+    queue_worker.queue.wait_taken([stopped, alongside])
+    (beside,) = queue_worker.queue.wait_done([alongside])
+    wait_for(lambda: len(job_dirs(queue_worker.tmp)) == 1, 60, "the stopped job's temp dir")  # it is downloading
+    queue_worker.queue.stop(stopped)
+    wait_for(lambda: job_dirs(queue_worker.tmp) == [], 20, "the stopped job to clean up")  # well before the 30 s trickle ends
+    (after,) = queue_worker.run(one_clip("three up"))
     assert words_of(beside["output"]["results"][0]["text"]) == ["go", "left"]
     assert words_of(after["output"]["results"][0]["text"]) == ["three", "up"]
-    assert stopped not in worker.queue.results
+    assert stopped not in queue_worker.queue.results
     # one progress post, after its first item; nothing once it was stopped
-    assert [(p["items_done"], p["items_total"]) for p in worker.queue.progress[stopped]] == [(1, 2)]
-    assert job_dirs(worker.tmp) == []
+    assert [(p["items_done"], p["items_total"]) for p in queue_worker.queue.progress[stopped]] == [(1, 2)]
+    assert job_dirs(queue_worker.tmp) == []
 
 
 FAULTS = """
@@ -193,8 +196,77 @@ def test_model_failures_in_a_batch_shared_by_jobs(tmp_path):
     assert job_dirs(w.tmp) == []
 
 
-def test_worker_loop_never_leaves_loopback(worker):
+def test_worker_loop_never_leaves_loopback(queue_worker):
     """The worker ran with the SDK's start-up checks off (they connect to an outside address)."""
-    assert worker.queue.env()["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
+    assert queue_worker.queue.env()["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
     assert os.environ.get("RUNPOD_WEBHOOK_GET_JOB") is None  # the test process itself stays local
     assert REPO.is_dir()
+
+
+# --- the temp-disk bound, in-process -----------------------------------------------------------
+
+
+def bytes_under(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_intake_waits_at_the_temp_disk_bound_and_every_item_comes_back(worker, config, monkeypatch):
+    """With room for two decoded clips, six clips go through a held model: intake stops at two
+    WAVs (reserved before ffmpeg runs), each WAV is deleted once the model has read it, and all
+    six come back right."""
+    w = worker
+    texts = ["one two three", "four five six", "seven eight nine", "up down", "left right", "stop go"]
+    paths = [speech_file(t, "wav") for t in texts]
+    largest = max(w._wav_bytes_estimate(p) for p in paths)
+    bound = 2 * largest + 1000
+    config(tmp_max_bytes=bound)
+    monkeypatch.setattr(w._DISK, "peak", 0)
+    entered, release = threading.Event(), threading.Event()
+    real = w._forward_decode
+
+    def held(model, audio, lengths):
+        entered.set()
+        release.wait(120)
+        return real(model, audio, lengths)
+
+    monkeypatch.setattr(w, "_forward_decode", held)
+    tmp_root = Path(w.CFG.tmp_dir)
+
+    async def main():
+        task = asyncio.ensure_future(w.handler({"id": "bounded", "input": {"inputs": [{"source": str(p)} for p in paths]}}))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        # the model holds one clip (read, its WAV gone); intake fills the bound and waits
+        deadline = time.monotonic() + 60
+        while len(w._SCHEDULER.ready) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        on_disk = sorted(tmp_root.rglob("*.wav"))
+        used = bytes_under(tmp_root)
+        release.set()
+        return await task, on_disk, used
+
+    out, on_disk, used = asyncio.run(main())
+    assert len(w._SCHEDULER.ready) == 0
+    assert len(on_disk) == 2 and used <= bound, (on_disk, used, bound)
+    assert [words_of(r["text"]) for r in out["results"]] == [t.split() for t in texts]
+    assert 0 < w._DISK.peak <= bound and w._DISK.used == 0
+    assert list(tmp_root.rglob("*")) == []
+
+
+def test_audio_longer_than_its_estimate_is_decoded_again_whole(worker, tmp_path, caplog):
+    """A VBR mp3 of four minutes, nearly all silence (8 kbit/s frames), declares no length to us
+    and decodes to ~30x its size, more than the 16x reserved for it: ffmpeg stops at the
+    reservation, and the item is decoded again with room for the longest audio: nothing is cut."""
+    w = worker
+    speech = speech_file("nine eight seven", "wav")
+    padded = tmp_path / "padded.wav"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(speech), "-af", "apad=whole_dur=240",
+                    str(padded)], check=True)  # fmt: skip
+    mp3 = DATA_ROOT / "low-rate-4min.mp3"
+    encode(padded, mp3, codec=["-c:a", "libmp3lame", "-q:a", "2"], rate=16000, channels=1)  # VBR: silence at 8 kbit/s
+    assert w._wav_bytes_estimate(mp3) < 240 * w.WAV_BYTES_PER_SEC
+    with caplog.at_level("INFO", logger="parakeet-worker"):
+        (result,) = run_job(w, [{"source": str(mp3)}])["results"]
+    assert words_of(result["text"]) == ["nine", "eight", "seven"]
+    assert result["duration"] == pytest.approx(240, abs=0.1)
+    assert any("decoding it again" in r.getMessage() for r in caplog.records)
