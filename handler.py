@@ -176,7 +176,7 @@ class Config:
     download_workers: int = 16
     allowed_local_roots: tuple[str, ...] = ("/runpod-volume", str(APP_DIR / "samples"))
     dtype: str = "auto"
-    max_concurrent_jobs: int = 32
+    max_concurrent_jobs: int = 64
     tmp_max_bytes: int = 4 * 1024**3
     network_volume: str = "/runpod-volume"
     tmp_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "parakeet-worker"))
