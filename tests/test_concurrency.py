@@ -126,7 +126,9 @@ def test_a_stopped_job_goes_and_the_others_are_unaffected(queue_worker, http_ser
     alongside = queue_worker.queue.add(one_clip("go left"))
     queue_worker.queue.wait_taken([stopped, alongside])
     (beside,) = queue_worker.queue.wait_done([alongside])
-    wait_for(lambda: len(job_dirs(queue_worker.tmp)) == 1, 60, "the stopped job's temp dir")  # it is downloading
+    # its clip is done (one progress post says so), its download goes on
+    wait_for(lambda: stopped in queue_worker.queue.progress, 60, "the stopped job's first item")
+    assert len(job_dirs(queue_worker.tmp)) == 1
     queue_worker.queue.stop(stopped)
     wait_for(lambda: job_dirs(queue_worker.tmp) == [], 20, "the stopped job to clean up")  # well before the 30 s trickle ends
     (after,) = queue_worker.run(one_clip("three up"))
