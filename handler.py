@@ -297,8 +297,9 @@ def _restore_unpacked(directory: str) -> Any:
     a cold start need not do:
 
     - no archive to extract: SaveRestoreConnector.model_extracted_dir restores in place;
-    - the weights memory-mapped from model_weights.ckpt (torch.load(mmap=True)) and assigned to
-      the parameters as they are (load_state_dict(assign=True)): no copy of 2.5 GB in memory;
+    - the weights memory-mapped from model_weights.ckpt (torch.load(mmap=True)) and copied once
+      into the parameters, not read into memory first (assigning the mapped tensors instead
+      would save that copy, but then every CPU forward pass ran ~8x slower);
     - no random initialisation of parameters the checkpoint overwrites anyway (see
       _no_random_init; the load is strict, so a parameter the checkpoint lacks fails it);
     - model_config.yaml parsed by libyaml, and a BPE model's two vocabulary lists (`labels`,
@@ -317,10 +318,6 @@ def _restore_unpacked(directory: str) -> Any:
         @staticmethod
         def _load_state_dict_from_disk(model_weights: str, map_location: Any = None) -> Any:
             return torch.load(model_weights, map_location="cpu", mmap=True, weights_only=True)
-
-        def load_instance_with_state_dict(self, instance: Any, state_dict: Any, strict: bool) -> None:
-            instance.load_state_dict(state_dict, strict=strict, assign=True)
-            instance._set_model_restore_state(is_being_restored=False)
 
     conf = _read_model_config(Path(directory) / "model_config.yaml")
     labels = None

@@ -263,20 +263,32 @@ def unpack(nemo_path: Path, out_dir: Path) -> Path:
     return fetch_model.unpack(nemo_path, out_dir)
 
 
-def make(out: Path, layers: int, tokens_per_sec: float, seed: int = 0, unpacked: Path | None = None) -> dict[str, Any]:
-    """Tokenizer, model, blank bias, .nemo (and the unpacked directory if asked); returns the report."""
+def make(
+    out: Path,
+    layers: int,
+    tokens_per_sec: float = DEFAULT_TOKENS_PER_SEC,
+    seed: int = 0,
+    unpacked: Path | None = None,
+    calibration_sec: float = 30.0,
+    tokenizer_dir: Path | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Tokenizer (trained, or taken from `tokenizer_dir`), model, blank bias, .nemo, and the
+    unpacked directory if asked. Returns the report (also written next to `out` as .json) and
+    the model, still in memory."""
     started = time.perf_counter()
     report: dict[str, Any] = {"layers": layers, "seed": seed, "architecture": {**ARCHITECTURE, "n_layers": layers}}
     with tempfile.TemporaryDirectory(prefix="parakeet-shaped-") as tmp:
         t = time.perf_counter()
-        report["tokenizer"] = build_tokenizer(Path(tmp) / "tokenizer", ARCHITECTURE["vocab_size"])
+        if tokenizer_dir is None:
+            tokenizer_dir = Path(tmp) / "tokenizer"
+            report["tokenizer"] = build_tokenizer(tokenizer_dir, ARCHITECTURE["vocab_size"])
         report["tokenizer_sec"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
-        model = build_model(Path(tmp) / "tokenizer", layers, seed)
+        model = build_model(tokenizer_dir, layers, seed)
         report["build_sec"] = round(time.perf_counter() - t, 2)
         report["parameters"] = parameter_counts(model)
         t = time.perf_counter()
-        report["decoding"] = calibrate_blank_bias(model, tokens_per_sec)
+        report["decoding"] = calibrate_blank_bias(model, tokens_per_sec, calibration_sec)
         report["calibrate_sec"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -289,7 +301,7 @@ def make(out: Path, layers: int, tokens_per_sec: float, seed: int = 0, unpacked:
         report["unpack_sec"] = round(time.perf_counter() - t, 2)
     report["total_sec"] = round(time.perf_counter() - started, 2)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return report, model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -298,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=ARCHITECTURE["n_layers"], help="encoder layers (24 = full size)")
     p.add_argument("--tokens-per-sec", type=float, default=DEFAULT_TOKENS_PER_SEC)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibration-sec", type=float, default=30.0, help="audio the blank bias is calibrated on")
     p.add_argument("--unpacked", help="also unpack the .nemo into this directory (what the image does)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
@@ -305,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    report = make(out, args.layers, args.tokens_per_sec, args.seed, Path(args.unpacked) if args.unpacked else None)
+    unpacked = Path(args.unpacked) if args.unpacked else None
+    report, _ = make(out, args.layers, args.tokens_per_sec, args.seed, unpacked, args.calibration_sec)
     print(json.dumps(report, indent=2))
 
 
