@@ -3,11 +3,15 @@
     python -m bench.cold_start --nemo .cache/parakeet-shaped.nemo --unpacked .cache/parakeet-shaped
     python -m bench.cold_start --nemo M.nemo --unpacked M-dir --repeats 5
 
-Each run is a new Python process that imports torch and NeMo, imports handler and loads the model
-the way the deployed worker does (handler.load_model: restore, move to the device, warm-up), then
-answers one job (samples/digits.wav) through handler(). The process writes when each phase
-ended to a file, so the split is: imports (interpreter start included), restore, to device,
-warm-up, first job.
+Each run is a new Python process that starts the way the deployed worker does: it imports
+handler and loads the model (handler.load_model imports torch and NeMo, then restores, moves to
+the device and warms up), then answers one job (samples/digits.wav) through handler(). The
+process writes when each phase ended to a file, so the split is: imports (interpreter start,
+handler, torch and NeMo), restore, to device, warm-up, first job.
+
+Page cache: "warm" starts with the model's files cached in RAM (a worker restarted on the same
+host soon after); "cold" first evicts them (posix_fadvise DONTNEED on those files only), so the
+start reads them from disk as a fresh worker does. --page-cache both (default) runs each.
 
 Two variants of the same model, alternated run by run so that a busy neighbour on a shared
 machine slows both alike:
@@ -51,18 +55,17 @@ def answer(worker: Any, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def child(result_file: Path, spawned_at: float) -> None:
-    """Runs in the fresh process: imports, model load, one job; writes the phase times."""
+    """Runs in the fresh process, as the worker starts: import handler, load the model (which
+    imports torch and NeMo first), answer one job; writes the phase times."""
     marks = {"spawned": spawned_at, "started": time.time()}
-    import nemo.collections.asr  # noqa: F401
-    import torch
-
-    marks["torch_nemo_imported"] = time.time()
     import handler
 
     getattr(handler, "ensure_model", lambda: None)()
     marks["loaded"] = time.time()
     if handler._MODEL is None:
         raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
+    import torch
+
     load = dict(handler.LOAD_TIMINGS)
     out = answer(handler, {"id": "cold-start", "input": {"inputs": [{"source": str(FIRST_JOB_SOURCE)}]}})
     marks["answered"] = time.time()
@@ -81,7 +84,6 @@ def child(result_file: Path, spawned_at: float) -> None:
         "phases": phases,
         "marks": marks,
         "interpreter_start_sec": marks["started"] - spawned_at,
-        "torch_nemo_import_sec": marks["torch_nemo_imported"] - marks["started"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "gpu_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
@@ -121,7 +123,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def measure(variants: dict[str, str], repeats: int, log: Any = print) -> dict[str, Any]:
+def measure(variants: dict[str, str], repeats: int, page_cache: str = "warm", log: Any = print) -> dict[str, Any]:
     """Alternate the variants `repeats` times; per-variant summaries and the paired ratios."""
     from bench import common
 
@@ -132,11 +134,11 @@ def measure(variants: dict[str, str], repeats: int, log: Any = print) -> dict[st
         for i in range(repeats):
             order = list(variants) if i % 2 == 0 else list(reversed(variants))  # neither always goes first
             for tag in order:
-                r = run_once(variants[tag], tag, i)
+                r = run_once(variants[tag], tag, i, page_cache)
                 runs[tag].append(r)
-                log(f"  cold start {i + 1}/{repeats} {tag}: {r['phases']['total']:.1f} s "
+                log(f"  cold start {i + 1}/{repeats} {tag} ({page_cache} page cache): {r['phases']['total']:.1f} s "
                     f"({', '.join(f'{k} {v:.1f}' for k, v in r['phases'].items() if k != 'total')})")  # fmt: skip
-    result: dict[str, Any] = {"variants": variants, "repeats": repeats, "runs": runs,
+    result: dict[str, Any] = {"variants": variants, "repeats": repeats, "page_cache": page_cache, "runs": runs,
                               "summary": {tag: summarize(rs) for tag, rs in runs.items()},
                               "other_processes": load.summary()}  # fmt: skip
     if {"nemo", "unpacked"} <= set(variants):
@@ -172,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--nemo", help="the model as a .nemo (plain restore_from)")
     p.add_argument("--unpacked", help="the same model unpacked (docker/fetch_model.py --unpack)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--page-cache", choices=("warm", "cold", "both"), default="both",
+                   help="cold: evict the model's files from the page cache before each start")  # fmt: skip
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--spawned", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -184,9 +188,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if not variants:
         p.error("give --nemo and/or --unpacked")
     OUT.mkdir(parents=True, exist_ok=True)
-    result = {"machine": common.machine_info(next(iter(variants.values()))), "threads": os.cpu_count(),
-              **measure(variants, args.repeats)}  # fmt: skip
-    print(table(result))
+    modes = ("warm", "cold") if args.page_cache == "both" else (args.page_cache,)
+    result: dict[str, Any] = {"machine": common.machine_info(""), "threads": os.cpu_count(), "variants": variants}
+    for mode in modes:
+        result[mode] = measure(variants, args.repeats, mode)
+        print(f"\n{mode} page cache:")
+        print(table(result[mode]))
     print(f"raw numbers in {common.write_json('cold_start.json', result)}")
     return result
 
