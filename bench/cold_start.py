@@ -92,11 +92,30 @@ def child(result_file: Path, spawned_at: float) -> None:
     result_file.write_text(json.dumps(result))
 
 
-def run_once(model: str, tag: str, index: int) -> dict[str, Any]:
-    """One cold start in a fresh process with PARAKEET_MODEL=model."""
-    result_file = OUT / f"cold_start.{tag}.{index}.json"
+def model_files(model: str) -> list[Path]:
+    path = Path(model)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop these files' pages from the page cache (posix_fadvise DONTNEED: this process's own
+    files only, no privileges needed), so the next start reads them from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_once(model: str, tag: str, index: int, page_cache: str = "warm") -> dict[str, Any]:
+    """One cold start in a fresh process with PARAKEET_MODEL=model; with page_cache="cold" the
+    model's files are first evicted from the page cache (a worker whose disk has not read them)."""
     from bench import common
 
+    if page_cache == "cold":
+        evict(model_files(model))
+    result_file = OUT / f"cold_start.{tag}.{index}.json"
     result_file.unlink(missing_ok=True)
     env = common.worker_env(PARAKEET_MODEL=model)
     spawned = time.time()
