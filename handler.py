@@ -313,11 +313,10 @@ def _restore_unpacked(directory: str) -> Any:
     a cold start need not do:
 
     - no archive to extract: SaveRestoreConnector.model_extracted_dir restores in place;
-    - the weights memory-mapped from model_weights.ckpt (torch.load(mmap=True)) and copied once
-      into the parameters, not read into memory first (assigning the mapped tensors instead
-      would save that copy, but then every CPU forward pass ran ~8x slower);
-    - no random initialisation of parameters the checkpoint overwrites anyway (see
-      _no_random_init; the load is strict, so a parameter the checkpoint lacks fails it);
+    - no random initialisation of the parameters (see _no_random_init): the checkpoint's tensors
+      are loaded once and become the parameters (load_state_dict(assign=True)), with no second
+      copy; the load is strict, so a parameter the checkpoint lacks fails it. The weights are
+      read, not memory-mapped: parameters backed by the file's pages are not worth the risk.
     - model_config.yaml parsed by libyaml, and a BPE model's two vocabulary lists (`labels`,
       `joint.vocabulary`) left out while NeMo builds the model: its constructor writes them
       again from the tokenizer (as it does in every restore), and NeMo's config handling copies
@@ -333,13 +332,15 @@ def _restore_unpacked(directory: str) -> Any:
     class InPlace(SaveRestoreConnector):
         @staticmethod
         def _load_state_dict_from_disk(model_weights: str, map_location: Any = None) -> Any:
-            return torch.load(model_weights, map_location="cpu", mmap=True, weights_only=True)
+            return torch.load(model_weights, map_location="cpu", weights_only=True)
 
-    conf = _read_model_config(Path(directory) / "model_config.yaml")
-    labels = None
-    if "tokenizer" in conf and "labels" in conf:  # BPE models rebuild both lists from the tokenizer
-        labels = list(conf.pop("labels"))
-        conf.get("joint", {}).pop("vocabulary", None)
+        def load_instance_with_state_dict(self, instance: Any, state_dict: Any, strict: bool) -> None:
+            instance.load_state_dict(state_dict, strict=strict, assign=True)
+            for p in instance.parameters():  # assigned tensors come without it; restore_from's have it
+                p.requires_grad_(True)
+            instance._set_model_restore_state(is_being_restored=False)
+
+    conf, labels = _read_model_config(Path(directory) / "model_config.yaml")
     connector = InPlace()
     connector.model_extracted_dir = directory
     with _no_random_init(torch):
@@ -351,21 +352,26 @@ def _restore_unpacked(directory: str) -> Any:
     return model
 
 
-def _read_model_config(path: Path) -> Any:
-    """OmegaConf.load(path), with the YAML parsed by libyaml when PyYAML has it (about twice as
-    fast on a config holding two 8,192-entry lists) and OmegaConf's own float resolver."""
+def _read_model_config(path: Path) -> tuple[Any, list[str] | None]:
+    """(config, saved labels): OmegaConf.load(path), parsed by libyaml when PyYAML has it (with
+    OmegaConf's own float resolver), and, for a BPE model (it has a tokenizer), without `labels`
+    and `joint.vocabulary`, which its constructor rebuilds from the tokenizer."""
     import yaml
     from omegaconf import OmegaConf
     from omegaconf._utils import get_yaml_loader
 
-    if not getattr(yaml, "__with_libyaml__", False):
-        return OmegaConf.load(path)
+    base = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
 
-    class Loader(yaml.CSafeLoader):
+    class Loader(base):  # type: ignore[misc,valid-type]
         yaml_implicit_resolvers = get_yaml_loader().yaml_implicit_resolvers
 
     with open(path, encoding="utf-8") as f:
-        return OmegaConf.create(yaml.load(f, Loader=Loader))
+        raw = yaml.load(f, Loader=Loader)
+    labels = None
+    if "tokenizer" in raw and "labels" in raw:
+        labels = raw.pop("labels")
+        raw.get("joint", {}).pop("vocabulary", None)
+    return OmegaConf.create(raw), labels
 
 
 @contextlib.contextmanager
