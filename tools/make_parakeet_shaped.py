@@ -220,7 +220,7 @@ def calibrate_blank_bias(model: Any, tokens_per_sec: float, seconds: float = 30.
     with torch.inference_mode():
         encoded, encoded_len = model.forward(input_signal=signal, input_signal_length=length)
     head, blank = blank_output(model)
-    base = float(head.bias[blank])
+    base = float(head.bias.detach()[blank])
     target = tokens_per_sec * pieces * 10.0
 
     def rate_at(offset: float) -> float:
