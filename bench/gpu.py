@@ -167,19 +167,19 @@ def table_rows(r: dict[str, Any]) -> list[tuple[Any, ...]]:
     e2e, mem = r["end_to_end"], r["model_memory"]
     rows: list[tuple[Any, ...]] = [
         ("device", r["device"]),
-        ("model", f"{r['model']['layers']} layers, {mem['parameters']:,} parameters ({mem['parameter_mb']:,.0f} MB fp32)"),
+        ("model", f"{r['model']['layers']} layers, {mem['parameters']:,} parameters ({mem['parameter_mb']:,.0f} MiB)"),
         ("workload", f"{r['workload']['files']} files, {audio / 60:.1f} min, {r['workload']['min_sec']:g}-"
                      f"{r['workload']['max_sec']:g} s"),
         ("model load in this process, s", r["model_load_sec"]),
     ]
     if "gpu_allocated_mb" in mem:
-        rows.append(("GPU memory after load: allocated / reserved, MB", f"{mem['gpu_allocated_mb']:,.0f} / {mem['gpu_reserved_mb']:,.0f}"))
+        rows.append(("GPU memory after load: allocated / reserved, MiB", f"{mem['gpu_allocated_mb']:,.0f} / {mem['gpu_reserved_mb']:,.0f}"))
     for key, name in (("handler", "worker end to end"), ("nemo_paths", "NeMo transcribe(paths, 16)"), ("floor", "model-only floor")):
         m = e2e[key]
         wall = m.get("wall_sec")
-        cell = "failed: " + m.get("error", "") if wall is None else f"{wall:.1f} s, RTFx {audio / wall:,.0f}"
+        cell = "failed: " + m.get("error", "") if wall is None else f"{wall:.1f} s, RTFx {fmt(audio / wall)}"
         if m.get("gpu_peak_mb") is not None:
-            cell += f", peak GPU {m['gpu_peak_mb']:,.0f} MB"
+            cell += f", peak GPU {m['gpu_peak_mb']:,.0f} MiB"
         rows.append((name, cell))
     hw, nw, fw = (e2e[k].get("wall_sec") for k in ("handler", "nemo_paths", "floor"))
     rows += [
