@@ -61,8 +61,8 @@ def test_dockerfile_promises():
     copy_code = next(i for i, (k, v) in enumerate(steps) if k == "COPY" and "handler.py" in v)
     assert steps[pip[0] - 1] == ("COPY", "requirements.txt constraints.txt ./") and pip[0] < copy_code
     # the model is baked in at build time, into HF_HOME
-    arg_model = kinds.index("ARG", kinds.index("FROM"))
-    assert steps[arg_model][1].startswith("PARAKEET_MODEL=nvidia/parakeet-tdt")
+    arg_model = next(i for i, (k, v) in enumerate(steps) if k == "ARG" and v.startswith("PARAKEET_MODEL="))
+    assert arg_model > kinds.index("FROM") and steps[arg_model][1].startswith("PARAKEET_MODEL=nvidia/parakeet-tdt")
     assert "HF_HOME=/models/huggingface" in " ".join(v for k, v in steps if k == "ENV")
     assert any(k == "RUN" and "fetch_model.py" in v for k, v in steps)
     assert any(k == "RUN" and "fetch_model.py" in v for k, v in steps[arg_model:copy_code])
