@@ -1,11 +1,21 @@
 # parakeet-worker: Runpod serverless image.
-#   docker build -t parakeet-worker .
+#   docker build -t parakeet-worker .                                   # torch 2.13.0 + CUDA 12.6 (default)
+#   docker build --build-arg TORCH_CUDA=cu130 \
+#                --build-arg CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu22.04 -t parakeet-worker:cu130 .   # Blackwell
 #   docker build --build-arg PARAKEET_MODEL=nvidia/parakeet-tdt-0.6b-v2 -t parakeet-worker:v2 .
 #   docker run --gpus all parakeet-worker   # off Runpod (no job queue): runs test_input.json once
-# torch==2.13.0 on PyPI is built for CUDA 13.0 and brings its own CUDA, cuDNN and NCCL wheels,
-# so the base only needs the CUDA 13.0 driver interface: the small "base" flavour.
-ARG CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu22.04
+#
+# torch 2.13.0 is built for CUDA 12.6 (Maxwell to Hopper: V100, T4, A-series, RTX 30/40, L4/L40S,
+# A100, H100/H200) and for CUDA 13.0 (Turing to Blackwell; PyPI's default build). The CUDA 13.0
+# build needs a host driver for CUDA 13.0 (R580+), which rules out much of Runpod's fleet, so the
+# default is the CUDA 12.6 build from download.pytorch.org: hosts need a driver for CUDA 12.6 or
+# newer (.runpod/hub.json allows exactly those). Build with cu130 for Blackwell (RTX 5090, B200).
+# The wheels bring their own CUDA, cuDNN and NCCL, so the base only needs the driver interface
+# (the small "base" flavour), of the same CUDA version: its NVIDIA_REQUIRE_CUDA makes a host
+# with an older driver refuse the container at start instead of failing inside it.
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-base-ubuntu22.04
 FROM ${CUDA_IMAGE}
+ARG TORCH_CUDA=cu126
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -24,13 +34,21 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# Pinned dependencies in one layer, before any code, so code changes rebuild in seconds.
-# torch==2.13.0 from requirements.txt is the CUDA 13.0 build on linux/x86_64.
+# Pinned dependencies in one layer, before any code, so code changes rebuild in seconds:
+# torch (the version requirements.txt pins) from PyTorch's index for TORCH_CUDA, then the rest.
+# NeMo's CUDA-graph decoder uses cuda-bindings, whose major version must match the driver's
+# CUDA major: constraints.txt pins the 13.x the dev venv has; a CUDA 12 build gets 12.9.10.
 COPY requirements.txt constraints.txt ./
-RUN pip install -c constraints.txt -r requirements.txt
+RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
+        "torch==$(sed -n 's/^torch==//p' requirements.txt)" \
+    && pip install -c constraints.txt -r requirements.txt \
+    && if [ "${TORCH_CUDA#cu12}" != "${TORCH_CUDA}" ]; then pip install "cuda-bindings==12.9.10"; fi \
+    && python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
-# Bake the model into HF_HOME so a cold start never downloads it. A network volume or
-# Runpod's model cache is used instead when this copy is absent (see README).
+# Bake the model in, unpacked (<HF_HOME>/nemo-unpacked/<repo id>/): a cold start neither
+# downloads nor extracts it, and reads the weights while Python imports torch and NeMo
+# (see README, "Parakeet-sized"). A network volume or Runpod's model cache is used instead
+# when this copy is absent.
 ARG PARAKEET_MODEL=nvidia/parakeet-tdt-0.6b-v3
 ENV PARAKEET_MODEL=${PARAKEET_MODEL}
 COPY docker/fetch_model.py /tmp/fetch_model.py

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL := models/demo-tdt.nemo
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps demo test lint bench bench-long model clean
+.PHONY: setup system-deps demo test lint bench bench-long bench-gpu gpu-check bench-cold parakeet-shaped model clean
 
 setup: system-deps $(STAMP)
 
@@ -46,6 +46,24 @@ bench: setup
 
 bench-long: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio
+
+# The worker with the Parakeet-sized model (built into bench/out on first use): on CUDA the full
+# size against NeMo and the model-only floor, GPU memory and cold start; on CPU a reduced form.
+bench-gpu: setup
+	$(PY) -m bench.gpu
+
+# On a GPU machine: the CUDA tests, then bench-gpu, outputs kept in bench/out/gpu-check/.
+gpu-check: setup
+	bench/gpu_check.sh
+
+# Cold start of the full-size Parakeet-shaped model: .nemo (restore_from) vs the unpacked directory.
+bench-cold: parakeet-shaped
+	$(PY) -m bench.cold_start --nemo .cache/parakeet-shaped.nemo --unpacked .cache/parakeet-shaped
+
+# The full-size Parakeet-shaped model (~2.5 GB, random weights), as .nemo and unpacked, in .cache/.
+parakeet-shaped: setup
+	test -f .cache/parakeet-shaped.nemo || $(PY) -m tools.make_parakeet_shaped --out .cache/parakeet-shaped.nemo \
+		--unpacked .cache/parakeet-shaped
 
 # Rebuild the demo model exactly as shipped: 12 epochs from scratch, then 6 more on fresh data,
 # a third of it sent through mp3/opus (about 45 minutes on 2 CPU cores), and the samples.

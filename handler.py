@@ -244,19 +244,39 @@ _STATE: dict[str, Any] = {
 
 
 def _resolve_model_source(name: str) -> tuple[str, str]:
-    """Where to load `name` from: ("file", path to a .nemo) or ("hub", repo id).
+    """Where to load `name` from: ("dir", an unpacked .nemo), ("file", a .nemo) or ("hub", repo id).
 
-    Order: a local .nemo path; a copy already in HF_HOME (baked into the image); Runpod's cached
-    models; and otherwise the hub (see _load_from_hub: a network volume's copy, or a download).
+    Order: a local directory or .nemo path; the unpacked copy baked into the image (see
+    _unpacked_dir); a .nemo already in HF_HOME; Runpod's cached models; and otherwise the hub (see
+    _load_from_hub: a network volume's copy, or a download).
     """
     path = Path(name).expanduser()
+    if path.is_dir():
+        if not _is_unpacked_model(path):
+            raise FileNotFoundError(f"{path} is a directory without model_config.yaml and model_weights.ckpt")
+        return "dir", str(path)
     if name.endswith(".nemo") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"no .nemo file at {path}")
         return "file", str(path)
+    unpacked = _unpacked_dir(name)
+    if _is_unpacked_model(unpacked):
+        return "dir", str(unpacked)
     for candidate in _cached_nemo_files(name):
         return "file", candidate
     return "hub", name
+
+
+def _unpacked_dir(repo_id: str) -> Path:
+    """Where the image keeps a hub model unpacked: <HF_HOME>/nemo-unpacked/<repo id>/ (written at
+    build time by docker/fetch_model.py, which unpacks with NeMo's own unpacker)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "nemo-unpacked" / repo_id
+
+
+def _is_unpacked_model(path: Path) -> bool:
+    return (path / "model_config.yaml").is_file() and (path / "model_weights.ckpt").is_file()
 
 
 # Where Runpod's "cached models" feature puts a model chosen in the endpoint settings: an HF
@@ -287,18 +307,36 @@ def _cached_nemo_files(repo_id: str) -> Iterator[str]:
         yield from (str(p) for p in sorted(Path(runpod_dir).rglob("*.nemo")))
 
 
+LOAD_TIMINGS: dict[str, float] = {}  # seconds of the last load_model(): restore, to_device, warm_up
+
+
 def load_model(name: str) -> Any:
-    """Load, place and warm the model. Raises on failure (the caller keeps the error)."""
+    """Load, place and warm the model. Raises on failure (the caller keeps the error).
+    Each phase's seconds go to LOAD_TIMINGS (what a cold start spends where)."""
+    kind, where = _resolve_model_source(name)
+    if kind == "dir":
+        _prefetch(Path(where) / "model_weights.ckpt")  # the disk read overlaps the imports below
     import torch
     from nemo.collections.asr.models import ASRModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    kind, where = _resolve_model_source(name)
     log.info("loading model %s from %s (%s) on %s", name, where, kind, device)
-    if kind == "file":
-        model = ASRModel.restore_from(where, map_location=torch.device(device))
+    LOAD_TIMINGS.clear()
+    started = time.perf_counter()
+    cpu = torch.device("cpu")
+    if kind == "dir":
+        model = _restore_unpacked(where)
+    elif kind == "file":
+        model = ASRModel.restore_from(where, map_location=cpu)
     else:
-        model = _load_from_hub(where, torch.device(device))
+        model = _load_from_hub(where, cpu)
+    LOAD_TIMINGS["restore"] = time.perf_counter() - started
+    started = time.perf_counter()
+    model = model.to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    LOAD_TIMINGS["to_device"] = time.perf_counter() - started
+    started = time.perf_counter()
     model.eval()
     model.freeze()
     featurizer = getattr(model.preprocessor, "featurizer", None)
@@ -320,7 +358,103 @@ def load_model(name: str) -> Any:
         log.warning("warm-up failed with CUDA-graph decoding (%s); falling back", exc)
         _configure_decoding(model, timestamps=False, cuda_graphs=False)
         _warm_up(model)
+    LOAD_TIMINGS["warm_up"] = time.perf_counter() - started
     return model
+
+
+def _prefetch(path: Path) -> None:
+    """Read `path` once in a background thread, so that on a cold disk the weights arrive in
+    the page cache while Python imports torch and NeMo (~10 s) instead of after them. Costs
+    little when they are cached already. (posix_fadvise WILLNEED started almost no reading here.)"""
+
+    def read() -> None:
+        with contextlib.suppress(OSError), open(path, "rb", buffering=0) as f:
+            buf = bytearray(8 << 20)
+            while f.readinto(buf):
+                pass
+
+    threading.Thread(target=read, name="model-prefetch", daemon=True).start()
+
+
+def _restore_unpacked(directory: str) -> Any:
+    """Restore an unpacked .nemo where it lies, through NeMo's own restore_from, minus the work
+    a cold start need not do:
+
+    - no archive to extract: SaveRestoreConnector.model_extracted_dir restores in place;
+    - no random initialisation of the parameters (see _no_random_init): the checkpoint's tensors
+      are loaded once and become the parameters (load_state_dict(assign=True)), with no second
+      copy; the load is strict, so a parameter the checkpoint lacks fails it. The weights are
+      read, not memory-mapped: parameters backed by the file's pages are not worth the risk.
+    - model_config.yaml parsed by libyaml, and a BPE model's two vocabulary lists (`labels`,
+      `joint.vocabulary`) left out while NeMo builds the model: its constructor writes them
+      again from the tokenizer (as it does in every restore), and NeMo's config handling copies
+      the whole config many times over, 8,192 entries each for Parakeet v3.
+
+    The result is the model restore_from(path.nemo) gives: same weights, same config (checked
+    here for the vocabulary, and in tests for the rest).
+    """
+    import torch
+    from nemo.collections.asr.models import ASRModel
+    from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+
+    class InPlace(SaveRestoreConnector):
+        @staticmethod
+        def _load_state_dict_from_disk(model_weights: str, map_location: Any = None) -> Any:
+            return torch.load(model_weights, map_location="cpu", weights_only=True)
+
+        def load_instance_with_state_dict(self, instance: Any, state_dict: Any, strict: bool) -> None:
+            instance.load_state_dict(state_dict, strict=strict, assign=True)
+            for p in instance.parameters():  # assigned tensors come without it; restore_from's have it
+                p.requires_grad_(True)
+            instance._set_model_restore_state(is_being_restored=False)
+
+    conf, labels = _read_model_config(Path(directory) / "model_config.yaml")
+    connector = InPlace()
+    connector.model_extracted_dir = directory
+    with _no_random_init(torch):
+        model = ASRModel.restore_from(
+            directory, override_config_path=conf, map_location=torch.device("cpu"), save_restore_connector=connector
+        )
+    if labels is not None and list(model.cfg.labels) != labels:
+        log.warning("%s: the tokenizer's vocabulary differs from the saved labels (restore_from would do the same)", directory)
+    return model
+
+
+def _read_model_config(path: Path) -> tuple[Any, list[str] | None]:
+    """(config, saved labels): OmegaConf.load(path), parsed by libyaml when PyYAML has it (with
+    OmegaConf's own float resolver), and, for a BPE model (it has a tokenizer), without `labels`
+    and `joint.vocabulary`, which its constructor rebuilds from the tokenizer."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf._utils import get_yaml_loader
+
+    base = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+    class Loader(base):  # type: ignore[misc,valid-type]
+        yaml_implicit_resolvers = get_yaml_loader().yaml_implicit_resolvers
+
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.load(f, Loader=Loader)
+    labels = None
+    if "tokenizer" in raw and "labels" in raw:
+        labels = raw.pop("labels")
+        raw.get("joint", {}).pop("vocabulary", None)
+    return OmegaConf.create(raw), labels
+
+
+@contextlib.contextmanager
+def _no_random_init(torch: Any) -> Iterator[None]:
+    """torch.nn.init's in-place initialisers (uniform_, kaiming_uniform_, ...) return their tensor
+    untouched inside this block. Only for building a model whose every parameter is then loaded."""
+    init = torch.nn.init
+    saved = {n: getattr(init, n) for n in dir(init) if n.endswith("_") and not n.startswith("_")}
+    try:
+        for n in saved:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
 
 
 def _load_from_hub(repo_id: str, device: Any) -> Any:

@@ -42,20 +42,27 @@ def test_dockerfile_promises():
     steps = instructions()
     kinds = [k for k, _ in steps]
     args = dict(steps)
-    # a CUDA base image
+    # a CUDA base image of the CUDA version of the torch build (a build arg, default cu126)
     base = next(v for k, v in steps if k == "ARG" and v.startswith("CUDA_IMAGE="))
-    assert base.startswith("CUDA_IMAGE=nvidia/cuda:13.0")  # torch 2.13.0 wheels are CUDA 13.0 builds
+    assert base.startswith("CUDA_IMAGE=nvidia/cuda:12.6.") and base.endswith("-base-ubuntu22.04")
     assert args["FROM"] == "${CUDA_IMAGE}"
+    assert ("ARG", "TORCH_CUDA=cu126") in steps[kinds.index("FROM") :]  # declared after FROM: usable in RUN
     # ffmpeg from the distribution
     assert any(k == "RUN" and "apt-get install" in v and "ffmpeg" in v for k, v in steps)
-    # pinned dependencies installed in one layer, before any code is copied
+    # pinned dependencies installed in one layer, before any code is copied: torch from PyTorch's
+    # index for TORCH_CUDA at requirements.txt's version, then the rest with the constraints
     pip = [i for i, (k, v) in enumerate(steps) if k == "RUN" and "pip install" in v]
     assert len(pip) == 1 and "-c constraints.txt -r requirements.txt" in steps[pip[0]][1]
+    run = steps[pip[0]][1]
+    assert '--index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in run
+    assert "\"torch==$(sed -n 's/^torch==//p' requirements.txt)\"" in run
+    assert run.index("download.pytorch.org") < run.index("-c constraints.txt")
+    assert 'pip install "cuda-bindings==12.9.10"' in run  # CUDA 12 builds: bindings of CUDA major 12
     copy_code = next(i for i, (k, v) in enumerate(steps) if k == "COPY" and "handler.py" in v)
     assert steps[pip[0] - 1] == ("COPY", "requirements.txt constraints.txt ./") and pip[0] < copy_code
     # the model is baked in at build time, into HF_HOME
-    arg_model = kinds.index("ARG", kinds.index("FROM"))
-    assert steps[arg_model][1].startswith("PARAKEET_MODEL=nvidia/parakeet-tdt")
+    arg_model = next(i for i, (k, v) in enumerate(steps) if k == "ARG" and v.startswith("PARAKEET_MODEL="))
+    assert arg_model > kinds.index("FROM") and steps[arg_model][1].startswith("PARAKEET_MODEL=nvidia/parakeet-tdt")
     assert "HF_HOME=/models/huggingface" in " ".join(v for k, v in steps if k == "ENV")
     assert any(k == "RUN" and "fetch_model.py" in v for k, v in steps)
     assert any(k == "RUN" and "fetch_model.py" in v for k, v in steps[arg_model:copy_code])
@@ -71,14 +78,23 @@ def test_dockerfile_promises():
                 assert f"!{src.rstrip('/')}" in ignore or f"!{src.split('/')[0]}/" in ignore, src
 
 
+# CUDA builds of torch 2.13 (PyTorch's release compatibility matrix): CUDA 12.6 and 13.0 stable.
+TORCH_2_13_CUDA = {"cu126": (12, 6), "cu130": (13, 0)}
+
+
 def test_torch_in_image_matches_requirements():
     reqs = (REPO / "requirements.txt").read_text()
     torch_pin = re.search(r"^torch==([\d.]+)$", reqs, re.M)
     assert torch_pin, "torch must be pinned in requirements.txt"
-    cuda = re.search(r"nvidia/cuda:(\d+\.\d+)", DOCKERFILE)
-    assert torch_pin.group(1) == "2.13.0" and cuda and cuda.group(1) == "13.0"  # PyPI's torch 2.13.0: cu130
+    assert torch_pin.group(1) == "2.13.0"
+    torch_cuda = re.search(r"^ARG TORCH_CUDA=(cu\d+)$", DOCKERFILE, re.M).group(1)
+    base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.", DOCKERFILE, re.M)
+    assert TORCH_2_13_CUDA[torch_cuda] == (int(base.group(1)), int(base.group(2)))  # base image = torch's CUDA
+    # the Hub listing allows hosts whose driver runs that CUDA version: it or any newer one
     hub = json.loads((REPO / ".runpod" / "hub.json").read_text())
-    assert hub["config"]["allowedCudaVersions"] == ["13.0"]
+    allowed = [tuple(int(x) for x in v.split(".")) for v in hub["config"]["allowedCudaVersions"]]
+    assert min(allowed) == TORCH_2_13_CUDA[torch_cuda] and allowed == sorted(allowed)
+    assert (13, 0) in allowed and (12, 8) in allowed
     for line in reqs.splitlines():
         if line and not line.startswith("#"):
             assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line), f"unpinned requirement {line!r}"

@@ -1,0 +1,52 @@
+"""A fresh worker process for tests that need their own environment (model, dtype, limits):
+
+    python tests/worker_process.py REQUEST.json
+
+REQUEST: {"jobs": [job input, ...], "result": path}. The process imports handler (which reads the
+environment and loads the model as the deployed worker does), runs each job through handler(),
+and writes {"outputs": [...], "gpu_peak_mb": [...], "load": LOAD_TIMINGS, "device": ...} to
+`result`. GPU peaks are per job (torch.cuda.reset_peak_memory_stats before each)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import sys
+from pathlib import Path
+
+
+def main(request_file: str) -> None:
+    request = json.loads(Path(request_file).read_text())
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import torch
+
+    import handler
+
+    getattr(handler, "ensure_model", lambda: None)()
+    if handler._MODEL is None:
+        raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
+    cuda = torch.cuda.is_available()
+    outputs, peaks = [], []
+    for i, job_input in enumerate(request["jobs"]):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        out = handler.handler({"id": f"worker-process-{i}", "input": job_input})
+        outputs.append(asyncio.run(out) if inspect.iscoroutine(out) else out)
+        peaks.append(torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+    result = {
+        "outputs": outputs,
+        "gpu_peak_mb": peaks,
+        "model_gpu_mb": None,
+        "load": dict(getattr(handler, "LOAD_TIMINGS", {})),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "autocast": str(handler._STATE.get("autocast")),
+    }
+    if cuda:
+        result["model_gpu_mb"] = sum(p.numel() * p.element_size() for p in handler._MODEL.parameters()) / 2**20
+    Path(request["result"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
