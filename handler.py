@@ -359,9 +359,11 @@ def _autocast_dtype(device: str, torch: Any) -> Any:
 
 
 def _configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None = None) -> None:
-    """Greedy batched TDT decoding; word/segment timestamps only when a job asks for them."""
+    """Greedy batched TDT decoding; word/segment timestamps only when a job asks for them.
+    NeMo 3.0's stale-duration bug is patched first (see _fix_tdt_durations)."""
     from omegaconf import open_dict
 
+    _STATE["durations_fixed"] = _fix_tdt_durations()
     cfg = model.cfg.decoding
     with open_dict(cfg):
         cfg.strategy = "greedy_batch"
@@ -370,6 +372,47 @@ def _configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None =
             cfg.greedy.use_cuda_graph_decoder = cuda_graphs
     model.change_decoding_strategy(cfg, verbose=False)
     _STATE["timestamps"] = timestamps
+
+
+def _fix_tdt_durations() -> bool:
+    """Apply NeMo's fix for stale TDT token durations to NeMo 3.0, once; True when it is in place.
+
+    NeMo 3.0's pure-PyTorch greedy TDT loop (GreedyBatchedTDTLabelLoopingComputer.torch_impl,
+    used on the CPU, and on a GPU without CUDA graphs) overwrites, while it looks for the next
+    token of some rows, the recorded duration of every row in the batch. A word's end time then
+    depends on which other items share its batch (a clip alone and the same clip batched end
+    words at different frames), and with boosting, on whether a neighbour is boosted. NeMo's CUDA
+    graph loop writes the durations of the searching rows only; upstream fixed torch_impl the same
+    way after 3.0 (NVIDIA-NeMo issue 16097, PR 16098). This recompiles torch_impl from NeMo's own
+    source with that one line changed. It is guarded: if the line is not exactly where 3.0 has it
+    (a NeMo that is already fixed, or changed), nothing is patched and False is returned."""
+    import inspect
+    import textwrap
+
+    from nemo.collections.asr.parts.submodules.transducer_decoding import tdt_label_looping as module
+
+    cls = module.GreedyBatchedTDTLabelLoopingComputer
+    if getattr(cls.torch_impl, "_durations_fixed", False):
+        return True
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.torch_impl))
+    except (OSError, TypeError):
+        return False
+    stale = "            durations = model_durations[jump_durations_indices]\n\n            if self.record_all_steps:"
+    fixed = (
+        "            durations = torch.where(advance_mask, model_durations[jump_durations_indices], durations)\n\n"
+        "            if self.record_all_steps:"
+    )  # 12 spaces: the inner loop; the outer loop's assignment (8 spaces) is right as it is
+    if source.count(stale) != 1 or "super()" in source:
+        return False
+    namespace: dict[str, Any] = {}
+    exec(compile(source.replace(stale, fixed), inspect.getsourcefile(cls.torch_impl) or "<nemo>", "exec"),
+         module.__dict__, namespace)  # fmt: skip
+    patched = namespace["torch_impl"]
+    patched._durations_fixed = True
+    cls.torch_impl = patched
+    log.info("NeMo 3.0: patched TDT greedy decoding's stale token durations (upstream PR 16098)")
+    return True
 
 
 def _warm_up(model: Any) -> None:
