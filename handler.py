@@ -180,6 +180,10 @@ class Config:
     tmp_max_bytes: int = 4 * 1024**3
     network_volume: str = "/runpod-volume"
     tmp_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "parakeet-worker"))
+    boosting: bool = True
+    boost_max_phrases: int = 1000
+    boost_max_phrase_chars: int = 100
+    boost_cache_size: int = 64
 
     @classmethod
     def from_env(cls) -> Config:
@@ -212,6 +216,10 @@ class Config:
             tmp_max_bytes=_env_num("WORKER_TMP_MAX_BYTES", d.tmp_max_bytes, int),
             network_volume=_env("NETWORK_VOLUME_PATH", d.network_volume),
             tmp_dir=_env("WORKER_TMP_DIR", d.tmp_dir),
+            boosting=_env_choice("BOOSTING", "on", ("on", "off")) == "on",
+            boost_max_phrases=max(1, _env_num("BOOST_MAX_PHRASES", d.boost_max_phrases, int)),
+            boost_max_phrase_chars=max(1, _env_num("BOOST_MAX_PHRASE_CHARS", d.boost_max_phrase_chars, int)),
+            boost_cache_size=_env_num("BOOST_CACHE_SIZE", d.boost_cache_size, int),
         )
 
 
@@ -223,8 +231,11 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
     "inputs": {"type": list, "required": True},
     "timestamps": {"type": bool, "required": False, "default": False},
     "output_format": {"type": str, "required": False, "default": "json"},
+    "boost_phrases": {"type": list, "required": False, "default": []},
+    "boost_weight": {"type": float, "required": False, "default": 1.0},
 }
-ITEM_KEYS = ("source", "audio_base64")
+SOURCE_KEYS = ("source", "audio_base64")
+ITEM_KEYS = (*SOURCE_KEYS, "boost_phrases")
 
 # ---------------------------------------------------------------------------------------------
 # Model: loaded once per process, by main() before the SDK takes a job (or on the first job
@@ -493,17 +504,68 @@ def _autocast_dtype(device: str, torch: Any) -> Any:
 
 
 def _configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None = None) -> None:
-    """Greedy batched TDT decoding; word/segment timestamps only when a job asks for them."""
+    """Greedy batched TDT decoding; word/segment timestamps only when a job asks for them; per-item
+    key-phrase boosting unless BOOSTING=off (an item without boosting decodes exactly as with it
+    off; see the boosting section). NeMo 3.0's stale-duration bug is patched first."""
     from omegaconf import open_dict
 
+    _STATE["durations_fixed"] = _fix_tdt_durations()
     cfg = model.cfg.decoding
     with open_dict(cfg):
         cfg.strategy = "greedy_batch"
         cfg.compute_timestamps = timestamps
         if cuda_graphs is not None and "greedy" in cfg:
             cfg.greedy.use_cuda_graph_decoder = cuda_graphs
+        if CFG.boosting and "greedy" not in cfg:
+            cfg.greedy = {}
+        if "greedy" in cfg:
+            cfg.greedy.enable_per_stream_biasing = CFG.boosting
     model.change_decoding_strategy(cfg, verbose=False)
     _STATE["timestamps"] = timestamps
+    multi = _multi_model(model)
+    if cuda_graphs and multi is not None and not multi.compatible_with_cuda_graphs():  # at load, on a GPU
+        log.warning("boosting without Triton: NeMo decodes without CUDA graphs (install triton, or set BOOSTING=off)")
+
+
+def _fix_tdt_durations() -> bool:
+    """Apply NeMo's fix for stale TDT token durations to NeMo 3.0, once; True when it is in place.
+
+    NeMo 3.0's pure-PyTorch greedy TDT loop (GreedyBatchedTDTLabelLoopingComputer.torch_impl,
+    used on the CPU, and on a GPU without CUDA graphs) overwrites, while it looks for the next
+    token of some rows, the recorded duration of every row in the batch. A word's end time then
+    depends on which other items share its batch (a clip alone and the same clip batched end
+    words at different frames), and with boosting, on whether a neighbour is boosted. NeMo's CUDA
+    graph loop writes the durations of the searching rows only; upstream fixed torch_impl the same
+    way after 3.0 (NVIDIA-NeMo issue 16097, PR 16098). This recompiles torch_impl from NeMo's own
+    source with that one line changed. It is guarded: if the line is not exactly where 3.0 has it
+    (a NeMo that is already fixed, or changed), nothing is patched and False is returned."""
+    import inspect
+    import textwrap
+
+    from nemo.collections.asr.parts.submodules.transducer_decoding import tdt_label_looping as module
+
+    cls = module.GreedyBatchedTDTLabelLoopingComputer
+    if getattr(cls.torch_impl, "_durations_fixed", False):
+        return True
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.torch_impl))
+    except (OSError, TypeError):
+        return False
+    stale = "            durations = model_durations[jump_durations_indices]\n\n            if self.record_all_steps:"
+    fixed = (
+        "            durations = torch.where(advance_mask, model_durations[jump_durations_indices], durations)\n\n"
+        "            if self.record_all_steps:"
+    )  # 12 spaces: the inner loop; the outer loop's assignment (8 spaces) is right as it is
+    if source.count(stale) != 1 or "super()" in source:
+        return False
+    namespace: dict[str, Any] = {}
+    exec(compile(source.replace(stale, fixed), inspect.getsourcefile(cls.torch_impl) or "<nemo>", "exec"),
+         module.__dict__, namespace)  # fmt: skip
+    patched = namespace["torch_impl"]
+    patched._durations_fixed = True
+    cls.torch_impl = patched
+    log.info("NeMo 3.0: patched TDT greedy decoding's stale token durations (upstream PR 16098)")
+    return True
 
 
 def _warm_up(model: Any) -> None:
@@ -645,7 +707,7 @@ def _source_of(item: Any) -> tuple[str, str]:
     unknown = sorted(set(item) - set(ITEM_KEYS))
     if unknown:
         raise ItemError("invalid_source", f"unknown field(s) {unknown}; allowed: {list(ITEM_KEYS)}")
-    given = [k for k in ITEM_KEYS if k in item]
+    given = [k for k in SOURCE_KEYS if k in item]
     if len(given) != 1:
         raise ItemError("invalid_source", "give exactly one of 'source' or 'audio_base64'")
     value = item[given[0]]
@@ -1399,6 +1461,7 @@ class Unit:
     final: bool = True  # the item's last piece: its WAV can go once this one is read
     seq: int = 0
     future: cf.Future = field(default_factory=cf.Future)
+    boost: Boost | None = None  # its item's key phrases and weight; batches mix any of these
 
     @property
     def duration(self) -> float:
@@ -1478,6 +1541,227 @@ def _padding_efficiency(batches: Iterable[Sequence[_Timed]]) -> float:
         real += sum(p.duration for p in batch)
         padded += len(batch) * max(p.duration for p in batch)
     return real / padded if padded else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Boosting (custom vocabulary): key phrases that a request asks the decoder to favour. Each list
+# becomes a boosting tree once (cached); each batch registers the trees its items use with the
+# decoder's multi-model and gives every item its own, so items with different lists, or none,
+# share batches. Checks of the request itself are lexical, so a dry run needs no NeMo.
+# ---------------------------------------------------------------------------------------------
+
+BOOST_WEIGHT_MAX = 10.0  # far past any useful weight: from ~2.5 up boosting rewrites clear speech
+
+
+@dataclass(frozen=True)
+class Boost:
+    """What one item is boosted with: its phrases (cleaned, sorted), the job's weight, and the
+    built tree (None in a dry run). Items without boosting carry None instead of a Boost."""
+
+    phrases: tuple[str, ...]
+    weight: float
+    tree: Any = field(default=None, compare=False, repr=False)
+
+
+def _clean_phrases(value: Any, field_name: str = "boost_phrases") -> tuple[str, ...]:
+    """A request's phrase list, checked and normalised: each phrase's whitespace runs become one
+    space (leading and trailing ones go), duplicates go, and the list is sorted, so the same set
+    sent in any order or spacing hits the same cached tree. Case is kept: Parakeet is cased, and
+    "Runpod" and "runpod" are different token sequences. Raises ValueError saying what is wrong."""
+    if not isinstance(value, list):
+        raise ValueError(f"{field_name} must be a list of strings, not {type(value).__name__}")
+    if len(value) > CFG.boost_max_phrases:
+        raise ValueError(f"{field_name} has {len(value)} phrases, more than BOOST_MAX_PHRASES={CFG.boost_max_phrases}")
+    phrases = set()
+    for n, phrase in enumerate(value):
+        if not isinstance(phrase, str):
+            raise ValueError(f"{field_name}[{n}] must be a string, not {type(phrase).__name__}")
+        text = " ".join(phrase.split())
+        if not text:
+            raise ValueError(f"{field_name}[{n}] is empty or only whitespace")
+        if len(text) > (cap := CFG.boost_max_phrase_chars):
+            raise ValueError(f"{field_name}[{n}] has {len(text)} characters, more than BOOST_MAX_PHRASE_CHARS={cap}")
+        if _UNSAFE_CHARS.search(text):
+            raise ValueError(f"{field_name}[{n}] '{_echo(text, 100)}' holds control characters or lone surrogates")
+        phrases.add(text)
+    return tuple(sorted(phrases))
+
+
+def _check_weight(value: float) -> str | None:
+    """Why a boost_weight is refused, or None. rp_validator already made it a float (or refused it)."""
+    if not math.isfinite(value) or not 0.0 <= value <= BOOST_WEIGHT_MAX:
+        return f"boost_weight must be a number from 0 to {BOOST_WEIGHT_MAX:g} (0 turns boosting off), not {value!r}"
+    return None
+
+
+def _check_tokens(tokenizer: Any, phrases: Sequence[str]) -> None:
+    """Refuse (ValueError) a phrase the model cannot spell: characters its tokenizer does not know
+    become <unk>, and boosting <unk> would favour whatever the model cannot read, not the phrase."""
+    unk = getattr(tokenizer, "unk_id", None)
+    for phrase in phrases:
+        ids = tokenizer.text_to_ids(phrase)
+        if not ids:
+            raise ValueError(f"boost phrase '{_echo(phrase, 100)}' has no tokens the model can emit")
+        if isinstance(unk, int) and unk >= 0 and unk in ids:
+            chars = sorted({c for c in phrase if not c.isspace() and unk in tokenizer.text_to_ids(c)})
+            raise ValueError(
+                f"boost phrase '{_echo(phrase, 100)}' holds characters the model's tokenizer does not know: "
+                f"'{_echo(''.join(chars), 50)}' (phrases are used as written, case included)"
+            )
+
+
+def _build_tree(tokenizer: Any, phrases: tuple[str, ...]) -> Any:
+    """The boosting tree of `phrases` (NeMo's GPUBoostingTreeModel, with its defaults for TDT:
+    context_score 1, depth_scaling 2). Pure Python and NumPy on the CPU; it stays in host memory
+    and is copied into the decoder's multi-model (on the GPU, if that is where it runs) per batch."""
+    from nemo.collections.asr.parts.context_biasing.boosting_graph_batched import (
+        BoostingTreeModelConfig,
+        GPUBoostingTreeModel,
+    )
+
+    _check_tokens(tokenizer, phrases)
+    config = BoostingTreeModelConfig(key_phrases_list=list(phrases))
+    return GPUBoostingTreeModel.from_config(config, tokenizer=tokenizer).eval()
+
+
+class _TreeCache:
+    """Built trees by (tokenizer, phrase list), least recently used out past BOOST_CACHE_SIZE
+    entries, so a client that sends the same list with every request builds it once (1,000
+    phrases take ~0.1-0.2 s on a CPU core). Safe from any thread; a list being built is built
+    once, however many items ask for it at the same time. The weight is not in the key: it is
+    applied when the tree is registered. An entry keeps its tokenizer alive, so the id in the
+    key cannot be reused by another tokenizer while the entry exists."""
+
+    @dataclass(eq=False)
+    class _Entry:
+        tokenizer: Any
+        done: threading.Event = field(default_factory=threading.Event)
+        tree: Any = None
+        error: BaseException | None = None
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: dict[tuple[int, tuple[str, ...]], _TreeCache._Entry] = {}  # in use order, oldest first
+        self.hits = self.misses = 0
+
+    def get(self, tokenizer: Any, phrases: tuple[str, ...]) -> Any:
+        key = (id(tokenizer), phrases)
+        with self.lock:
+            entry = self.entries.pop(key, None)
+            build = entry is None
+            if build:
+                entry = self._Entry(tokenizer)
+                self.misses += 1
+            else:
+                self.hits += 1
+            self.entries[key] = entry  # now the most recently used
+            while len(self.entries) > CFG.boost_cache_size:
+                del self.entries[next(iter(self.entries))]
+        if build:
+            try:
+                entry.tree = _build_tree(tokenizer, phrases)
+            except Exception as exc:  # noqa: BLE001 - raised below, in every thread that asked; not kept
+                entry.error = exc
+                with self.lock:
+                    if self.entries.get(key) is entry:
+                        del self.entries[key]
+            finally:
+                entry.done.set()
+        entry.done.wait()
+        if entry.error is not None:
+            raise entry.error
+        return entry.tree
+
+    def info(self) -> dict[str, int]:
+        with self.lock:
+            return {"hits": self.hits, "misses": self.misses, "size": len(self.entries), "limit": CFG.boost_cache_size}
+
+
+_TREES = _TreeCache()
+
+
+def _resolve_boost(phrases: tuple[str, ...], weight: float) -> Boost | None:
+    """The Boost for cleaned `phrases` at `weight` (building or finding the tree), or None when
+    nothing is boosted (no phrases, or weight 0): such an item is decoded exactly as without
+    boosting. Raises ValueError for a list the model cannot use, or when boosting is off."""
+    if not phrases or weight == 0:
+        return None
+    if not CFG.boosting:
+        raise ValueError("key-phrase boosting is off on this worker (BOOSTING=off)")
+    model = _MODEL
+    if model is None:  # dry run: the request was checked lexically; there is no tokenizer
+        return Boost(phrases, weight)
+    if _multi_model(model) is None:
+        raise ValueError("this model's decoder cannot boost key phrases (needs greedy_batch TDT or RNN-T decoding)")
+    return Boost(phrases, weight, _TREES.get(model.tokenizer, phrases))
+
+
+def _multi_model(model: Any) -> Any:
+    """The decoder's biasing multi-model (NeMo's GPUBiasingMultiModel), or None. It exists only
+    for label-looping greedy_batch decoding with greedy.enable_per_stream_biasing, and every
+    change_decoding_strategy makes a new one: registrations do not outlive a batch."""
+    computer = getattr(getattr(model.decoding, "decoding", None), "decoding_computer", None)
+    return getattr(computer, "biasing_multi_model", None)
+
+
+_SEED_CLASS: type | None = None
+
+
+def _seed_class() -> type:
+    """A NeMo Hypothesis that starts an item's decoding empty, with a biasing request.
+
+    NeMo's batched greedy decoder reads each partial hypothesis's biasing_cfg, decodes, then
+    merges what it found into the partial one. NeMo 3.0's Hypothesis.merge_ drops
+    token_duration (TDT timestamps then fail) and turns token tensors into lists; an empty seed
+    has nothing to merge, so this one adopts the result whole and keeps only its request. Built
+    on first use: a dry run never imports NeMo."""
+    global _SEED_CLASS
+    if _SEED_CLASS is None:
+        from nemo.collections.asr.parts.utils.rnnt_utils import Hypothesis
+
+        class BoostSeed(Hypothesis):
+            def merge_(self, other: Any) -> Any:
+                request = self.biasing_cfg
+                self.__dict__.update(other.__dict__)
+                self.biasing_cfg = request
+                return self
+
+        _SEED_CLASS = BoostSeed
+    return _SEED_CLASS
+
+
+@contextlib.contextmanager
+def _registered(model: Any, boosts: Sequence[Boost | None] | None) -> Iterator[list[Any] | None]:
+    """Register the trees a batch uses with the decoder's multi-model, once per distinct (list,
+    weight), and yield one partial hypothesis per row (None for a row without boosting), or None
+    when no row is boosted; the trees are removed again on the way out. Called holding
+    _MODEL_LOCK, outside inference mode (the multi-model's buffers are updated in place). Per
+    batch, because the timestamps switch rebuilds the decoder; a registration costs a copy of
+    the tree's arrays (~0.3 ms on a CPU for a short list)."""
+    if not boosts or not any(boosts):
+        yield None
+        return
+    from nemo.collections.asr.parts.context_biasing.biasing_multi_model import BiasingRequestItemConfig
+
+    multi = _multi_model(model)
+    if multi is None:
+        raise RuntimeError("boosting was requested but the decoder has no biasing multi-model")
+    ids: dict[tuple[tuple[str, ...], float], int] = {}
+    try:
+        seeds: list[Any] = []
+        for boost in boosts:
+            if boost is None:
+                seeds.append(None)
+                continue
+            key = (boost.phrases, boost.weight)
+            if key not in ids:
+                ids[key] = multi.add_model(boost.tree, alpha=boost.weight)
+            request = BiasingRequestItemConfig(multi_model_id=ids[key], auto_manage_multi_model=False)
+            seeds.append(_seed_class()(score=0.0, y_sequence=[], biasing_cfg=request))
+        yield seeds
+    finally:
+        for model_id in ids.values():
+            multi.remove_model(model_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1564,9 +1848,10 @@ def _load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[i
     return audio, lengths, failed
 
 
-def _forward_decode(model: Any, audio: np.ndarray, lengths: list[int]) -> list[Any]:
+def _forward_decode(model: Any, audio: np.ndarray, lengths: list[int], seeds: list[Any] | None = None) -> list[Any]:
     """Encoder + greedy TDT decoding on a padded batch, as transcribe() does, minus its
-    per-call dataloader, temp files and mode switching. Returns NeMo Hypothesis objects."""
+    per-call dataloader, temp files and mode switching. Returns NeMo Hypothesis objects.
+    `seeds` (see _registered) carry the rows' boosting requests."""
     import torch
 
     device = _STATE["device"]
@@ -1575,13 +1860,18 @@ def _forward_decode(model: Any, audio: np.ndarray, lengths: list[int]) -> list[A
     dtype = _STATE["autocast"]
     with torch.inference_mode(), torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
         encoded, encoded_len = model.forward(input_signal=signal, input_signal_length=length)
-        hyps = model.decoding.rnnt_decoder_predictions_tensor(encoded, encoded_len, return_hypotheses=True)
+        hyps = model.decoding.rnnt_decoder_predictions_tensor(
+            encoded, encoded_len, return_hypotheses=True, partial_hypotheses=seeds
+        )
     del signal, encoded
     return list(hyps)
 
 
-def _run_model(model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool) -> list[Transcript]:
-    """One model call on one batch (all rows in the same attention mode)."""
+def _run_model(
+    model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool, boosts: Sequence[Boost | None] | None = None
+) -> list[Transcript]:
+    """One model call on one batch (all rows in the same attention mode); `boosts` has one entry
+    per row, None for a row decoded without boosting."""
     if model is None:
         return [Transcript(DRY_RUN_TEXT) for _ in lengths]
     with _MODEL_LOCK:
@@ -1590,7 +1880,8 @@ def _run_model(model: Any, audio: np.ndarray, lengths: list[int], timestamps: bo
             model.eval()  # see _maybe_set_local_attention
         if _STATE["timestamps"] != timestamps:
             _configure_decoding(model, timestamps)
-        hyps = _forward_decode(model, audio, lengths)
+        with _registered(model, boosts) as seeds:
+            hyps = _forward_decode(model, audio, lengths, seeds)
     stride = model.encoder.subsampling_factor * float(model.cfg.preprocessor.window_stride)
     return [_transcript(h, stride if timestamps else None) for h in hyps]
 
@@ -1643,14 +1934,18 @@ def _gpu_fault_error() -> ItemError:
     return ItemError("gpu_failed", f"the GPU failed ({_STATE['gpu_fault']}); this worker is being replaced")
 
 
-def _run_resilient(model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool) -> list[Transcript | ItemError]:
+def _run_resilient(
+    model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool, boosts: Sequence[Boost | None] | None = None
+) -> list[Transcript | ItemError]:
     """Run a batch; if the model fails, retry its halves, so only an item that fails alone
     gets an error. A CUDA out-of-memory takes the same path, after emptying the cache. A GPU
-    fault is not retried: it fails the batch and marks the worker sick (see _is_gpu_fault)."""
+    fault is not retried: it fails the batch and marks the worker sick (see _is_gpu_fault).
+    `boosts` (one per row, or None) is split with the rows."""
     if _STATE.get("gpu_fault"):
         return [_gpu_fault_error() for _ in lengths]
+    boosts = list(boosts) if boosts is not None else [None] * len(lengths)
     try:
-        return list(_run_model(model, audio, lengths, timestamps))
+        return list(_run_model(model, audio, lengths, timestamps, boosts))
     except Exception as exc:
         if _is_gpu_fault(exc):
             log.error("GPU fault, asking Runpod to replace this worker: %s", _short(exc))
@@ -1667,8 +1962,8 @@ def _run_resilient(model: Any, audio: np.ndarray, lengths: list[int], timestamps
         log.warning("batch of %d failed (%s); retrying in halves", len(lengths), _short(exc, 120))
         half = len(lengths) // 2
         first, second = lengths[:half], lengths[half:]
-        return _run_resilient(model, audio[:half, : max(first)], first, timestamps) + _run_resilient(
-            model, audio[half:, : max(second)], second, timestamps
+        return _run_resilient(model, audio[:half, : max(first)], first, timestamps, boosts[:half]) + _run_resilient(
+            model, audio[half:, : max(second)], second, timestamps, boosts[half:]
         )
 
 
@@ -1766,7 +2061,7 @@ class _Scheduler:
         outs: dict[int, Transcript | ItemError] = dict(failed)
         if rows:
             ran = _run_resilient(model, audio[rows] if failed else audio, [lengths[r] for r in rows],
-                                 any(batch[r].timestamps for r in rows))  # fmt: skip
+                                 any(batch[r].timestamps for r in rows), [batch[r].boost for r in rows])  # fmt: skip
             outs.update(zip(rows, ran, strict=True))
         real = sum(items[r].duration for r in rows)
         info = BatchInfo(next(self.batch_ids), len(rows), real, len(rows) * max((items[r].duration for r in rows), default=0))
@@ -1835,6 +2130,7 @@ def _prepare_unit(job: _Job, index: int, item: Any) -> tuple[Prepared, cf.Future
     one, from the job (future None)."""
     arrival = _Arrival()
     try:
+        job.boosts[index] = job.boost_of(item)  # before the fetch: a bad list costs no download
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if prepared.duration > CFG.max_single_pass_sec:
             return prepared, None
@@ -1997,6 +2293,13 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"invalid input: inputs has {len(params['inputs'])} items, more than MAX_INPUTS={CFG.max_inputs}"
     if params["output_format"] not in OUTPUT_FORMATS:
         return None, f"invalid input: output_format must be one of {list(OUTPUT_FORMATS)}"
+    try:
+        params["boost_phrases"] = _clean_phrases(params["boost_phrases"])
+    except ValueError as exc:
+        return None, f"invalid input: {exc}"
+    weight_error = _check_weight(params["boost_weight"])
+    if weight_error:
+        return None, f"invalid input: {weight_error}"
     return params, None
 
 
@@ -2042,10 +2345,13 @@ class _Job:
     items, and its progress. Created and used on the event loop; the model thread only sets
     futures and calls discard()."""
 
-    def __init__(self, raw: dict[str, Any], params: dict[str, Any]):
+    def __init__(self, raw: dict[str, Any], params: dict[str, Any], boost: Boost | None = None):
         self.raw = raw
         self.inputs: list[Any] = params["inputs"]
         self.timestamps = params["timestamps"] or params["output_format"] in ("srt", "vtt")
+        self.boost = boost  # the job's boost_phrases at boost_weight (None: no boosting)
+        self.weight: float = params["boost_weight"]
+        self.boosts: dict[int, Boost | None] = {}  # by input index, once its item is checked
         self.workdir = _make_job_dir()  # first: a JobError here leaves nothing to clean up
         self.stop = threading.Event()
         self.threads: list[cf.Future] = []
@@ -2055,11 +2361,22 @@ class _Job:
         self.partial: dict[int, float] = {}  # seconds done inside split items still running
         self.progress = _Progress(self)
 
+    def boost_of(self, item: Any) -> Boost | None:
+        """How one input is boosted: its own boost_phrases when it has them (an empty list: not
+        at all), else the job's. In a prepare thread: a new list's tree is built here."""
+        if not isinstance(item, dict) or "boost_phrases" not in item:
+            return self.boost
+        try:
+            return _resolve_boost(_clean_phrases(item["boost_phrases"]), self.weight)
+        except ValueError as exc:
+            raise ItemError("invalid_boost", str(exc)) from None
+
     def submit(self, item: Prepared, final: bool = True) -> cf.Future:
-        """Hand one unit to the scheduler (from any thread)."""
+        """Hand one unit to the scheduler (from any thread); a piece of a split item carries its
+        item's boosting too."""
         if self.stop.is_set():
             raise ItemError("cancelled", "the job was stopped")
-        return _SCHEDULER.submit(Unit(item, self, self.timestamps, final))
+        return _SCHEDULER.submit(Unit(item, self, self.timestamps, final, boost=self.boosts.get(item.index)))
 
     async def run(self, item: Prepared, final: bool = True, whole: Prepared | None = None) -> Transcript | ItemError:
         return await self.result_of(self.submit(item, final), item, final, whole)
@@ -2154,7 +2471,8 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
 
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
-    """Runpod entry: {"input": {"inputs": [...], "timestamps": bool, "output_format": str}}."""
+    """Runpod entry: {"input": {"inputs": [...], "timestamps": bool, "output_format": str,
+    "boost_phrases": [str], "boost_weight": float}}."""
     started = time.monotonic()
     params, error = _check_input(job.get("input"))
     if error:
@@ -2166,7 +2484,11 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
     if _STATE.get("gpu_fault"):
         return {"error": _gpu_fault_error().message, "refresh_worker": True}
     try:
-        run = _Job(job, params)
+        boost = await _job_boost(params)
+    except ValueError as exc:
+        return {"error": f"invalid input: {exc}"}
+    try:
+        run = _Job(job, params, boost)
     except JobError as exc:
         return {"error": str(exc)}
     try:
@@ -2174,6 +2496,16 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         return _response(run, outputs, params, started)
     finally:
         await run.close()
+
+
+async def _job_boost(params: dict[str, Any]) -> Boost | None:
+    """The job's boost_phrases at boost_weight, resolved off the event loop (a new list's tree
+    takes a while to build); a job without a list does not leave the loop."""
+    if not params["boost_phrases"] or not params["boost_weight"]:
+        return None
+    return await asyncio.get_running_loop().run_in_executor(
+        None, _resolve_boost, params["boost_phrases"], params["boost_weight"]
+    )
 
 
 def _source_label(item: Any) -> str:

@@ -43,9 +43,9 @@ TARGETS = {"jobs_vs_one_job": 3.0, "mean_batch_size": 4.0, "lone_overhead_sec": 
 SLOW_MODEL = """
 import time
 _real_run_model = handler._run_model
-def _slow(model, audio, lengths, timestamps):
+def _slow(model, audio, lengths, timestamps, *rest):
     time.sleep(3.0)  # the model is slower than intake: decoded WAVs wait on disk
-    return _real_run_model(model, audio, lengths, timestamps)
+    return _real_run_model(model, audio, lengths, timestamps, *rest)
 handler._run_model = _slow
 """
 

@@ -100,10 +100,10 @@ def run_together(worker, monkeypatch, jobs: list[dict], ready_units: int) -> lis
     entered, release = threading.Event(), threading.Event()
     real = worker._forward_decode
 
-    def held(model, audio, lengths):
+    def held(model, audio, lengths, *rest):
         entered.set()
         release.wait(120)
-        return real(model, audio, lengths)
+        return real(model, audio, lengths, *rest)
 
     monkeypatch.setattr(worker, "_forward_decode", held)
     blocker = {"id": "blocker", "input": {"inputs": [{"source": str(speech_file("one", "wav"))}]}}

@@ -145,7 +145,7 @@ import json, os, threading, time
 _real, _held = handler._forward_decode, [False]
 _poison = {int(k): v for k, v in json.loads(os.environ["PW_POISON"]).items()}
 
-def _faulty(model, audio, lengths):
+def _faulty(model, audio, lengths, *rest):
     # The first batch the model thread runs says so (the file PW_HELD) and waits until PW_HOLD
     # units are ready, so that the next batch holds all of them (jobs sharing a batch for
     # certain); listed lengths fail.
@@ -158,7 +158,7 @@ def _faulty(model, audio, lengths):
     for n in lengths:
         if n in _poison:
             raise RuntimeError(_poison[n])
-    return _real(model, audio, lengths)
+    return _real(model, audio, lengths, *rest)
 
 handler._forward_decode = _faulty
 """
