@@ -395,7 +395,8 @@ def _restore_unpacked(directory: str) -> Any:
     - no random initialisation of the parameters (see _no_random_init): the checkpoint's tensors
       are loaded once and become the parameters (load_state_dict(assign=True)), with no second
       copy; the load is strict, so a parameter the checkpoint lacks fails it. The weights are
-      read, not memory-mapped: parameters backed by the file's pages are not worth the risk.
+      read, not memory-mapped: with mapped parameters one CPU run here was several times slower,
+      on a machine too busy to tell whether the mapping was the cause.
     - model_config.yaml parsed by libyaml, and a BPE model's two vocabulary lists (`labels`,
       `joint.vocabulary`) left out while NeMo builds the model: its constructor writes them
       again from the tokenizer (as it does in every restore), and NeMo's config handling copies
