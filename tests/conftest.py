@@ -93,26 +93,35 @@ def run_job(worker, inputs, **params):
     return out
 
 
+def hold_model(worker, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Hold the real model thread inside its model calls until the second event is set; the
+    first is set once a call has begun. Meanwhile units pile up in the real scheduler."""
+    entered, release = threading.Event(), threading.Event()
+    real = worker._forward_decode
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "_forward_decode", held)
+    return entered, release
+
+
+async def until(condition, what: str, timeout: float = 120) -> None:
+    """Await `condition()` (polled), failing the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 def run_together(worker, monkeypatch, jobs: list[dict], ready_units: int) -> list[dict]:
     """Run `jobs` at once, in-process, so that their items share batches for certain: a first
     one-clip job holds the real model thread inside its model call until `ready_units` units of
     these jobs wait in the real scheduler; then the model goes on and the scheduler plans."""
-    entered, release = threading.Event(), threading.Event()
-    real = worker._forward_decode
-
-    def held(model, audio, lengths, *rest):
-        entered.set()
-        release.wait(120)
-        return real(model, audio, lengths, *rest)
-
-    monkeypatch.setattr(worker, "_forward_decode", held)
+    entered, release = hold_model(worker, monkeypatch)
     blocker = {"id": "blocker", "input": {"inputs": [{"source": str(speech_file("one", "wav"))}]}}
-
-    async def until(condition, what: str) -> None:
-        deadline = time.monotonic() + 120
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.01)
 
     async def main() -> list[dict]:
         first = asyncio.ensure_future(worker.handler(blocker))

@@ -11,13 +11,12 @@ import json
 import os
 import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import DATA_ROOT, REPO, encode, run_job, speech_file, words_of
+from conftest import DATA_ROOT, REPO, encode, hold_model, run_job, speech_file, until, words_of
 
 from handler import Config
 from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker
@@ -223,25 +222,14 @@ def test_intake_waits_at_the_temp_disk_bound_and_every_item_comes_back(worker, c
     bound = 2 * largest + 1000
     config(tmp_max_bytes=bound)
     monkeypatch.setattr(w._DISK, "peak", 0)
-    entered, release = threading.Event(), threading.Event()
-    real = w._forward_decode
-
-    def held(model, audio, lengths):
-        entered.set()
-        release.wait(120)
-        return real(model, audio, lengths)
-
-    monkeypatch.setattr(w, "_forward_decode", held)
+    entered, release = hold_model(w, monkeypatch)
     tmp_root = Path(w.CFG.tmp_dir)
 
     async def main():
         task = asyncio.ensure_future(w.handler({"id": "bounded", "input": {"inputs": [{"source": str(p)} for p in paths]}}))
-        while not entered.is_set():
-            await asyncio.sleep(0.01)
+        await until(entered.is_set, "the model call")
         # the model holds one clip (read, its WAV gone); intake fills the bound and waits
-        deadline = time.monotonic() + 60
-        while len(w._SCHEDULER.ready) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(w._SCHEDULER.ready) >= 2, "two ready units", 60)
         on_disk = sorted(tmp_root.rglob("*.wav"))
         used = bytes_under(tmp_root)
         release.set()
