@@ -39,6 +39,7 @@ import numpy as np
 
 from bench import cold_start, common, throughput
 from bench.common import OUT, REPO, fmt, timed
+from tools import testkit
 
 FULL = {"layers": 24, "files": 24, "min_sec": 1.0, "max_sec": 1200.0, "bank": 300, "cold_repeats": 3,
         "page_cache": "both"}  # fmt: skip
@@ -265,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["load_timings"] = dict(getattr(worker, "LOAD_TIMINGS", {}))
         result["model_memory"] = model_memory(worker)
         result["phases"] = phases = {}
-        with common.serve_directory(root) as base:
-            ctx = {"paths": [root / f["name"] for f in files], "urls": [f"{base}/{f['name']}" for f in files],
+        with testkit.LocalServer(root=root) as server:
+            ctx = {"paths": [root / f["name"] for f in files], "urls": [f"{server.url}/files/{f['name']}" for f in files],
                    "seconds": [f["seconds"] for f in files]}  # fmt: skip
             result["warm_up_sec"] = warm_up(worker, ctx)
             print("measuring end to end ...", flush=True)
