@@ -101,15 +101,7 @@ def model_memory(worker: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_handler(worker: Any, urls: Sequence[str]) -> dict[str, Any]:
-    job = {"id": "bench-gpu", "input": {"inputs": [{"source": u} for u in urls], "timestamps": False}}
-    out, wall = timed(lambda: cold_start.answer(worker, job))
-    if "error" in out:
-        raise RuntimeError(f"handler failed: {out['error']}")
-    failed = [r for r in out["results"] if "error" in r]
-    if failed:
-        raise RuntimeError(f"handler failed on {len(failed)} items, e.g. {failed[0]}")
-    return {"wall_sec": wall, "stats": out["stats"], "texts": [r["text"] for r in out["results"]]}
+run_handler = throughput.run_handler  # the same job, the same checks
 
 
 def with_gpu_peak(run: Any) -> Any:
