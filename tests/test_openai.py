@@ -377,3 +377,94 @@ def test_run_job_reports_text_events_and_is_stopped_by_cancel(worker, monkeypatc
     ready, dirs = asyncio.run(stopped())
     assert ready == [] and len(dirs) == 1  # only the blocker's dir, at that moment
     assert temp_leftovers() == []
+
+
+# --- Runpod's OpenAI route on a queue endpoint: the SDK's real worker loop -------------------
+
+HOLD = """
+import os, threading, time
+_real, _held = handler._forward_decode, [False]
+
+def _hold(model, audio, lengths, *rest):
+    # The model thread's first batch says so (the file PW_HELD) and waits until PW_HOLD units
+    # are ready, so that the next batch holds all of them: jobs sharing a batch for certain.
+    if threading.current_thread().name == "model" and not _held[0]:
+        _held[0] = True
+        open(os.environ["PW_HELD"], "w").close()
+        deadline = time.monotonic() + 120
+        while len(handler._SCHEDULER.ready) < int(os.environ["PW_HOLD"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _real(model, audio, lengths, *rest)
+
+handler._forward_decode = _hold
+"""
+
+
+def test_queue_route_through_the_sdk_shares_batches_with_native_jobs(tmp_path, http_server):
+    import base64
+    import json
+
+    from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker
+
+    queue = FakeRunpodQueue()
+    held = tmp_path / "held"
+    env = loopback_only_env()
+    env.update(WORKER_TMP_DIR=str(tmp_path / "tmp"), PW_HOLD="6", PW_HELD=str(held))
+    proc = start_worker(queue, env, tmp_path / "worker.log", HOLD)
+
+    def route(path, **body):
+        return {"openai_route": path, "openai_input": body}
+
+    def native(text, **params):
+        return {"inputs": [{"source": str(speech_file(text, "wav"))}], **params}
+
+    wav = speech_file("five six", "wav").read_bytes()
+    b64 = base64.b64encode(wav).decode()
+    try:
+        queue.add(native("hello"))
+        deadline = time.monotonic() + 300
+        while not held.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.1)
+        jobs = [
+            native("one two"),
+            native("three four", timestamps=True),
+            route("/v1/audio/transcriptions", file=http_server.add(speech_file("left right", "mp3")),
+                  model="whisper-1", response_format="verbose_json", timestamp_granularities=["word"]),
+            route("/v1/audio/transcriptions", file=f"data:audio/wav;base64,{b64}", response_format="text"),
+            route("/v1/audio/transcriptions", file=base64.b64encode(speech_file("up down", "wav").read_bytes()).decode(),
+                  response_format="srt"),
+            route("/v1/audio/transcriptions", file=http_server.add(speech_file("stop go", "flac")), model="x"),
+        ]  # fmt: skip
+        ids = [queue.add(job) for job in jobs]
+        outs = queue.wait_done(ids)
+        later = [
+            route("/v1/models"),
+            route("/v1/embeddings", input="hi"),
+            route("/v1/audio/translations", file=b64),
+            route("/v1/audio/transcriptions", file="not base64 at all!"),
+            route("/v1/audio/transcriptions", file=b64, stream=True),
+        ]
+        models, unknown, translation, bad, streamed = queue.wait_done([queue.add(job) for job in later])
+    finally:
+        code = stop_worker(proc)
+        queue.close()
+    assert code == 0, (tmp_path / "worker.log").read_text()[-3000:]
+
+    first, stamped, verbose, text, srt, plain = outs
+    for out, words in ((first, ["one", "two"]), (stamped, ["three", "four"])):
+        assert words_of(out["output"]["results"][0]["text"]) == words
+        assert out["output"]["stats"]["batch_sizes"] == [6]  # one batch for the six jobs
+    assert [w["word"] for w in verbose["output"]["words"]] == ["left", "right"]
+    assert verbose["output"]["task"] == "transcribe" and "segments" not in verbose["output"]
+    assert words_of(text["output"]) == ["five", "six"]
+    assert re.fullmatch(r"1\n00:00:\d\d,\d{3} --> 00:00:\d\d,\d{3}\nup down\n", srt["output"])
+    assert words_of(plain["output"]["text"]) == ["stop", "go"] and set(plain["output"]) == {"text", "usage"}
+
+    assert models["output"]["data"][0]["object"] == "model"
+    assert "/v1/embeddings" in unknown["error"] and "output" not in unknown
+    assert json.loads(translation["error"])["error"]["message"].startswith("Parakeet transcribes")
+    error = json.loads(bad["error"])["error"]
+    assert error["code"] == "invalid_source" and error["param"] == "file" and error["type"] == "invalid_request_error"
+    assert json.loads(streamed["error"])["error"]["param"] == "stream"
+    assert list((tmp_path / "tmp").rglob("*")) == []
