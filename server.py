@@ -18,6 +18,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -415,4 +416,7 @@ def serve() -> None:
             health.should_exit = True
             await health_task
 
+    # uvicorn raises the signal it caught once it has drained; let that end serve() (exit 0)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     asyncio.run(run())

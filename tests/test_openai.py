@@ -468,3 +468,77 @@ def test_queue_route_through_the_sdk_shares_batches_with_native_jobs(tmp_path, h
     assert error["code"] == "invalid_source" and error["param"] == "file" and error["type"] == "invalid_request_error"
     assert json.loads(streamed["error"])["error"]["param"] == "stream"
     assert list((tmp_path / "tmp").rglob("*")) == []
+
+
+# --- HTTP mode as the image runs it: `WORKER_MODE=http python handler.py` ---------------------
+
+HOLD_DRY = """
+import os, sys, time
+_real = handler._run_resilient
+
+def _held(*args):
+    # The first batch says whether torch or NeMo were imported (PW_HELD), then waits for PW_RELEASE.
+    if not os.path.exists(os.environ["PW_HELD"]):
+        with open(os.environ["PW_HELD"], "w") as f:
+            f.write(repr(sorted(m for m in ("torch", "nemo") if m in sys.modules)))
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.environ["PW_RELEASE"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return _real(*args)
+
+handler._run_resilient = _held
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_mode_dry_run_health_port_and_sigterm_drain(tmp_path):
+    """A dry run (SKIP_MODEL_LOAD=1) serves without torch or NeMo, /ping answers on its own
+    port, and SIGTERM stops new connections while the request in flight still gets its answer;
+    then the process exits 0 and leaves no temp files."""
+    import subprocess
+    import sys
+
+    from tools.testkit import REPO, loopback_only_env
+
+    port, health = free_port(), free_port()
+    held, release = tmp_path / "held", tmp_path / "release"
+    env = loopback_only_env()
+    env.update(WORKER_MODE="http", HOST="127.0.0.1", PORT=str(port), PORT_HEALTH=str(health), SKIP_MODEL_LOAD="1",
+               WORKER_TMP_DIR=str(tmp_path / "tmp"), PW_HELD=str(held), PW_RELEASE=str(release))  # fmt: skip
+    code = f"import sys, handler\n{HOLD_DRY}\nhandler.main(sys.argv[1:])\n"
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+
+        def answers(p: int, path: str = "/ping") -> int | None:
+            try:
+                return requests.get(f"http://127.0.0.1:{p}{path}", timeout=10).status_code
+            except requests.ConnectionError:
+                return None
+
+        wait_for(lambda: answers(health) == 200 or proc.poll() is not None, "the health port", 120)
+        assert proc.poll() is None, log.read_text()
+        assert answers(port) == 200 and answers(health, "/v1/models") == 404  # the health port serves /ping only
+        with cf.ThreadPoolExecutor(1) as pool, open(speech_file("one", "wav"), "rb") as f:
+            url = f"http://127.0.0.1:{port}/v1/audio/transcriptions"
+            inflight = pool.submit(requests.post, url, files={"file": f}, data={"model": "m"}, timeout=120)
+            wait_for(held.exists, "the request to reach the model")
+            proc.terminate()  # SIGTERM
+            wait_for(lambda: answers(port) is None, "new connections to be refused")
+            assert inflight.running()
+            release.touch()
+            answer = inflight.result()
+        assert answer.status_code == 200 and "dry run" in answer.json()["text"]
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert held.read_text() == "[]"  # neither torch nor NeMo was imported
+    assert list((tmp_path / "tmp").rglob("*")) == []
