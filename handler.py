@@ -2649,7 +2649,7 @@ class UploadFile:
 UPLOAD_BLOCK_BYTES = 1 << 20
 
 
-async def handler(job: dict[str, Any]) -> dict[str, Any]:
+async def handler(job: dict[str, Any]) -> dict[str, Any] | str:
     """Runpod entry: {"input": {"inputs": [...], "timestamps": bool, "output_format": str,
     "boost_phrases": [str], "boost_weight": float}}, or Runpod's OpenAI route
     {"input": {"openai_route": "/v1/...", "openai_input": {...}}} (see "OpenAI API")."""
