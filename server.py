@@ -170,10 +170,9 @@ async def read_form(request: Request, uploads: worker.Uploads) -> dict[str, Any]
     return fields
 
 
-async def until_disconnect(request: Request, job: Awaitable[Any]) -> tuple[bool, Any]:
-    """Await `job`, cancelling it (as a Runpod stop does) if the client goes away first:
-    (False, its result), or (True, None) once it was stopped for that."""
-    task = asyncio.ensure_future(job)
+def cancel_on_disconnect(request: Request, task: asyncio.Future[Any]) -> asyncio.Event:
+    """Cancel `task` (as a Runpod stop cancels a job) if the client goes away before it is done;
+    the event says that it did."""
     gone = asyncio.Event()
 
     async def watch() -> None:
@@ -183,14 +182,21 @@ async def until_disconnect(request: Request, job: Awaitable[Any]) -> tuple[bool,
         task.cancel()
 
     watcher = asyncio.ensure_future(watch())
+    task.add_done_callback(lambda _: watcher.cancel())
+    return gone
+
+
+async def until_disconnect(request: Request, job: Awaitable[Any]) -> tuple[bool, Any]:
+    """Await `job`, stopped if the client goes away first: (False, its result), or (True, None)
+    once it was stopped for that."""
+    task = asyncio.ensure_future(job)
+    gone = cancel_on_disconnect(request, task)
     try:
         return False, await task
     except asyncio.CancelledError:
         if gone.is_set() and not _cancelling():
             return True, None
         raise
-    finally:
-        watcher.cancel()
 
 
 def _cancelling() -> bool:
@@ -289,6 +295,9 @@ def create_app(load_model: bool = True) -> FastAPI:
             return error(exc.status, str(exc), "invalid_request")
         except ClientDisconnect:
             return Response(status_code=499)
+        except Exception as exc:  # a bug: 500, as an OpenAI error
+            log.exception("a request failed")
+            return error(500, f"{type(exc).__name__}: {exc}", "internal_error")
         finally:
             if not streaming:
                 if uploads is not None:
@@ -323,12 +332,13 @@ def create_app(load_model: bool = True) -> FastAPI:
     return app
 
 
-async def stream(request: Request, req: worker.OpenAIRequest, uploads: worker.Uploads,
-                 admission: Admission) -> AsyncIterator[bytes]:  # fmt: skip
+def stream(request: Request, req: worker.OpenAIRequest, uploads: worker.Uploads,
+           admission: Admission) -> AsyncIterator[bytes]:  # fmt: skip
     """stream=true: a transcript.text.delta event as each part of the transcript becomes final
     (each item, each piece of a split file), then one transcript.text.done with the whole text;
-    an error mid-way is an error event. The client going away cancels the job (Starlette
-    cancels this generator)."""
+    an error mid-way is an error event. The job starts here, not in the generator, so that its
+    end (done, failed, or cancelled when the client goes away) cleans up even if the response
+    never gets to run the generator."""
     texts: asyncio.Queue[str] = asyncio.Queue()
 
     async def events(kind: str, payload: dict[str, Any]) -> None:
@@ -337,7 +347,17 @@ async def stream(request: Request, req: worker.OpenAIRequest, uploads: worker.Up
 
     as_json = dataclasses.replace(req, response_format="json")
     job = asyncio.ensure_future(worker.openai_transcribe(as_json, events, uploads))
-    watcher = asyncio.ensure_future(until_disconnect(request, job))  # Starlette may not notice before a send
+    cancel_on_disconnect(request, job)  # Starlette may not notice before its next send
+
+    def ended(_: asyncio.Future[Any]) -> None:
+        uploads.discard()  # run_job took them over; this covers a job cancelled before it did
+        admission.leave()
+
+    job.add_done_callback(ended)
+    return sse_events(job, texts)
+
+
+async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str]) -> AsyncIterator[bytes]:
     first = True
     try:
         while not (job.done() and texts.empty()):
@@ -355,12 +375,13 @@ async def stream(request: Request, req: worker.OpenAIRequest, uploads: worker.Up
         except worker.OpenAIError as exc:
             yield sse(exc.body())
             return
+        except Exception as exc:  # a bug: the client still gets an error event
+            log.exception("a streamed request failed")
+            yield sse(worker.OpenAIError(500, f"{type(exc).__name__}: {exc}", "internal_error").body())
+            return
         yield sse(worker.openai_done(answer["text"]))
-    finally:  # nothing after an await here: a cancelled generator may get no further
-        watcher.cancel()
-        job.cancel()  # the job's own task stops it and removes its temp dir
-        uploads.discard()
-        admission.leave()
+    finally:
+        job.cancel()  # the client is gone (or the job is done already): its own task cleans up
 
 
 def sse(event: dict[str, Any]) -> bytes:
