@@ -231,8 +231,8 @@ class BearerAuth:
 
 
 def create_app(load_model: bool = True) -> FastAPI:
-    """The HTTP API; the model loads in a background thread once the server listens, so /ping
-    answers 204 meanwhile."""
+    """The HTTP API. The model loads in a background thread started at the lifespan's startup,
+    just before uvicorn binds its sockets, so /ping answers (204) while it loads."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
