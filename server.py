@@ -186,6 +186,22 @@ def cancel_on_disconnect(request: Request, task: asyncio.Future[Any]) -> asyncio
     return gone
 
 
+async def read_json(request: Request) -> dict[str, Any]:
+    """A JSON object body, at most JSON_MAX_BYTES (FormError 413), else FormError 400."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > JSON_MAX_BYTES:
+            raise FormError(413, f"the body is over {JSON_MAX_BYTES} bytes; pass audio by URL")
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise FormError(400, "the body must be a JSON object")
+    return parsed
+
+
 async def until_disconnect(request: Request, job: Awaitable[Any]) -> tuple[bool, Any]:
     """Await `job`, stopped if the client goes away first: (False, its result), or (True, None)
     once it was stopped for that."""
@@ -274,7 +290,10 @@ def create_app(load_model: bool = True) -> FastAPI:
         uploads: worker.Uploads | None = None
         try:
             uploads = worker.Uploads()
-            fields = await read_form(request, uploads)
+            if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+                fields = await read_json(request)  # as the queue route's openai_input: file by URL or base64
+            else:
+                fields = await read_form(request, uploads)
             req = worker.openai_request(fields)
             if req.stream:
                 streaming = True
@@ -310,16 +329,11 @@ def create_app(load_model: bool = True) -> FastAPI:
         if refused is not None:
             return refused
         try:
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > JSON_MAX_BYTES:
-                    return error(413, f"the body is over {JSON_MAX_BYTES} bytes; pass audio by URL", "too_large")
             try:
-                job = json.loads(body)
-            except ValueError:
-                return error(400, "the body must be JSON: {\"input\": {\"inputs\": [...]}}", "invalid_request")
-            job_input = job.get("input") if isinstance(job, dict) else None
+                job = await read_json(request)
+            except FormError as exc:
+                return error(exc.status, str(exc), "invalid_request")
+            job_input = job.get("input")
             gone, out = await until_disconnect(request, worker.run_job(job_input))
             if gone:
                 return Response(status_code=499)

@@ -131,6 +131,19 @@ def test_bad_requests_are_openai_errors(client, api):
     assert temp_leftovers() == []
 
 
+def test_a_json_body_takes_the_file_by_url(api, http_server):
+    """Over HTTP too, a JSON body (the queue route's openai_input) may name the file by URL."""
+    url = http_server.add(speech_file("nine up", "ogg"))
+    body = {"file": url, "model": "whisper-1", "response_format": "verbose_json", "timestamp_granularities": ["word"]}
+    out = requests.post(f"{api.url}/v1/audio/transcriptions", json=body, timeout=120)
+    assert out.status_code == 200, out.text
+    assert [w["word"] for w in out.json()["words"]] == ["nine", "up"]
+    bad = requests.post(f"{api.url}/v1/audio/transcriptions", data="[1, 2]", timeout=30,
+                        headers={"Content-Type": "application/json"})  # fmt: skip
+    assert bad.status_code == 400 and "JSON object" in bad.json()["error"]["message"]
+    assert temp_leftovers() == []
+
+
 def test_undecodable_file_is_a_bad_request_with_the_item_code(client, tmp_path):
     junk = tmp_path / "junk.wav"
     junk.write_bytes(np.random.default_rng(3).bytes(50_000))
