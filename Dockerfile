@@ -4,6 +4,11 @@
 #                --build-arg CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu22.04 -t parakeet-worker:cu130 .   # Blackwell
 #   docker build --build-arg PARAKEET_MODEL=nvidia/parakeet-tdt-0.6b-v2 -t parakeet-worker:v2 .
 #   docker run --gpus all parakeet-worker   # off Runpod (no job queue): runs test_input.json once
+#   docker run --gpus all -e WORKER_MODE=http -p 8000:80 parakeet-worker   # the HTTP server (OpenAI API)
+#
+# The same image serves both kinds of Runpod endpoint: a queue endpoint runs the SDK's worker
+# loop (the default); a load-balancing endpoint sets WORKER_MODE=http, and the worker serves
+# HTTP on PORT (80) with /ping on PORT_HEALTH (default PORT). See README, "OpenAI-compatible API".
 #
 # torch 2.13.0 is built for CUDA 12.6 (Maxwell to Hopper: V100, T4, A-series, RTX 30/40, L4/L40S,
 # A100, H100/H200) and for CUDA 13.0 (Turing to Blackwell; PyPI's default build). The CUDA 13.0
@@ -54,8 +59,10 @@ ENV PARAKEET_MODEL=${PARAKEET_MODEL}
 COPY docker/fetch_model.py /tmp/fetch_model.py
 RUN python /tmp/fetch_model.py && rm /tmp/fetch_model.py
 
-COPY handler.py test_input.json ./
+COPY handler.py server.py test_input.json ./
 COPY samples ./samples
 
 ENV RUNPOD_SERVERLESS=1
+# WORKER_MODE=http only: the worker's own HTTP server listens here (PORT).
+EXPOSE 80
 CMD ["python", "-u", "handler.py"]

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import errno
 import itertools
+import json
 import logging
 import math
 import os
@@ -33,7 +34,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGKILL
@@ -184,6 +186,13 @@ class Config:
     boost_max_phrases: int = 1000
     boost_max_phrase_chars: int = 100
     boost_cache_size: int = 64
+    worker_mode: str = "queue"  # queue: Runpod's job queue; http: our own server (load-balancing endpoints)
+    host: str = "0.0.0.0"
+    port: int = 80
+    port_health: int = 0  # 0: PORT
+    worker_api_key: str = ""
+    max_upload_bytes: int = 1024**3
+    shutdown_grace_sec: float = 120.0
 
     @classmethod
     def from_env(cls) -> Config:
@@ -220,6 +229,13 @@ class Config:
             boost_max_phrases=max(1, _env_num("BOOST_MAX_PHRASES", d.boost_max_phrases, int)),
             boost_max_phrase_chars=max(1, _env_num("BOOST_MAX_PHRASE_CHARS", d.boost_max_phrase_chars, int)),
             boost_cache_size=_env_num("BOOST_CACHE_SIZE", d.boost_cache_size, int),
+            worker_mode=_env_choice("WORKER_MODE", d.worker_mode, ("queue", "http")),
+            host=_env("HOST", d.host),
+            port=_env_num("PORT", d.port, int),
+            port_health=_env_num("PORT_HEALTH", d.port_health, int),
+            worker_api_key=os.environ.get("WORKER_API_KEY", "").strip(),
+            max_upload_bytes=_env_num("MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
+            shutdown_grace_sec=_env_num("SHUTDOWN_GRACE_SEC", d.shutdown_grace_sec),
         )
 
 
@@ -680,6 +696,14 @@ class Prepared:
         return self.frames / SAMPLE_RATE
 
 
+@dataclass(frozen=True)
+class Upload:
+    """An input that a request brought along (an HTTP multipart upload), already written to
+    <job dir>/<index>.src by Uploads. Only server code makes one: no JSON input can."""
+
+    name: str  # the client's file name, echoed as the result's source
+
+
 # Demuxers ffmpeg may use. No playlists (hls), no concat, no image2: a file of ours must never
 # make ffmpeg open another file.
 FFMPEG_FORMATS = (
@@ -702,7 +726,9 @@ def _ffmpeg_bin() -> str:
 
 
 def _source_of(item: Any) -> tuple[str, str]:
-    """Validate one input item; return (kind, value) with kind in url | path | base64."""
+    """Validate one input item; return (kind, value) with kind in url | path | base64 | upload."""
+    if isinstance(item, Upload):
+        return "upload", item.name
     if not isinstance(item, dict):
         raise ItemError("invalid_source", 'each input must be an object like {"source": "..."}')
     unknown = sorted(set(item) - set(ITEM_KEYS))
@@ -1396,6 +1422,8 @@ def _fetch_reserved(
         src = _download(value, raw, stop, lambda size: _DISK.resize(wav, size))
     elif kind == "base64":
         src = _decode_base64(value, raw)
+    elif kind == "upload":
+        src = raw  # written there, and counted under `wav`, by Uploads
     else:
         src = _local_path(value)
     source_bytes = raw.stat().st_size if src == raw else 0  # it sits beside the WAV until ffmpeg is done
@@ -2149,7 +2177,7 @@ async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | Ite
         if future is None:
             out = await _transcribe_split(job, prepared)
         else:
-            out = await job.result_of(future)
+            out = await job.result_of(future, prepared)
     except ItemError as exc:
         out = exc
     except Exception as exc:  # a bug in one item's path costs that item, not the job
@@ -2305,10 +2333,10 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
 
 
 class _Progress:
-    """Posts a job's progress (items and audio seconds done, batches) through the SDK's result
-    channel while the job runs. Each item awaits its own report, so no post can land after the
-    job's final result; a report that says nothing new, or that everything is done (the
-    result says that), is not sent."""
+    """Reports a job's progress (items and audio seconds done, batches) to the job's event sink
+    (the queue handler posts it through the SDK's result channel) while the job runs. Each item
+    awaits its own report, so no post can land after the job's final result; a report that says
+    nothing new, or that everything is done (the result says that), is not sent."""
 
     def __init__(self, job: _Job):
         self.job = job
@@ -2321,7 +2349,7 @@ class _Progress:
             if numbers is None or numbers == self.last:
                 return
             self.last = numbers
-            await _post_progress(self.job.raw, numbers)
+            await self.job.emit("progress", numbers)
 
 
 async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
@@ -2341,19 +2369,25 @@ async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
         log.warning("progress post failed: %s", _short(exc))
 
 
+# What a job tells its transport while it runs: ("progress", numbers) and ("text", {"index",
+# "text"}) for each item or piece of a split item as its text becomes final (in piece order).
+Events = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
 class _Job:
     """One job on the worker: its inputs, temp dir, stop signal, the batches that carried its
     items, and its progress. Created and used on the event loop; the model thread only sets
     futures and calls discard()."""
 
-    def __init__(self, raw: dict[str, Any], params: dict[str, Any], boost: Boost | None = None):
-        self.raw = raw
+    def __init__(self, params: dict[str, Any], boost: Boost | None = None, events: Events | None = None,
+                 workdir: Path | None = None):  # fmt: skip
+        self.events = events
         self.inputs: list[Any] = params["inputs"]
         self.timestamps = params["timestamps"] or params["output_format"] in ("srt", "vtt")
         self.boost = boost  # the job's boost_phrases at boost_weight (None: no boosting)
         self.weight: float = params["boost_weight"]
         self.boosts: dict[int, Boost | None] = {}  # by input index, once its item is checked
-        self.workdir = _make_job_dir()  # first: a JobError here leaves nothing to clean up
+        self.workdir = workdir or _make_job_dir()  # first: a JobError here leaves nothing to clean up
         self.stop = threading.Event()
         self.threads: list[cf.Future] = []
         self.prepared: dict[int, Prepared] = {}
@@ -2389,10 +2423,21 @@ class _Job:
         result: UnitResult = await asyncio.wrap_future(future)
         if result.batch is not None:
             self.batches[result.batch.id] = result.batch
+        if item is not None and isinstance(result.out, Transcript):
+            await self.emit("text", {"index": item.index, "text": result.out.text})
         if item is not None and whole is not None and not final and not isinstance(result.out, ItemError):
             self.partial[whole.index] = (item.start + item.frames - whole.start) / SAMPLE_RATE
             await self.progress.report()
         return result.out
+
+    async def emit(self, kind: str, payload: dict[str, Any]) -> None:
+        """Tell the transport (a failing sink costs the event, never the job)."""
+        if self.events is None:
+            return
+        try:
+            await self.events(kind, payload)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("a %s event was lost: %s", kind, _short(exc))
 
     async def settle(self, index: int) -> None:
         self.finished.add(index)
@@ -2471,32 +2516,152 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
     return response
 
 
-async def handler(job: dict[str, Any]) -> dict[str, Any]:
-    """Runpod entry: {"input": {"inputs": [...], "timestamps": bool, "output_format": str,
-    "boost_phrases": [str], "boost_weight": float}}."""
+# -- the job runner: one for every transport ------------------------------------------------
+
+
+async def run_job(job_input: Any, events: Events | None = None, uploads: Uploads | None = None) -> dict[str, Any]:
+    """One native job, whatever brought it (Runpod's queue, the OpenAI route, the HTTP server):
+    {"inputs": [...], "timestamps": bool, "output_format": str, "boost_phrases": [str],
+    "boost_weight": float} in, {"results": [...], "stats": {...}} or {"error": str} out.
+
+    Validation, the shared scheduler, per-item errors, temp cleanup and stats all happen here;
+    progress and each item's (or piece's) text go to `events` as they happen. A stop is the
+    task's cancellation (a Runpod stop, an HTTP client gone): CancelledError goes up, and on the
+    way the job's units leave the scheduler, its downloads and ffmpeg runs stop and its temp dir
+    goes. `uploads` holds files that came with the request; the job takes over their dir."""
     started = time.monotonic()
-    params, error = _check_input(job.get("input"))
-    if error:
-        return {"error": error}
-    if not _LOADED:
-        await asyncio.get_running_loop().run_in_executor(None, ensure_model)
-    if _MODEL_ERROR:
-        return {"error": _MODEL_ERROR}
-    if _STATE.get("gpu_fault"):
-        return {"error": _gpu_fault_error().message, "refresh_worker": True}
     try:
-        boost = await _job_boost(params)
-    except ValueError as exc:
-        return {"error": f"invalid input: {exc}"}
-    try:
-        run = _Job(job, params, boost)
-    except JobError as exc:
-        return {"error": str(exc)}
+        params, error = _check_input(job_input)
+        if error:
+            return {"error": error}
+        if not _LOADED:
+            await asyncio.get_running_loop().run_in_executor(None, ensure_model)
+        if _MODEL_ERROR:
+            return {"error": _MODEL_ERROR}
+        if _STATE.get("gpu_fault"):
+            return {"error": _gpu_fault_error().message, "refresh_worker": True}
+        try:
+            boost = await _job_boost(params)
+        except ValueError as exc:
+            return {"error": f"invalid input: {exc}"}
+        try:
+            run = _Job(params, boost, events, uploads.take() if uploads is not None else None)
+        except JobError as exc:
+            return {"error": str(exc)}
+    finally:
+        if uploads is not None:
+            uploads.discard()  # whatever the job did not take over
     try:
         outputs = await transcribe_batched(run)
         return _response(run, outputs, params, started)
     finally:
         await run.close()
+
+
+def job_error_status(out: dict[str, Any]) -> int:
+    """The HTTP status of a job's answer: 200, 400 for a request the worker refused, 503 where
+    the worker could not take it (no model, a GPU fault, no temp dir)."""
+    error = out.get("error")
+    if not error:
+        return 200
+    return 400 if str(error).startswith(INVALID_INPUT_PREFIXES) else 503
+
+
+INVALID_INPUT_PREFIXES = ("invalid input", "input must be")
+
+
+class Uploads:
+    """Files that come with a request (HTTP multipart), streamed into what becomes the job's
+    temp dir: never whole in memory, each capped by MAX_UPLOAD_BYTES and counted in the temp-disk
+    bound as it arrives. Whatever happens, discard() (run_job calls it) leaves nothing behind
+    but what a job took over."""
+
+    def __init__(self) -> None:
+        self.dir: Path | None = _make_job_dir()  # JobError: the server answers 503
+        self.files: list[UploadFile] = []
+        self.stop = threading.Event()  # ends a wait for temp disk once the request is gone
+
+    def open(self, name: str) -> UploadFile:
+        """A new file, the next input: <dir>/<index>.src."""
+        assert self.dir is not None
+        index = len(self.files)
+        upload = UploadFile(self, name, self.dir / f"{index}.src", self.dir / f"{index}.wav")
+        self.files.append(upload)
+        return upload
+
+    def take(self) -> Path:
+        """The dir, now the job's (its close() removes it)."""
+        assert self.dir is not None
+        taken, self.dir = self.dir, None
+        return taken
+
+    def discard(self) -> None:
+        self.stop.set()
+        for upload in self.files:
+            upload.f.close()
+        if self.dir is not None:
+            _DISK.release_under(self.dir)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+class UploadFile:
+    """One upload being received: write() as its bytes arrive, then finish()."""
+
+    def __init__(self, uploads: Uploads, name: str, path: Path, key: Path):
+        self.uploads, self.name, self.key = uploads, name, key  # key: what _fetch_reserved counts it under
+        self.f = open(path, "wb")
+        self.written = 0
+        self.block = bytearray()
+
+    async def write(self, data: bytes) -> None:
+        """ItemError too_large past MAX_UPLOAD_BYTES (the request's files then go), disk_full."""
+        self.written += len(data)
+        if self.written > CFG.max_upload_bytes:
+            raise ItemError("too_large", f"the upload is over MAX_UPLOAD_BYTES={CFG.max_upload_bytes}")
+        self.block += data
+        if len(self.block) >= UPLOAD_BLOCK_BYTES:
+            await self._flush()
+
+    async def finish(self) -> Upload:
+        await self._flush()
+        self.f.close()
+        return Upload(self.name)
+
+    async def _flush(self) -> None:
+        """Written off the event loop, after its bytes are reserved (waiting at the bound)."""
+        block, self.block = bytes(self.block), bytearray()
+        await asyncio.to_thread(self._write, block, self.written)
+
+    def _write(self, block: bytes, total: int) -> None:
+        _DISK.reserve(self.key, total, self.uploads.stop)
+        if self.uploads.stop.is_set():  # discarded meanwhile: this reservation must not outlive it
+            _DISK.release(self.key)
+            raise ItemError("cancelled", "the request ended")
+        try:
+            self.f.write(block)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise _disk_full("receiving the upload") from None
+            raise
+
+
+UPLOAD_BLOCK_BYTES = 1 << 20
+
+
+async def handler(job: dict[str, Any]) -> dict[str, Any] | str:
+    """Runpod entry: {"input": {"inputs": [...], "timestamps": bool, "output_format": str,
+    "boost_phrases": [str], "boost_weight": float}}, or Runpod's OpenAI route
+    {"input": {"openai_route": "/v1/...", "openai_input": {...}}} (see "OpenAI API")."""
+    job_input = job.get("input")
+
+    async def post_progress(kind: str, payload: dict[str, Any]) -> None:
+        if kind == "progress":
+            await _post_progress(job, payload)
+
+    if isinstance(job_input, dict) and "openai_route" in job_input:
+        return await openai_queue_job(job_input, post_progress)
+    return await run_job(job_input, post_progress)
 
 
 async def _job_boost(params: dict[str, Any]) -> Boost | None:
@@ -2522,11 +2687,271 @@ def _source_label(item: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenAI API: POST /v1/audio/transcriptions as OpenAI's clients speak it, over both transports
+# (Runpod's queue route here, the HTTP server in server.py). A request becomes one native job
+# for run_job, and its result takes the shapes the official `openai` client parses.
+# ---------------------------------------------------------------------------------------------
+
+# -- the request ------------------------------------------------------------------------------
+
+OPENAI_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+OPENAI_GRANULARITIES = ("word", "segment")
+OPENAI_OWN_FIELDS = ("file", "model", "response_format", "timestamp_granularities", "language", "prompt",
+                     "temperature", "stream", "boost_phrases", "boost_weight")  # fmt: skip
+# OpenAI fields for its own models: accepted and ignored, so that clients sending them still work.
+OPENAI_IGNORED_FIELDS = ("include", "chunking_strategy", "known_speaker_names", "known_speaker_references",
+                         "languages", "keywords")  # fmt: skip
+OPENAI_LANGUAGE_MAX_CHARS = 32
+TRANSLATION_MESSAGE = ("Parakeet transcribes; it does not translate: /v1/audio/translations is not served. "
+                       "Use /v1/audio/transcriptions.")  # fmt: skip
+
+
+class OpenAIError(Exception):
+    """An error as OpenAI's API reports it: an HTTP status and {"error": {message, type, param,
+    code}}; `code` is the worker's item code where one item failed."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(self.status)
+        kind = kind or ("invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# The HTTP status a client expects for each item code: its request (400), its file too big (413),
+# the worker unable to take it now (503: retry, maybe elsewhere); anything else is a bug (500).
+ITEM_STATUS = {
+    "invalid_source": 400, "not_audio": 400, "no_audio": 400, "empty_audio": 400, "too_long": 400,
+    "decode_timeout": 400, "invalid_boost": 400, "forbidden_url": 400, "forbidden_path": 400,
+    "not_found": 400, "download_failed": 400, "download_timeout": 400, "too_large": 413,
+    "disk_full": 503, "gpu_failed": 503, "out_of_memory": 503, "cancelled": 503,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """A transcription request, checked: the native job it becomes and how to shape its answer."""
+
+    job: dict[str, Any]
+    response_format: str
+    words: bool
+    segments: bool
+    language: str
+    stream: bool
+
+
+def _field(fields: dict[str, Any], name: str) -> Any:
+    """A field by its name or as a form sends a list (`name[]`)."""
+    return fields[name] if name in fields else fields.get(f"{name}[]")
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A list field: a list, one form value, or a JSON array in one form value."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if value.strip().startswith("["):
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(value)
+                if isinstance(parsed, list):
+                    return parsed
+        return [value]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", ""):
+        return value.strip().lower() in ("true", "1")
+    raise OpenAIError(400, f"'{name}' must be true or false", "invalid_request", name)
+
+
+def _as_float(value: Any, name: str, low: float, high: float, default: float) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not low <= number <= high:
+        raise OpenAIError(400, f"'{name}' must be a number from {low:g} to {high:g}", "invalid_request", name)
+    return number
+
+
+def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
+    """Check an OpenAI transcription request (a JSON body, or form fields as strings) and turn it
+    into one native job. `file` is a URL, a data: URL or base64 (the queue route's JSON), or an
+    Upload (the HTTP server's multipart). `model` may be anything (clients send whisper-1);
+    `language`, `prompt` and `temperature` are checked and otherwise unused (README)."""
+    base = {k[:-2] if k.endswith("[]") else k for k in fields}
+    unknown = sorted(base - set(OPENAI_OWN_FIELDS) - set(OPENAI_IGNORED_FIELDS))
+    if unknown:
+        raise OpenAIError(400, f"unrecognized request argument(s): {_echo(', '.join(unknown), 300)}",
+                          "invalid_request", unknown[0])  # fmt: skip
+    file = fields.get("file")
+    if isinstance(file, Upload):
+        item: Any = file
+    elif isinstance(file, str) and file.strip():
+        key = "source" if file.lstrip()[:8].lower().startswith(("http://", "https://", "data:")) else "audio_base64"
+        item = {key: file}
+    else:
+        raise OpenAIError(400, "'file' is required: a URL, a data: URL or base64 audio (an upload over HTTP)",
+                          "invalid_request", "file")  # fmt: skip
+    fmt = fields.get("response_format") or "json"
+    if fmt not in OPENAI_FORMATS:
+        raise OpenAIError(400, f"'response_format' must be one of {list(OPENAI_FORMATS)}", "invalid_request",
+                          "response_format")  # fmt: skip
+    granularities = _as_list(_field(fields, "timestamp_granularities")) or ["segment"]
+    if any(g not in OPENAI_GRANULARITIES for g in granularities):
+        raise OpenAIError(400, f"'timestamp_granularities' may hold {list(OPENAI_GRANULARITIES)}", "invalid_request",
+                          "timestamp_granularities")  # fmt: skip
+    language = fields.get("language") or ""
+    if not isinstance(language, str) or len(language) > OPENAI_LANGUAGE_MAX_CHARS:
+        raise OpenAIError(400, "'language' must be a language code such as 'en'", "invalid_request", "language")
+    for name in ("model", "prompt"):
+        if fields.get(name) is not None and not isinstance(fields[name], str):
+            raise OpenAIError(400, f"'{name}' must be a string", "invalid_request", name)
+    _as_float(fields.get("temperature"), "temperature", 0.0, 1.0, 0.0)
+    weight = _as_float(fields.get("boost_weight"), "boost_weight", 0.0, BOOST_WEIGHT_MAX, 1.0)
+    verbose = fmt == "verbose_json"
+    job = {
+        "inputs": [item],
+        "timestamps": verbose or fmt in ("srt", "vtt"),
+        "output_format": fmt if fmt in ("srt", "vtt") else "json",
+        "boost_phrases": _as_list(_field(fields, "boost_phrases")),
+        "boost_weight": weight,
+    }
+    return OpenAIRequest(job, fmt, verbose and "word" in granularities, verbose and "segment" in granularities,
+                         language, _as_bool(fields.get("stream"), "stream"))  # fmt: skip
+
+
+# -- the answer -------------------------------------------------------------------------------
+
+
+def _compression_ratio(text: str) -> float:
+    """Whisper's measure of repetition: UTF-8 bytes over their zlib-compressed bytes."""
+    data = text.encode()
+    return round(len(data) / len(zlib.compress(data)), 4) if data else 0.0
+
+
+def _verbose(result: dict[str, Any], req: OpenAIRequest) -> dict[str, Any]:
+    """verbose_json. Parakeet reports no log-probabilities, no-speech probability or token ids:
+    those fields hold 0 and [] (greedy decoding: temperature 0)."""
+    stamps = result.get("timestamps", {})
+    body: dict[str, Any] = {"task": "transcribe", "language": req.language or "unknown",
+                            "duration": result.get("duration", 0.0), "text": result["text"]}  # fmt: skip
+    if req.segments:
+        body["segments"] = [_segment(n, s) for n, s in enumerate(stamps.get("segment", []))]
+    if req.words:
+        body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]} for w in stamps.get("word", [])]
+    body["usage"] = {"type": "duration", "seconds": result.get("duration", 0.0)}
+    return body
+
+
+def _segment(n: int, s: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": n, "seek": int(s["start"] * 100), "start": s["start"], "end": s["end"], "text": s["segment"],
+        "tokens": [], "temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": _compression_ratio(s["segment"]),
+        "no_speech_prob": 0.0,
+    }  # fmt: skip
+
+
+def openai_result(out: dict[str, Any], req: OpenAIRequest) -> dict[str, Any] | str:
+    """The native job's answer in the requested response_format (text, srt, vtt: a string), or
+    OpenAIError: the job's error (400 or 503), or the item's, with its code."""
+    if "error" in out:
+        status = job_error_status(out)
+        raise OpenAIError(status, str(out["error"]), "invalid_request" if status == 400 else "unavailable")
+    (result,) = out["results"]
+    if "error" in result:
+        raise OpenAIError(ITEM_STATUS.get(result["code"], 500), result["error"], result["code"], "file")
+    if req.response_format == "text":
+        return result["text"]
+    if req.response_format in ("srt", "vtt"):
+        return result["subtitles"]
+    if req.response_format == "verbose_json":
+        return _verbose(result, req)
+    return {"text": result["text"], "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
+
+
+async def openai_transcribe(req: OpenAIRequest, events: Events | None = None, uploads: Uploads | None = None) -> Any:
+    """Run one OpenAI request as a native job and shape its answer (OpenAIError on failure)."""
+    return openai_result(await run_job(req.job, events, uploads), req)
+
+
+def openai_models() -> dict[str, Any]:
+    """GET /v1/models: the one model this worker serves (any name is accepted in a request)."""
+    model = {"id": CFG.model, "object": "model", "created": STARTED_AT, "owned_by": "nvidia"}
+    return {"object": "list", "data": [model]}
+
+
+STARTED_AT = int(time.time())
+
+
+# -- streaming: server-sent events as OpenAI sends them -----------------------------------------
+
+
+def openai_delta(text: str, first: bool) -> dict[str, Any]:
+    """transcript.text.delta: the next final part of the transcript (deltas joined = the text)."""
+    return {"type": "transcript.text.delta", "delta": text if first else f" {text}"}
+
+
+def openai_done(text: str) -> dict[str, Any]:
+    return {"type": "transcript.text.done", "text": text}
+
+
+# -- Runpod's OpenAI route on a queue endpoint --------------------------------------------------
+
+
+async def openai_queue_job(job_input: dict[str, Any], events: Events | None = None) -> Any:
+    """{"openai_route": "/v1/...", "openai_input": {<JSON body>}}: the OpenAI response as the
+    job's output (a string for text, srt and vtt). An OpenAI error is the job's error, as the
+    JSON of the error object; an unknown route is a job error that names it. The queue
+    handler does not stream: stream=true is refused (the HTTP server streams)."""
+    route, body = job_input.get("openai_route"), job_input.get("openai_input") or {}
+    try:
+        if route in ("/v1/models", "/models"):
+            return openai_models()
+        if route in ("/v1/audio/translations", "/audio/translations"):
+            raise OpenAIError(404, TRANSLATION_MESSAGE, "unknown_url")
+        if route not in ("/v1/audio/transcriptions", "/audio/transcriptions"):
+            served = "/v1/audio/transcriptions and /v1/models"
+            return {"error": f"unknown openai_route {_echo(repr(route), 200)}: this worker serves {served}"}
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "openai_input must be an object (the request's JSON body)", "invalid_request")
+        req = openai_request(body)
+        if req.stream:
+            raise OpenAIError(400, "stream=true needs the worker's HTTP server (a load-balancing endpoint); "
+                              "the queue route answers once", "invalid_request", "stream")  # fmt: skip
+        return await openai_transcribe(req, events)
+    except OpenAIError as exc:
+        answer: dict[str, Any] = {"error": json.dumps(exc.body())}
+        if _STATE.get("gpu_fault"):
+            answer["refresh_worker"] = True
+        return answer
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
 logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 log.addFilter(_SafeLogRecords())  # no URL secrets, no forged lines: whoever handles the records
+
+
+def worker_health() -> str:
+    """What /ping says (HTTP mode): "loading" until the model is loaded (or its load failed: the
+    worker then answers every request with the cause), "unhealthy" after a GPU fault or once the
+    model thread has died (nothing would ever run again), else "ready"."""
+    if not _LOADED:
+        return "loading"
+    thread = _SCHEDULER.thread
+    if _STATE.get("gpu_fault") or _STATE.get("unhealthy") or (thread is not None and not thread.is_alive()):
+        return "unhealthy"
+    return "ready"
 
 
 def _concurrency(current: int) -> int:
@@ -2536,9 +2961,16 @@ def _concurrency(current: int) -> int:
 
 
 def main(argv: list[str]) -> None:
-    """RUNPOD_SERVERLESS=1: the Runpod worker loop. Otherwise the SDK's local paths:
-    `--test_input '{...}'`, `--rp_serve_api`, or test_input.json in the working directory.
-    The model is loaded here, before the SDK takes its first job."""
+    """WORKER_MODE=http: the worker's own HTTP server (server.py, for load-balancing endpoints),
+    which loads the model in the background once it listens. Otherwise RUNPOD_SERVERLESS=1: the
+    Runpod worker loop; or the SDK's local paths: `--test_input '{...}'`, `--rp_serve_api`, or
+    test_input.json in the working directory. The model is loaded here, before the SDK takes
+    its first job."""
+    if CFG.worker_mode == "http":
+        import server  # only here: the queue worker never imports the HTTP layer
+
+        server.serve()
+        return
     local_args = any(a.startswith(("--test_input", "--rp_")) for a in argv)
     if not _env_flag("RUNPOD_SERVERLESS") and not local_args and not Path("test_input.json").is_file():
         sys.exit("nothing to run: set RUNPOD_SERVERLESS=1, pass --test_input '{...}' or --rp_serve_api")
@@ -2547,4 +2979,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("handler", sys.modules[__name__])  # server.py's `import handler` is this module
     main(sys.argv[1:])

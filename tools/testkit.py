@@ -488,3 +488,55 @@ def loopback_only_env(env: dict[str, str] | None = None) -> dict[str, str]:
         env.pop(var, None)
     env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     return env
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's own HTTP server (server.py) in a thread of this process, on 127.0.0.1.
+# ---------------------------------------------------------------------------------------------
+
+
+class UvicornThread:
+    """An ASGI app served by uvicorn on 127.0.0.1 (a free port) in a daemon thread, with its
+    lifespan (server.create_app() starts its model load there):
+
+        with UvicornThread(server.create_app()) as api:
+            OpenAI(base_url=f"{api.url}/v1", api_key="x")"""
+
+    def __init__(self, app: Any, timeout: float = 60):
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+
+    def __enter__(self) -> UvicornThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def multipart(fields: dict[str, Any], file: Path, field: str = "file") -> tuple[bytes, str]:
+    """A multipart/form-data body as an HTTP client sends it: `fields` (a list value: one part
+    each) and `file`; returns (body, content type)."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        for one in value if isinstance(value, list) else [value]:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{one}\r\n'.encode())
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{Path(file).name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+    body = b"".join([*parts, head, Path(file).read_bytes(), f"\r\n--{boundary}--\r\n".encode()])
+    return body, f"multipart/form-data; boundary={boundary}"
