@@ -1189,6 +1189,46 @@ def _declared_length(f: Any, head: bytes) -> tuple[float, float] | None:
     return None
 
 
+# A WAV's fmt and data chunks come within its first few chunks; a file with more before its data
+# is sized by its bytes instead (see _wav_bytes_estimate).
+RIFF_MAX_CHUNKS = 64
+
+
+def _riff_seconds(f: Any, size: int) -> float | None:
+    """Seconds of audio a RIFF or RF64 WAV of `size` bytes declares: its data chunk's bytes (at
+    most what the file holds past the chunk's start) over its fmt chunk's byte rate; None where
+    the header does not say. The project's own reader, not libsndfile: a LIST chunk sized
+    0xFFFFFFF0 holding another chunk of that size made sf.info() spin for ever in the worker's
+    process. This reads at most RIFF_MAX_CHUNKS chunk headers, each further into the file than
+    the last, and stops at the first one that claims more bytes than the file has."""
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+        return None
+    pos, byte_rate, ds64_data = 12, 0, None
+    for _ in range(RIFF_MAX_CHUNKS):
+        f.seek(pos)
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            return None
+        cid, csize, body = chunk[:4], int.from_bytes(chunk[4:8], "little"), pos + 8
+        if cid == b"data":
+            if head[:4] == b"RF64" and csize == 0xFFFFFFFF and ds64_data is not None:
+                csize = ds64_data
+            left = size - body
+            data_bytes = left if csize == 0 or csize > left else csize  # 0: written while streaming
+            return data_bytes / byte_rate if byte_rate else None
+        fields = f.read(min(csize, 16))
+        if cid == b"fmt " and len(fields) >= 12:
+            byte_rate = int.from_bytes(fields[8:12], "little")
+        elif cid == b"ds64" and len(fields) >= 16:  # RF64: riff size, then data size, 64 bits each
+            ds64_data = int.from_bytes(fields[8:16], "little")
+        pos = body + csize + (csize & 1)
+        if pos + 8 > size:
+            return None
+    return None
+
+
 @dataclass(eq=False)
 class _Decode:
     """One file waiting for ffmpeg, and what came of it."""
@@ -1360,11 +1400,11 @@ def _wav_bytes_estimate(src: Path) -> int:
             with open(src, "rb") as f:
                 head = f.read(4096)
                 declared = _declared_length(f, head)
-            if declared is not None:
-                seconds = declared[1]
-            elif head[:4] in (b"RIFF", b"RF64"):
-                seconds = sf.info(str(src)).duration
-    except (OSError, ValueError, IndexError, RuntimeError):
+                if declared is not None:
+                    seconds = declared[1]
+                elif head[:4] in (b"RIFF", b"RF64"):
+                    seconds = _riff_seconds(f, os.fstat(f.fileno()).st_size)
+    except (OSError, ValueError, IndexError):
         seconds = None  # an unreadable header: the size decides
     size = src.stat().st_size if src.is_file() else 0
     guess = seconds * WAV_BYTES_PER_SEC * 1.01 + 65536 if seconds else size * WAV_PER_SOURCE_BYTE + (1 << 20)
