@@ -249,9 +249,33 @@ _MODEL_ERROR: str | None = None
 _LOADED = False
 _LOAD_LOCK = threading.Lock()
 _MODEL_LOCK = threading.Lock()  # NeMo models are not thread-safe: one model call at a time
-_STATE: dict[str, Any] = {
-    "local_attention": False, "timestamps": None, "device": "cpu", "autocast": None, "gpu_fault": None,
-}  # fmt: skip
+
+
+@dataclass
+class _WorkerState:
+    """What the running worker knows about its model and its own health (one per process)."""
+
+    local_attention: bool = False  # the encoder's attention mode now (see _maybe_set_local_attention)
+    timestamps: bool | None = None  # the decoder's timestamp mode now (see _configure_decoding)
+    device: str = "cpu"
+    autocast: Any = None  # the torch dtype of model calls, None for fp32
+    durations_fixed: bool | None = None  # whether NeMo 3.0's stale-duration patch applied (_fix_tdt_durations)
+    gpu_fault: str | None = None  # why the GPU is unusable: every job is refused, the worker asks to be replaced
+    model_thread_died: str | None = None  # why the scheduler thread ended: the same, without a GPU to blame
+
+    @property
+    def unhealthy(self) -> str | None:
+        """Why no job can run on this worker any more (None while it is healthy)."""
+        return self.gpu_fault or self.model_thread_died
+
+
+_STATE = _WorkerState()
+
+
+def worker_healthy() -> bool:
+    """False once no job can run here (a GPU fault, a dead model thread): a health check
+    (HTTP /ping) answers unhealthy, and every job's output asks Runpod for a new worker."""
+    return _STATE.unhealthy is None
 
 
 def _resolve_model_source(name: str) -> tuple[str, str]:
@@ -358,8 +382,8 @@ def load_model(name: str) -> Any:
     # never back to -1: that breaks the next transcription in NeMo 3.0.
     if hasattr(model, "change_subsampling_conv_chunking_factor"):
         model.change_subsampling_conv_chunking_factor(1)
-    _STATE.update(device=device, autocast=_autocast_dtype(device, torch))
-    _STATE.update(local_attention=False, timestamps=None)
+    _STATE.device, _STATE.autocast = device, _autocast_dtype(device, torch)
+    _STATE.local_attention, _STATE.timestamps = False, None
     _configure_decoding(model, timestamps=False, cuda_graphs=device == "cuda")
     try:
         _warm_up(model)
@@ -510,7 +534,7 @@ def _configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None =
     off; see the boosting section). NeMo 3.0's stale-duration bug is patched first."""
     from omegaconf import open_dict
 
-    _STATE["durations_fixed"] = _fix_tdt_durations()
+    _STATE.durations_fixed = _fix_tdt_durations()
     cfg = model.cfg.decoding
     with open_dict(cfg):
         cfg.strategy = "greedy_batch"
@@ -522,7 +546,7 @@ def _configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None =
         if "greedy" in cfg:
             cfg.greedy.enable_per_stream_biasing = CFG.boosting
     model.change_decoding_strategy(cfg, verbose=False)
-    _STATE["timestamps"] = timestamps
+    _STATE.timestamps = timestamps
     multi = _multi_model(model)
     if cuda_graphs and multi is not None and not multi.compatible_with_cuda_graphs():  # at load, on a GPU
         log.warning("boosting without Triton: NeMo decodes without CUDA graphs (install triton, or set BOOSTING=off)")
@@ -1862,14 +1886,14 @@ def _maybe_set_local_attention(model: Any, duration: float) -> None:
     NeMo builds the new attention modules in training mode (dropout on), hence the eval().
     """
     want_local = duration > CFG.local_attention_after_sec
-    if want_local == _STATE["local_attention"]:
+    if want_local == _STATE.local_attention:
         return
     if want_local:
         model.change_attention_model("rel_pos_local_attn", list(CFG.local_attention_context))
     else:
         model.change_attention_model("rel_pos", [-1, -1])
     model.eval()
-    _STATE["local_attention"] = want_local
+    _STATE.local_attention = want_local
     log.info("encoder attention: %s", "local" if want_local else "full")
 
 
@@ -1895,10 +1919,10 @@ def _forward_decode(model: Any, audio: np.ndarray, lengths: list[int], seeds: li
     `seeds` (see _registered) carry the rows' boosting requests."""
     import torch
 
-    device = _STATE["device"]
+    device = _STATE.device
     signal = torch.from_numpy(np.ascontiguousarray(audio)).to(device, non_blocking=True)
     length = torch.tensor(lengths, dtype=torch.int64, device=device)
-    dtype = _STATE["autocast"]
+    dtype = _STATE.autocast
     with torch.inference_mode(), torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
         encoded, encoded_len = model.forward(input_signal=signal, input_signal_length=length)
         hyps = model.decoding.rnnt_decoder_predictions_tensor(
@@ -1919,7 +1943,7 @@ def _run_model(
         _maybe_set_local_attention(model, max(lengths) / SAMPLE_RATE)
         if any(m.training for m in model.modules()):
             model.eval()  # see _maybe_set_local_attention
-        if _STATE["timestamps"] != timestamps:
+        if _STATE.timestamps != timestamps:
             _configure_decoding(model, timestamps)
         with _registered(model, boosts) as seeds:
             hyps = _forward_decode(model, audio, lengths, seeds)
@@ -1959,7 +1983,7 @@ def _is_gpu_fault(exc: BaseException) -> bool:
     text = str(exc).lower()
     if any(marker in text for marker in GPU_FAULT_MARKERS):
         return True
-    if _STATE["device"] != "cuda" or not any(k in text for k in ("cuda", "cudnn", "cublas", "nccl")):
+    if _STATE.device != "cuda" or not any(k in text for k in ("cuda", "cudnn", "cublas", "nccl")):
         return False
     import torch
 
@@ -1972,7 +1996,7 @@ def _is_gpu_fault(exc: BaseException) -> bool:
 
 
 def _gpu_fault_error() -> ItemError:
-    return ItemError("gpu_failed", f"the GPU failed ({_STATE['gpu_fault']}); this worker is being replaced")
+    return ItemError("gpu_failed", f"the GPU failed ({_STATE.gpu_fault}); this worker is being replaced")
 
 
 def _run_resilient(
@@ -1982,7 +2006,7 @@ def _run_resilient(
     gets an error. A CUDA out-of-memory takes the same path, after emptying the cache. A GPU
     fault is not retried: it fails the batch and marks the worker sick (see _is_gpu_fault).
     `boosts` (one per row, or None) is split with the rows."""
-    if _STATE.get("gpu_fault"):
+    if _STATE.gpu_fault:
         return [_gpu_fault_error() for _ in lengths]
     boosts = list(boosts) if boosts is not None else [None] * len(lengths)
     try:
@@ -1990,7 +2014,7 @@ def _run_resilient(
     except Exception as exc:
         if _is_gpu_fault(exc):
             log.error("GPU fault, asking Runpod to replace this worker: %s", _short(exc))
-            _STATE["gpu_fault"] = f"{type(exc).__name__}: {_short(exc, 200)}"
+            _STATE.gpu_fault = f"{type(exc).__name__}: {_short(exc, 200)}"
             return [_gpu_fault_error() for _ in lengths]
         if _is_oom(exc):
             import torch
@@ -2013,8 +2037,14 @@ class _Scheduler:
 
     Jobs submit units as their items become ready; whenever the model is free the thread runs
     the batch that _plan_next picks from all of them, reads the rows, deletes each finished
-    item's WAV at once, and hands every unit its result through its future. Nothing waits on a
-    timer: a batch runs as soon as the model is free and anything is ready.
+    item's WAV at once, and hands every unit its result through its future. A batch runs as soon
+    as the model is free and anything is ready; the one wait is _gather's (50 ms at most, only
+    while items decoded together are still on their way).
+
+    The thread must not die with units waiting: a bug in planning or in a batch costs the units
+    it touched (an internal_error), never the others. Should the thread end anyway, every unit
+    in it and every later one is answered at once (model_failed), and the worker turns unhealthy
+    (worker_healthy(): jobs' outputs carry refresh_worker, as after a GPU fault).
     """
 
     def __init__(self) -> None:
@@ -2028,6 +2058,9 @@ class _Scheduler:
 
     def submit(self, unit: Unit) -> cf.Future:
         with self.cond:
+            if _STATE.model_thread_died:
+                _deliver(unit, UnitResult(_model_failed_error(), None))
+                return unit.future
             unit.seq = next(self.arrivals)
             self.ready.append(unit)
             if self.thread is None:
@@ -2065,25 +2098,51 @@ class _Scheduler:
                 self.cond.wait()
 
     def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while not self.ready:
-                    self.cond.wait()
-                self._gather()
-                batch = _plan_next(self.ready, _STATE["local_attention"])
-                for unit in batch:
-                    self.ready.remove(unit)
-                self.reading = batch
+        batch: list[Unit] = []
+        try:
+            while True:
+                batch = []
+                try:
+                    batch = self._next_batch()
+                    self._run(batch)
+                except Exception as exc:  # a bug outside the model call costs this batch, not the worker
+                    log.exception("batch of %d failed outside the model", len(batch))
+                    for unit in batch:
+                        _deliver(unit, UnitResult(ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}"), None))
+                finally:
+                    with self.cond:
+                        self.reading = []
+                        self.cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - the thread ends here; _died says so, with the traceback
+            self._died(exc, batch)
+
+    def _next_batch(self) -> list[Unit]:
+        """Wait for work; take the batch _plan_next picks. Should planning fail (a bug), the
+        oldest ready unit runs alone: the planner's bug costs no unit its result."""
+        with self.cond:
+            while not self.ready:
+                self.cond.wait()
+            self._gather()
             try:
-                self._run(batch)
-            except Exception as exc:  # a bug outside the model call costs this batch, not the worker
-                log.exception("batch of %d failed outside the model", len(batch))
-                for unit in batch:
-                    _deliver(unit, UnitResult(ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}"), None))
-            finally:
-                with self.cond:
-                    self.reading = []
-                    self.cond.notify_all()
+                batch = _plan_next(self.ready, _STATE.local_attention)
+            except Exception:
+                log.exception("planning failed; running the oldest ready item alone")
+                batch = [min(self.ready, key=lambda u: u.seq)]
+            for unit in batch:
+                self.ready.remove(unit)
+            self.reading = batch
+            return batch
+
+    def _died(self, exc: BaseException, batch: list[Unit]) -> None:
+        """The thread is ending: answer every unit it holds or would take, and mark the worker
+        unhealthy, so that no job waits for ever on a thread that is gone."""
+        log.critical("the model thread died; asking Runpod to replace this worker", exc_info=exc)
+        with self.cond:
+            _STATE.model_thread_died = f"{type(exc).__name__}: {_short(exc, 200)}"
+            for unit in [*batch, *self.ready]:
+                _deliver(unit, UnitResult(_model_failed_error(), None))
+            self.ready, self.reading, self.thread = [], [], None
+            self.cond.notify_all()
 
     def _run(self, batch: list[Unit]) -> None:
         model = _MODEL
@@ -2108,6 +2167,12 @@ class _Scheduler:
         info = BatchInfo(next(self.batch_ids), len(rows), real, len(rows) * max((items[r].duration for r in rows), default=0))
         for row, unit in enumerate(batch):
             _deliver(unit, UnitResult(outs[row], info if row in rows else None))
+
+
+def _model_failed_error() -> ItemError:
+    return ItemError(
+        "model_failed", f"the worker's model thread died ({_STATE.model_thread_died}); this worker is being replaced, retry the item"
+    )
 
 
 def _deliver(unit: Unit, result: UnitResult) -> None:
@@ -2506,7 +2571,7 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
         "batch_sizes": [b.size for b in batches],
         "padding_efficiency": round(sum(b.real_sec for b in batches) / padded, 4) if padded else 1.0,
     }
-    if _STATE.get("gpu_fault"):
+    if not worker_healthy():
         response["refresh_worker"] = True  # the SDK asks Runpod to replace this worker
     return response
 
@@ -2522,8 +2587,10 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         await asyncio.get_running_loop().run_in_executor(None, ensure_model)
     if _MODEL_ERROR:
         return {"error": _MODEL_ERROR}
-    if _STATE.get("gpu_fault"):
+    if _STATE.gpu_fault:
         return {"error": _gpu_fault_error().message, "refresh_worker": True}
+    if _STATE.model_thread_died:
+        return {"error": _model_failed_error().message, "refresh_worker": True}
     try:
         boost = await _job_boost(params)
     except ValueError as exc:

@@ -93,7 +93,7 @@ def run_child(request_file: Path) -> None:
         "wall_sec": wall,
         "phase_sec": spent,
         "split_cuts_sec": [c / SAMPLE_RATE for c in cuts],
-        "local_attention_at_end": handler._STATE["local_attention"],
+        "local_attention_at_end": handler._STATE.local_attention,
         "config": {k: getattr(handler.CFG, k) for k in ("local_attention_after_sec", "local_attention_context",
                                                         "max_single_pass_sec", "short_max_sec", "prepare_workers")},
         "peak_rss_mb": {"handler_phase": phases["handler"]["peak_rss_mb"], "process": common.process_peak_mb(),

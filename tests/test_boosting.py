@@ -65,7 +65,7 @@ def test_word_ends_do_not_depend_on_batch_neighbours(worker, monkeypatch):
     """NeMo 3.0's stale TDT durations (patched by the worker, see _fix_tdt_durations) moved the
     end of "no" from 0.56 to 0.64 s when "four two stop" shared its batch, and "two"'s end the
     other way; with the fix each clip's timestamps are the same alone and batched."""
-    assert worker._STATE["durations_fixed"] is True
+    assert worker._STATE.durations_fixed is True
     assert getattr(type(worker._MODEL.decoding.decoding.decoding_computer).torch_impl, "_durations_fixed", False)
     a, b = str(speech_file("yes no", "wav")), str(speech_file("four two stop", "wav"))
     alone = [solo(worker, a), solo(worker, b)]

@@ -41,7 +41,7 @@ def main(request_file: str) -> None:
         "model_gpu_mb": None,
         "load": dict(getattr(handler, "LOAD_TIMINGS", {})),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "autocast": str(handler._STATE.get("autocast")),
+        "autocast": str(handler._STATE.autocast),
     }
     if cuda:
         result["model_gpu_mb"] = sum(p.numel() * p.element_size() for p in handler._MODEL.parameters()) / 2**20
