@@ -792,7 +792,13 @@ def _local_path(raw: str) -> Path:
             "invalid_source", f"the path is too long (over {PATH_MAX_BYTES} bytes, or a name over {NAME_MAX_BYTES})"
         )
     path = Path(raw) if os.path.isabs(raw) else APP_DIR / raw
-    real = Path(os.path.realpath(path))
+    try:
+        real = Path(os.path.realpath(path))
+    except OSError as exc:  # /proc/1/root, /proc/1/cwd: resolving them is refused (EACCES)
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ItemError("invalid_source", f"cannot use {raw}: {exc.strerror}") from None
+        code = "forbidden_path" if exc.errno in (errno.EACCES, errno.EPERM) else "not_found"
+        raise ItemError(code, f"cannot resolve {raw}: {exc.strerror or exc}") from None
     for root in CFG.allowed_local_roots:
         real_root = Path(os.path.realpath(root))
         if real == real_root or real_root in real.parents:
@@ -850,6 +856,25 @@ def _disk_full(doing: str) -> ItemError:
     )
 
 
+def _tmp_problem(folder: Path) -> ItemError | None:
+    """What is wrong with the job's temp dir `folder`, if anything, once a write in it failed:
+    it is gone (removed while the job ran), read-only, or full. The item is then likely fine:
+    each of these codes says so, where ffmpeg or a write would only say what failed."""
+    try:
+        if not folder.is_dir():
+            return ItemError(
+                "temp_dir_gone", "this job's temp dir (under WORKER_TMP_DIR) was removed while the job ran; retry the item"
+            )
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY or not os.access(folder, os.W_OK):
+        return ItemError(
+            "temp_not_writable", "the worker cannot write to its temp dir (WORKER_TMP_DIR is read-only); retry the item"
+        )
+    return _disk_full("writing to it") if _fs_full(folder) else None
+
+
 def _make_job_dir() -> Path:
     """A fresh temp dir for one job under WORKER_TMP_DIR, which is created if missing. Raises
     JobError, never OSError, when that cannot be done (WORKER_TMP_DIR cannot be created, or the
@@ -862,6 +887,27 @@ def _make_job_dir() -> Path:
         full = exc.errno in DISK_FULL_ERRNOS
         why = "the worker ran out of disk space or inodes" if full else f"{exc.strerror or exc}"
         raise JobError(f"cannot make this job's temp dir under WORKER_TMP_DIR={_echo(str(root), 300)}: {why}") from None
+
+
+_UNREMOVED: set[Path] = set()  # job dirs whose removal failed (say, a read-only spell of the disk)
+_UNREMOVED_LOCK = threading.Lock()
+
+
+def _remove_job_dir(workdir: Path) -> None:
+    """Remove a finished job's temp dir, and retry every one whose removal failed before: a
+    temp dir that was read-only for a while must not keep its files for good."""
+    with _UNREMOVED_LOCK:
+        todo = [workdir, *_UNREMOVED]
+        _UNREMOVED.clear()
+    left = set()
+    for folder in todo:
+        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.lexists(folder):
+            left.add(folder)
+    if left:
+        log.warning("%d job temp dir(s) could not be removed yet; retried at the next job's end", len(left))
+        with _UNREMOVED_LOCK:
+            _UNREMOVED.update(left)
 
 
 class _Retry(Exception):
@@ -893,7 +939,8 @@ def _download(
                 log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)  # redacted: _SafeLogRecords
         raise ItemError("download_failed", f"{last} (after {CFG.download_retries + 1} attempts)")
     except BaseException:
-        dest.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only temp dir: _fetch_to_wav says so
+            dest.unlink(missing_ok=True)
         raise
 
 
@@ -1015,13 +1062,23 @@ def _ffmpeg_cmd(pairs: Sequence[tuple[Path, Path]], limits: Sequence[int | None]
     cmd = [_ffmpeg_bin(), "-nostdin", "-hide_banner", "-loglevel", "error"]
     for src, _ in pairs:
         cmd += ["-protocol_whitelist", "file,pipe", "-format_whitelist", FFMPEG_FORMATS, "-i", f"file:{src}"]
-    for n, (_, dest) in enumerate(pairs):
+    for n, (src, dest) in enumerate(pairs):
         cmd += [
-            "-map", f"{n}:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SAMPLE_RATE),
+            "-map", f"{n}:a:0", "-vn", "-sn", "-dn", *_mixdown(src), "-ac", "1", "-ar", str(SAMPLE_RATE),
             "-c:a", "pcm_s16le", "-t", f"{CFG.max_audio_sec + 1:.3f}",
             *(["-fs", str(limits[n])] if limits and limits[n] else []), "-f", "wav", "-y", f"file:{dest}",
         ]  # fmt: skip
     return cmd
+
+
+def _mixdown(src: Path) -> list[str]:
+    """ffmpeg's -ac 1 mixes down only layouts it knows: from 1 to 8 channels, and 16. A header
+    that declares more (9, 32, 64 channels of PCM) gets an explicit mix, every channel at the
+    same weight (pan's "<" keeps the sum of the weights at 1)."""
+    channels = _declared_channels(src)
+    if channels is None or channels <= 8 or channels > 255:
+        return []
+    return ["-af", "pan=mono|c0<" + "+".join(f"c{c}" for c in range(channels))]
 
 
 STOP_POLL_SEC = 0.1  # how often a decode that can be stopped looks at its stop event
@@ -1218,38 +1275,57 @@ def _declared_length(f: Any, head: bytes) -> tuple[float, float] | None:
 RIFF_MAX_CHUNKS = 64
 
 
-def _riff_seconds(f: Any, size: int) -> float | None:
-    """Seconds of audio a RIFF or RF64 WAV of `size` bytes declares: its data chunk's bytes (at
-    most what the file holds past the chunk's start) over its fmt chunk's byte rate; None where
-    the header does not say. The project's own reader, not libsndfile: a LIST chunk sized
+def _riff_header(f: Any, size: int) -> tuple[float | None, int | None]:
+    """(seconds, channels) a RIFF or RF64 WAV of `size` bytes declares, None for what its header
+    does not say. Seconds: its data chunk's bytes (at most what the file holds past the chunk's
+    start) over its fmt chunk's byte rate. The project's own reader, not libsndfile: a LIST chunk sized
     0xFFFFFFF0 holding another chunk of that size made sf.info() spin for ever in the worker's
     process. This reads at most RIFF_MAX_CHUNKS chunk headers, each further into the file than
     the last, and stops at the first one that claims more bytes than the file has."""
     f.seek(0)
     head = f.read(12)
     if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
-        return None
-    pos, byte_rate, ds64_data = 12, 0, None
+        return None, None
+    pos, byte_rate, channels, ds64_data = 12, 0, None, None
     for _ in range(RIFF_MAX_CHUNKS):
         f.seek(pos)
         chunk = f.read(8)
         if len(chunk) < 8:
-            return None
+            break
         cid, csize, body = chunk[:4], int.from_bytes(chunk[4:8], "little"), pos + 8
         if cid == b"data":
             if head[:4] == b"RF64" and csize == 0xFFFFFFFF and ds64_data is not None:
                 csize = ds64_data
             left = size - body
             data_bytes = left if csize == 0 or csize > left else csize  # 0: written while streaming
-            return data_bytes / byte_rate if byte_rate else None
+            return (data_bytes / byte_rate if byte_rate else None), channels
         fields = f.read(min(csize, 16))
         if cid == b"fmt " and len(fields) >= 12:
-            byte_rate = int.from_bytes(fields[8:12], "little")
+            channels, byte_rate = int.from_bytes(fields[2:4], "little"), int.from_bytes(fields[8:12], "little")
         elif cid == b"ds64" and len(fields) >= 16:  # RF64: riff size, then data size, 64 bits each
             ds64_data = int.from_bytes(fields[8:16], "little")
         pos = body + csize + (csize & 1)
         if pos + 8 > size:
-            return None
+            break
+    return None, channels
+
+
+def _declared_channels(src: Path) -> int | None:
+    """How many channels the header of `src` declares (WAV, Ogg Vorbis or Opus; FLAC has at most
+    8), read as _riff_header reads, bounded; None where it does not say or cannot be read."""
+    try:
+        with open(src, "rb") as f:
+            head = f.read(4096)
+            if head[:4] in (b"RIFF", b"RF64"):
+                return _riff_header(f, os.fstat(f.fileno()).st_size)[1]
+    except (OSError, ValueError):
+        return None
+    if head[:4] == b"OggS" and len(head) > 27:
+        packet = head[27 + head[26] :]
+        if packet[:8] == b"OpusHead" and len(packet) > 9:
+            return packet[9]
+        if packet[:7] == b"\x01vorbis" and len(packet) > 11:
+            return packet[11]
     return None
 
 
@@ -1427,7 +1503,7 @@ def _wav_bytes_estimate(src: Path) -> int:
                 if declared is not None:
                     seconds = declared[1]
                 elif head[:4] in (b"RIFF", b"RF64"):
-                    seconds = _riff_seconds(f, os.fstat(f.fileno()).st_size)
+                    seconds = _riff_header(f, os.fstat(f.fileno()).st_size)[0]
     except (OSError, ValueError, IndexError):
         seconds = None  # an unreadable header: the size decides
     size = src.stat().st_size if src.is_file() else 0
@@ -1446,10 +1522,20 @@ def _fetch_to_wav(
     wav = workdir / f"{index}.wav"
     try:
         return _fetch_reserved(index, kind, value, wav, stop, on_decoded)
-    except BaseException:
-        wav.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # a read-only temp dir cannot delete either
+            wav.unlink(missing_ok=True)
         _DISK.release(wav)
+        if isinstance(exc, OSError) or (isinstance(exc, ItemError) and exc.code in TMP_SUSPECT_CODES):
+            problem = _tmp_problem(workdir)  # a write there failed: say why, not only what failed
+            if problem is not None:
+                raise problem from None
         raise
+
+
+# What a failed write in the job's temp dir looks like from outside: ffmpeg could not decode (it
+# could not write its WAV), a download broke off, or an OSError surfaced as an internal error.
+TMP_SUSPECT_CODES = ("not_audio", "download_failed", "internal_error")
 
 
 def _fetch_reserved(
@@ -1909,7 +1995,9 @@ def _load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[i
                 f.seek(p.start)
                 f.read(p.frames, dtype="float32", out=audio[row, : p.frames])
         except (OSError, RuntimeError) as exc:
-            failed[row] = ItemError("internal_error", f"could not read the decoded audio {p.wav.name}: {_short(exc)}")
+            failed[row] = _tmp_problem(p.wav.parent) or ItemError(
+                "internal_error", f"could not read the decoded audio {p.wav.name}: {_short(exc)}"
+            )
     return audio, lengths, failed
 
 
@@ -2389,7 +2477,18 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
     """Validate the job with rp_validator plus the checks it skips; return (params, error)."""
     if not isinstance(job_input, dict):
         return None, 'input must be an object like {"inputs": [{"source": "..."}]}'
-    checked = validate(job_input, INPUT_SCHEMA)
+    for key, rule in INPUT_SCHEMA.items():  # the validator's float() raises OverflowError on 1e400 written out
+        value = job_input.get(key)
+        if rule["type"] is float and isinstance(value, int) and not isinstance(value, bool):
+            try:
+                float(value)
+            except OverflowError:
+                return None, f"invalid input: {key} is too large a number"
+    try:
+        checked = validate(job_input, INPUT_SCHEMA)
+    except Exception as exc:  # noqa: BLE001 - the SDK's validator failing on odd input is still the input's fault
+        log.warning("the input validator raised on a job's input: %s", _short(exc))
+        return None, f"invalid input: the validator could not check it ({type(exc).__name__})"
     if "errors" in checked:  # they quote unknown keys as given: echo them safely
         return None, _echo("invalid input: " + " ".join(checked["errors"]))
     params = checked["validated_input"]
@@ -2524,8 +2623,10 @@ class _Job:
         }
 
     def discard(self, wav: Path) -> None:
-        """An item's decoded audio is no longer needed: delete it and give back its disk."""
-        wav.unlink(missing_ok=True)
+        """An item's decoded audio is no longer needed: delete it and give back its disk (a
+        read-only temp dir keeps it until the job's dir is removed, see _remove_job_dir)."""
+        with contextlib.suppress(OSError):
+            wav.unlink(missing_ok=True)
         _DISK.release(wav)
 
     async def close(self) -> None:
@@ -2539,7 +2640,7 @@ class _Job:
             cf.wait(self.threads)  # nothing may still write into workdir, or submit, once it goes
             _SCHEDULER.withdraw(self)
             _DISK.release_under(self.workdir)
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            _remove_job_dir(self.workdir)
 
         await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, clean))
 

@@ -189,6 +189,7 @@ def test_weight_zero_turns_boosting_off(worker, misheard):
         ({"boost_weight": float("nan")}, "boost_weight must be a number from 0 to 10"),
         ({"boost_weight": "high"}, "boost_weight should be"),
         ({"boost_weight": True}, "boost_weight should be"),
+        (json.loads('{"boost_weight": 1' + "0" * 400 + "}"), "boost_weight is too large a number"),  # valid JSON
     ],
 )
 def test_malformed_job_fields_get_a_clear_job_error(worker, fields, says):
