@@ -1313,6 +1313,8 @@ def _riff_header(f: Any, size: int) -> tuple[float | None, int | None]:
 def _declared_channels(src: Path) -> int | None:
     """How many channels the header of `src` declares (WAV, Ogg Vorbis or Opus; FLAC has at most
     8), read as _riff_header reads, bounded; None where it does not say or cannot be read."""
+    if not src.is_file():  # a FIFO would block this open; ffmpeg's timeout deals with it
+        return None
     try:
         with open(src, "rb") as f:
             head = f.read(4096)
@@ -1519,6 +1521,7 @@ def _fetch_to_wav(
     `stop` (the job was stopped) ends a wait for disk, a download or an ffmpeg run early;
     `on_decoded` hears when its ffmpeg run is over (see _Decoder.decode)."""
     kind, value = _source_of(item)
+    log.debug("item %d: fetching %s", index, _label(kind, value))  # redacted: _SafeLogRecords
     wav = workdir / f"{index}.wav"
     try:
         return _fetch_reserved(index, kind, value, wav, stop, on_decoded)
@@ -2253,6 +2256,7 @@ class _Scheduler:
             outs.update(zip(rows, ran, strict=True))
         real = sum(items[r].duration for r in rows)
         info = BatchInfo(next(self.batch_ids), len(rows), real, len(rows) * max((items[r].duration for r in rows), default=0))
+        log.debug("batch %d: %d item(s), %.1f s of audio", info.id, info.size, info.real_sec)
         for row, unit in enumerate(batch):
             _deliver(unit, UnitResult(outs[row], info if row in rows else None))
 
@@ -2733,8 +2737,49 @@ def _source_label(item: Any) -> str:
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-log.addFilter(_SafeLogRecords())  # no URL secrets, no forged lines: whoever handles the records
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _configure_logging() -> None:
+    """LOG_LEVEL sets the root logger's level (importing runpod has already given the root a
+    handler, so basicConfig alone would change nothing), and no line that reaches the log can
+    carry a URL's secrets or forge another line, whoever wrote it: this worker's records are
+    made safe as they are made, every root handler's records as they are written (urllib3 logs
+    request paths with their query strings at DEBUG), and the SDK's own logger, which prints
+    ("Handler output: {...}" quotes every source at its default level, DEBUG), prints them safe."""
+    level = _env_choice("LOG_LEVEL", "info", LOG_LEVELS).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    if not any(isinstance(f, _SafeLogRecords) for f in log.filters):
+        log.addFilter(_SafeLogRecords())
+    for handler_ in logging.getLogger().handlers:
+        if not any(isinstance(f, _SafeLogRecords) for f in handler_.filters):
+            handler_.addFilter(_SafeLogRecords())
+    _redact_sdk_log()
+
+
+def _safe_lines(text: str) -> str:
+    """`text` as _for_log makes it, line by line (a traceback keeps its lines)."""
+    return "\n".join(_for_log(line) for line in text.split("\n"))
+
+
+def _redact_sdk_log() -> None:
+    """The runpod SDK logs through RunPodLogger.log(), which prints: wrap it once so that each
+    message is made safe (_safe_lines) before the SDK formats and prints it."""
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    printing = RunPodLogger.log
+    if getattr(printing, "redacts", False):
+        return
+
+    def safe_log(self: Any, message: Any, message_level: str = "INFO", job_id: str | None = None) -> None:
+        printing(self, _safe_lines(str(message)), message_level, job_id)
+
+    safe_log.redacts = True  # type: ignore[attr-defined]
+    RunPodLogger.log = safe_log  # type: ignore[method-assign]
+
+
+_configure_logging()
 
 
 def _concurrency(current: int) -> int:
@@ -2751,7 +2796,40 @@ def main(argv: list[str]) -> None:
     if not _env_flag("RUNPOD_SERVERLESS") and not local_args and not Path("test_input.json").is_file():
         sys.exit("nothing to run: set RUNPOD_SERVERLESS=1, pass --test_input '{...}' or --rp_serve_api")
     ensure_model()
+    _finish_taken_jobs()
     runpod.serverless.start({"handler": handler, "concurrency_modifier": _concurrency})
+
+
+def _finish_taken_jobs() -> None:
+    """No job the worker has taken is lost at SIGTERM. runpod 1.12 (rp_scale.JobScaler) stops
+    asking for jobs at SIGTERM, but its run loop also ends as soon as its queue is empty, while
+    a take request may still be open: the jobs that request hands out afterwards were queued,
+    never run, never answered (3 tries of 3 lost 10 jobs). Here the run loop goes on until the
+    take loop has ended, and runs every job it queued; jobs already running finish as before."""
+    from runpod.serverless.modules import rp_scale
+
+    scaler = rp_scale.JobScaler
+    if getattr(scaler.run_jobs, "drains", False):
+        return
+    take_loop, run_loop = scaler.get_jobs, scaler.run_jobs
+
+    async def get_jobs(self: Any, session: Any) -> None:
+        try:
+            await take_loop(self, session)
+        finally:
+            self.taking_ended = True
+
+    async def run_jobs(self: Any, session: Any) -> None:
+        await run_loop(self, session)  # returns once shut down with an empty queue
+        while not getattr(self, "taking_ended", False) or not self.jobs_queue.empty():
+            if self.jobs_queue.empty():
+                await asyncio.sleep(0.05)
+                continue
+            log.info("running %d job(s) taken as the worker shut down", self.jobs_queue.qsize())
+            await run_loop(self, session)
+
+    run_jobs.drains = True  # type: ignore[attr-defined]
+    scaler.get_jobs, scaler.run_jobs = get_jobs, run_jobs  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -332,6 +332,8 @@ class FakeRunpodQueue:
         self.progress: dict[str, list[Any]] = {}
         self.to_stop: list[str] = []
         self.batch_sizes_asked: list[int] = []
+        self.open_takes = 0  # take requests the queue holds open right now
+        self.hold_takes = False  # True: a take waits for jobs as long as it takes (not 0.5 s)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -384,11 +386,18 @@ class FakeRunpodQueue:
 
     # -- the HTTP side ------------------------------------------------------------------------
 
+    def wait_open_take(self, timeout: float = 120) -> None:
+        """Until the worker has a take request open here."""
+        self._wait(lambda: self.open_takes > 0, timeout, "open take request")
+
     def _take(self, count: int) -> list[dict[str, Any]]:
         deadline = time.monotonic() + 0.5
         with self.cond:
-            while not self.waiting and time.monotonic() < deadline:
-                self.cond.wait(deadline - time.monotonic())
+            self.open_takes += 1
+            self.cond.notify_all()
+            while not self.waiting and (self.hold_takes or time.monotonic() < deadline):
+                self.cond.wait(max(0.05, deadline - time.monotonic()))
+            self.open_takes -= 1
             jobs = [self.waiting.popleft() for _ in range(min(count, len(self.waiting)))]
             now = time.monotonic()
             for job in jobs:
