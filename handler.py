@@ -619,6 +619,9 @@ def ensure_model() -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+# --- Errors, and what results and logs may quote of the input --------------------------------
+
+
 class ItemError(Exception):
     """A problem with one input item: reported on that item, never fails the job. The message
     may quote the input, so it is made safe to echo (see _echo)."""
@@ -631,6 +634,12 @@ class ItemError(Exception):
         self.duration = duration  # known when the audio was decoded (e.g. too_long)
 
 
+def _cancelled(when: str = "") -> ItemError:
+    """The item's job was stopped (Runpod's /cancel, a timeout, or the job's end) `when`: the
+    item is dropped. A stopped job posts no result, so this is seen in logs only."""
+    return ItemError("cancelled", f"the job was stopped {when}".strip())
+
+
 class JobError(Exception):
     """A problem that stops the whole job before any item starts (the worker cannot make its
     temp dir): the handler answers {"error": message}."""
@@ -640,7 +649,14 @@ class JobError(Exception):
 # can carry a lone surrogate such as "\ud800"; UTF-8 cannot, and the SDK could then post nothing).
 ECHO_MAX_CHARS = 1000
 LOG_MAX_CHARS = 2000
-_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_CONTROLS = "\x00-\x1f\x7f"  # C0 controls and DEL: a NUL cuts a path short, a newline forges a log line
+_SURROGATES = "\ud800-\udfff"  # lone surrogates: JSON carries them, UTF-8 cannot
+_UNSAFE_CHARS = re.compile(f"[{_CONTROLS}\x80-\x9f\u2028\u2029{_SURROGATES}]")  # also C1 and line separators
+
+
+def _holds(text: str, chars: str) -> bool:
+    """Whether `text` holds any of `chars` (a character class body: _CONTROLS, _SURROGATES)."""
+    return re.search(f"[{chars}]", text) is not None
 
 
 def _echo(text: str, limit: int = ECHO_MAX_CHARS, keep: str = "") -> str:
@@ -688,6 +704,9 @@ class _SafeLogRecords(logging.Filter):
         return True
 
 
+# --- Sources: an item's URL, path or base64, checked before anything is fetched --------------
+
+
 @dataclass
 class Prepared:
     """One decoded item (or one piece of a long item): frames [start, start+frames) of `wav`."""
@@ -704,27 +723,6 @@ class Prepared:
         return self.frames / SAMPLE_RATE
 
 
-# Demuxers ffmpeg may use. No playlists (hls), no concat, no image2: a file of ours must never
-# make ffmpeg open another file.
-FFMPEG_FORMATS = (
-    "wav,w64,mp3,flac,ogg,mov,mp4,m4a,matroska,webm,aac,aiff,caf,amr,ac3,eac3,wv,ape,asf,au,avi,"
-    "flv,mpeg,mpegts,dts,tta,voc,mpc,mpc8,gsm,rm,smjpeg,xwma"
-)
-
-
-def _ffmpeg_bin() -> str:
-    """ffmpeg from FFMPEG_BIN, PATH, or the imageio-ffmpeg wheel (which ships a binary)."""
-    found = os.environ.get("FFMPEG_BIN") or shutil.which("ffmpeg")
-    if found:
-        return found
-    try:
-        import imageio_ffmpeg
-
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except Exception:  # noqa: BLE001
-        raise ItemError("internal_error", "ffmpeg is not installed on this worker") from None
-
-
 def _source_of(item: Any) -> tuple[str, str]:
     """Validate one input item; return (kind, value) with kind in url | path | base64."""
     if not isinstance(item, dict):
@@ -739,11 +737,11 @@ def _source_of(item: Any) -> tuple[str, str]:
     if not isinstance(value, str) or not value.strip():
         raise ItemError("invalid_source", f"'{given[0]}' must be a non-empty string")
     value = value.strip()
-    if re.search("[\ud800-\udfff]", value):
+    if _holds(value, _SURROGATES):
         raise ItemError("invalid_source", f"'{given[0]}' holds a lone surrogate (\\ud800-\\udfff), which is not text")
     if given[0] == "audio_base64" or value.startswith("data:"):
         return "base64", value
-    if re.search("[\x00-\x1f\x7f]", value):
+    if _holds(value, _CONTROLS):
         raise ItemError("invalid_source", "'source' holds control characters (a NUL byte, a newline...)")
     try:
         parsed = urlparse(value)
@@ -784,7 +782,7 @@ NAME_MAX_BYTES = 255
 def _local_path(raw: str) -> Path:
     """Resolve a local path, refusing anything (`..`, symlinks) that ends outside the roots, and
     anything that is not a regular file (a FIFO would hold ffmpeg for ever)."""
-    if re.search("[\x00-\x1f\x7f]", raw):  # a file:// URL can unquote to one
+    if _holds(raw, _CONTROLS):  # a file:// URL can unquote to one
         raise ItemError("invalid_source", "the path holds control characters (a NUL byte, a newline...)")
     encoded = os.fsencode(raw)
     if len(encoded) > PATH_MAX_BYTES or any(len(part) > NAME_MAX_BYTES for part in encoded.split(b"/")):
@@ -843,6 +841,9 @@ def _decode_base64(value: str, dest: Path) -> Path:
             raise _disk_full("writing the decoded base64 audio") from None
         raise
     return dest
+
+
+# --- Job temp dirs: made per job, removed at its end; what a failed write there means --------
 
 
 # ENOSPC (no space, or no inodes, left) and EDQUOT: the worker's disk is full, not the item bad.
@@ -910,6 +911,9 @@ def _remove_job_dir(workdir: Path) -> None:
             _UNREMOVED.update(left)
 
 
+# --- Downloads: SSRF-safe, retried, held to their deadlines and their job's life -------------
+
+
 class _Retry(Exception):
     """A download failure worth another try (connection error, 429, 5xx)."""
 
@@ -930,7 +934,7 @@ def _download(
                     break
                 time.sleep(pause)
             if stop is not None and stop.is_set():
-                raise ItemError("cancelled", "the job was stopped")
+                raise _cancelled()
             try:
                 with _download_slots():
                     return _download_once(url, dest, deadline, stop, on_size)
@@ -985,14 +989,14 @@ def _download_once(
                     if time.monotonic() > deadline:
                         raise too_slow
                     if stop is not None and stop.is_set():
-                        raise ItemError("cancelled", "the job was stopped")
+                        raise _cancelled()
                     if on_size is not None:
                         on_size(out.tell())
         except SSRFError as exc:
             raise _ssrf_item_error(exc) from None
         except (requests.RequestException, OSError) as exc:
             if stop is not None and stop.is_set():
-                raise ItemError("cancelled", "the job was stopped") from None
+                raise _cancelled() from None
             if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
                 raise _disk_full("writing the download") from None
             if expired.is_set():
@@ -1000,7 +1004,7 @@ def _download_once(
             code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
             raise ItemError(code, f"download broke off: {_short(exc)}") from None
         if stop is not None and stop.is_set():
-            raise ItemError("cancelled", "the job was stopped")
+            raise _cancelled()
         if expired.is_set():  # the cut-off can end the body early without an exception
             raise too_slow
     return dest
@@ -1053,6 +1057,30 @@ def _ssrf_item_error(exc: SSRFError) -> ItemError:
 def _short(exc: BaseException, limit: int = 300) -> str:
     text = str(exc)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- ffmpeg: any format to 16 kHz mono WAV, one process group a run, bounded in time and bytes
+
+
+# Demuxers ffmpeg may use. No playlists (hls), no concat, no image2: a file of ours must never
+# make ffmpeg open another file.
+FFMPEG_FORMATS = (
+    "wav,w64,mp3,flac,ogg,mov,mp4,m4a,matroska,webm,aac,aiff,caf,amr,ac3,eac3,wv,ape,asf,au,avi,"
+    "flv,mpeg,mpegts,dts,tta,voc,mpc,mpc8,gsm,rm,smjpeg,xwma"
+)
+
+
+def _ffmpeg_bin() -> str:
+    """ffmpeg from FFMPEG_BIN, PATH, or the imageio-ffmpeg wheel (which ships a binary)."""
+    found = os.environ.get("FFMPEG_BIN") or shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception:  # noqa: BLE001
+        raise ItemError("internal_error", "ffmpeg is not installed on this worker") from None
 
 
 def _ffmpeg_cmd(pairs: Sequence[tuple[Path, Path]], limits: Sequence[int | None] | None = None) -> list[str]:
@@ -1108,7 +1136,7 @@ def _run_ffmpeg(
         except subprocess.TimeoutExpired:
             if stop is not None and stop.is_set():
                 _kill_group(proc)
-                raise ItemError("cancelled", "the job was cancelled while ffmpeg decoded this item") from None
+                raise _cancelled("while ffmpeg decoded this item") from None
             if time.monotonic() >= deadline:
                 _kill_group(proc)
                 raise ItemError("decode_timeout", f"ffmpeg took over {limit:g} s") from None
@@ -1203,6 +1231,9 @@ def _to_wavs(
         except ItemError as exc:
             out.append(exc)
     return out
+
+
+# --- Headers: what a file declares (length, channels), read by bounded code of our own -------
 
 
 # ffmpeg's CPU cost on one core (Debian's ffmpeg 5.1, measured on this project's benchmark
@@ -1331,6 +1362,9 @@ def _declared_channels(src: Path) -> int | None:
     return None
 
 
+# --- The decoder: PREPARE_WORKERS ffmpeg runs at once, costliest first, small files grouped --
+
+
 @dataclass(eq=False)
 class _Decode:
     """One file waiting for ffmpeg, and what came of it."""
@@ -1409,7 +1443,7 @@ class _Decoder:
     def _run(work: list[_Decode]) -> None:
         cancelled = [d for d in work if d.stop is not None and d.stop.is_set()]
         for d in cancelled:
-            d.result, d.done = ItemError("cancelled", "the job was cancelled before this item was decoded"), True
+            d.result, d.done = _cancelled("before this item was decoded"), True
         work = [d for d in work if not d.done]
         try:
             results: list[Any] = _to_wavs([(d.src, d.dest) for d in work], [d.stop for d in work], [d.limit for d in work])
@@ -1430,6 +1464,9 @@ def _decoder() -> _Decoder:
     if _DECODER is None:
         _DECODER = _Decoder(CFG.prepare_workers)
     return _DECODER
+
+
+# --- Disk budget: WORKER_TMP_MAX_BYTES over all jobs -----------------------------------------
 
 
 class _DiskBudget:
@@ -1454,7 +1491,7 @@ class _DiskBudget:
         with self.cond:
             while (others := self.used - self.held.get(key, 0)) and others + nbytes > CFG.tmp_max_bytes:
                 if stop is not None and stop.is_set():
-                    raise ItemError("cancelled", "the job was stopped")
+                    raise _cancelled()
                 self.cond.wait(0.2)
             self.held[key] = nbytes
             self.peak = max(self.peak, self.used)
@@ -1511,6 +1548,9 @@ def _wav_bytes_estimate(src: Path) -> int:
     size = src.stat().st_size if src.is_file() else 0
     guess = seconds * WAV_BYTES_PER_SEC * 1.01 + 65536 if seconds else size * WAV_PER_SOURCE_BYTE + (1 << 20)
     return int(min(guess, _max_wav_bytes()))
+
+
+# --- _fetch_to_wav: one item from its source to its WAV --------------------------------------
 
 
 def _fetch_to_wav(
@@ -2584,7 +2624,7 @@ class _Job:
         """Hand one unit to the scheduler (from any thread); a piece of a split item carries its
         item's boosting too."""
         if self.stop.is_set():
-            raise ItemError("cancelled", "the job was stopped")
+            raise _cancelled()
         return _SCHEDULER.submit(Unit(item, self, self.timestamps, final, boost=self.boosts.get(item.index)))
 
     async def run(self, item: Prepared, final: bool = True, whole: Prepared | None = None) -> Transcript | ItemError:

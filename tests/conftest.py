@@ -1,7 +1,7 @@
 """Shared test set-up: the worker with the bundled demo model, real speech, a real HTTP server.
 
-The environment is fixed here, before any test imports handler (which reads its config and
-loads the model once, at import).
+The environment is fixed here, before any test imports handler (which reads its config once, at
+import; the model loads on the first job, or in the `worker` fixture, once per session).
 """
 
 from __future__ import annotations

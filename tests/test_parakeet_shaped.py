@@ -92,7 +92,7 @@ def test_small_copy_is_the_same_shape_with_two_layers(small):
 
 
 def test_unpacked_restore_is_the_saved_model(worker, small):
-    """The image's path (an unpacked directory: no extraction, mmap'd weights assigned, no random
+    """The image's path (an unpacked directory: no extraction, the checkpoint's weights assigned, no random
     init, vocabulary rebuilt from the tokenizer) gives back exactly the model that was saved."""
     _, saved, _, unpacked = small
     restored = worker._restore_unpacked(str(unpacked))
