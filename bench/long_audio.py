@@ -75,12 +75,8 @@ def build_audio(spec: dict[str, Any]) -> tuple[Path, list[str]]:
 def run_child(request_file: Path) -> None:
     request = json.loads(request_file.read_text())
     started = time.perf_counter()
-    import handler
-
-    handler.ensure_model()
+    handler = testkit.load_worker()
     load_sec = time.perf_counter() - started
-    if handler._MODEL is None:
-        raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
     spent = common.instrument(handler)
     cuts = record_split_points(handler)
     job = {"id": "bench-long", "input": {"inputs": [{"source": request["source"]}], "timestamps": True}}

@@ -488,13 +488,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_worker() -> tuple[Any, float]:
-    """Import handler (which loads the model) in this process."""
+    """Import handler and load its model in this process."""
     started = time.perf_counter()
-    import handler
-
-    handler.ensure_model()
-    if handler._MODEL is None:
-        raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
+    handler = testkit.load_worker()
     return handler, time.perf_counter() - started
 
 

@@ -10,7 +10,6 @@ import itertools
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import soundfile as sf
 from conftest import DATA_ROOT, encode, hold_model, run_job, speech_file, until, words_of
 
 from handler import Config
-from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker
+from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker, wait_for
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
          "yes", "no", "up", "down", "left", "right", "stop", "go", "hello", "world"]  # fmt: skip
@@ -38,13 +37,6 @@ def one_clip(text: str, **params) -> dict:
 
 def job_dirs(tmp: Path) -> list[Path]:
     return sorted(tmp.rglob("job-*"))
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
 
 
 class Worker:

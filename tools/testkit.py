@@ -27,6 +27,49 @@ from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 import numpy as np
 
 # ---------------------------------------------------------------------------------------------
+# The worker in this process: loaded once, jobs answered as the SDK would await them.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_worker() -> Any:
+    """`import handler` and load its model, as the worker's main() does (the model is never
+    loaded at import); raises RuntimeError with the cause when it cannot load."""
+    import handler
+
+    handler.ensure_model()
+    if handler._MODEL is None and not handler.CFG.skip_model_load:
+        raise RuntimeError(f"the model did not load: {handler._MODEL_ERROR}")
+    return handler
+
+
+def answer(worker: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """One job through worker.handler(), awaited as the SDK awaits it (when it is a coroutine)."""
+    import asyncio
+    import inspect
+
+    out = worker.handler(job)
+    return asyncio.run(out) if inspect.iscoroutine(out) else out
+
+
+async def until(condition: Any, what: str, timeout: float = 120) -> None:
+    """Await `condition()` (polled), failing after `timeout` seconds."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> None:
+    """Block until `condition()` (polled), failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
 # Accuracy: word error counting.
 # ---------------------------------------------------------------------------------------------
 
