@@ -1479,7 +1479,6 @@ class _DiskBudget:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.held: dict[Path, int] = {}
-        self.peak = 0
 
     @property
     def used(self) -> int:
@@ -1494,13 +1493,11 @@ class _DiskBudget:
                     raise _cancelled()
                 self.cond.wait(0.2)
             self.held[key] = nbytes
-            self.peak = max(self.peak, self.used)
 
     def resize(self, key: Path, nbytes: int) -> None:
         """What `key` really holds, once known (never blocks: the bytes are on disk already)."""
         with self.cond:
             self.held[key] = nbytes
-            self.peak = max(self.peak, self.used)
             self.cond.notify_all()
 
     def release(self, key: Path) -> None:
