@@ -7,12 +7,15 @@ import; the model loads on the first job, or in the `worker` fixture, once per s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -180,3 +183,18 @@ def refused_url():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/audio.wav"
+
+
+@contextlib.contextmanager
+def tmpfs(options: str) -> Iterator[Path]:
+    """A fresh tmpfs mounted with `options` (e.g. "size=512k"); unmounted afterwards."""
+    where = Path(tempfile.mkdtemp(prefix="pw-tmpfs-"))
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+        where.rmdir()

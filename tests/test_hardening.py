@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import DATA_ROOT, call_handler, run_job, speech_file, temp_leftovers, words_of
-from test_disk import tmpfs
+from conftest import DATA_ROOT, call_handler, run_job, speech_file, temp_leftovers, tmpfs, words_of
 
 TEXTS = ["one two three", "four five six", "seven eight nine"]
 
