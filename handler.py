@@ -265,9 +265,33 @@ _MODEL_ERROR: str | None = None
 _LOADED = False
 _LOAD_LOCK = threading.Lock()
 _MODEL_LOCK = threading.Lock()  # NeMo models are not thread-safe: one model call at a time
-_STATE: dict[str, Any] = {
-    "local_attention": False, "timestamps": None, "device": "cpu", "autocast": None, "gpu_fault": None,
-}  # fmt: skip
+
+
+@dataclass
+class _WorkerState:
+    """What the running worker knows about its model and its own health (one per process)."""
+
+    local_attention: bool = False  # the encoder's attention mode now (see _maybe_set_local_attention)
+    timestamps: bool | None = None  # the decoder's timestamp mode now (see _configure_decoding)
+    device: str = "cpu"
+    autocast: Any = None  # the torch dtype of model calls, None for fp32
+    durations_fixed: bool | None = None  # whether NeMo 3.0's stale-duration patch applied (_fix_tdt_durations)
+    gpu_fault: str | None = None  # why the GPU is unusable: every job is refused, the worker asks to be replaced
+    model_thread_died: str | None = None  # why the scheduler thread ended: the same, without a GPU to blame
+
+    @property
+    def unhealthy(self) -> str | None:
+        """Why no job can run on this worker any more (None while it is healthy)."""
+        return self.gpu_fault or self.model_thread_died
+
+
+_STATE = _WorkerState()
+
+
+def worker_healthy() -> bool:
+    """False once no job can run here (a GPU fault, a dead model thread): a health check
+    (HTTP /ping) answers unhealthy, and every job's output asks Runpod for a new worker."""
+    return _STATE.unhealthy is None
 
 
 def _resolve_model_source(name: str) -> tuple[str, str]:
@@ -374,8 +398,8 @@ def load_model(name: str) -> Any:
     # never back to -1: that breaks the next transcription in NeMo 3.0.
     if hasattr(model, "change_subsampling_conv_chunking_factor"):
         model.change_subsampling_conv_chunking_factor(1)
-    _STATE.update(device=device, autocast=_autocast_dtype(device, torch))
-    _STATE.update(local_attention=False, timestamps=None)
+    _STATE.device, _STATE.autocast = device, _autocast_dtype(device, torch)
+    _STATE.local_attention, _STATE.timestamps = False, None
     _configure_decoding(model, timestamps=False, cuda_graphs=device == "cuda")
     try:
         _warm_up(model)
@@ -526,7 +550,7 @@ def _configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None =
     off; see the boosting section). NeMo 3.0's stale-duration bug is patched first."""
     from omegaconf import open_dict
 
-    _STATE["durations_fixed"] = _fix_tdt_durations()
+    _STATE.durations_fixed = _fix_tdt_durations()
     cfg = model.cfg.decoding
     with open_dict(cfg):
         cfg.strategy = "greedy_batch"
@@ -538,7 +562,7 @@ def _configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None =
         if "greedy" in cfg:
             cfg.greedy.enable_per_stream_biasing = CFG.boosting
     model.change_decoding_strategy(cfg, verbose=False)
-    _STATE["timestamps"] = timestamps
+    _STATE.timestamps = timestamps
     multi = _multi_model(model)
     if cuda_graphs and multi is not None and not multi.compatible_with_cuda_graphs():  # at load, on a GPU
         log.warning("boosting without Triton: NeMo decodes without CUDA graphs (install triton, or set BOOSTING=off)")
@@ -611,6 +635,9 @@ def ensure_model() -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+# --- Errors, and what results and logs may quote of the input --------------------------------
+
+
 class ItemError(Exception):
     """A problem with one input item: reported on that item, never fails the job. The message
     may quote the input, so it is made safe to echo (see _echo)."""
@@ -623,6 +650,12 @@ class ItemError(Exception):
         self.duration = duration  # known when the audio was decoded (e.g. too_long)
 
 
+def _cancelled(when: str = "") -> ItemError:
+    """The item's job was stopped (Runpod's /cancel, a timeout, or the job's end) `when`: the
+    item is dropped. A stopped job posts no result, so this is seen in logs only."""
+    return ItemError("cancelled", f"the job was stopped {when}".strip())
+
+
 class JobError(Exception):
     """A problem that stops the whole job before any item starts (the worker cannot make its
     temp dir): the handler answers {"error": message}."""
@@ -632,7 +665,14 @@ class JobError(Exception):
 # can carry a lone surrogate such as "\ud800"; UTF-8 cannot, and the SDK could then post nothing).
 ECHO_MAX_CHARS = 1000
 LOG_MAX_CHARS = 2000
-_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_CONTROLS = "\x00-\x1f\x7f"  # C0 controls and DEL: a NUL cuts a path short, a newline forges a log line
+_SURROGATES = "\ud800-\udfff"  # lone surrogates: JSON carries them, UTF-8 cannot
+_UNSAFE_CHARS = re.compile(f"[{_CONTROLS}\x80-\x9f\u2028\u2029{_SURROGATES}]")  # also C1 and line separators
+
+
+def _holds(text: str, chars: str) -> bool:
+    """Whether `text` holds any of `chars` (a character class body: _CONTROLS, _SURROGATES)."""
+    return re.search(f"[{chars}]", text) is not None
 
 
 def _echo(text: str, limit: int = ECHO_MAX_CHARS, keep: str = "") -> str:
@@ -680,6 +720,9 @@ class _SafeLogRecords(logging.Filter):
         return True
 
 
+# --- Sources: an item's URL, path or base64, checked before anything is fetched --------------
+
+
 @dataclass
 class Prepared:
     """One decoded item (or one piece of a long item): frames [start, start+frames) of `wav`."""
@@ -704,27 +747,6 @@ class Upload:
     name: str  # the client's file name, echoed as the result's source
 
 
-# Demuxers ffmpeg may use. No playlists (hls), no concat, no image2: a file of ours must never
-# make ffmpeg open another file.
-FFMPEG_FORMATS = (
-    "wav,w64,mp3,flac,ogg,mov,mp4,m4a,matroska,webm,aac,aiff,caf,amr,ac3,eac3,wv,ape,asf,au,avi,"
-    "flv,mpeg,mpegts,dts,tta,voc,mpc,mpc8,gsm,rm,smjpeg,xwma"
-)
-
-
-def _ffmpeg_bin() -> str:
-    """ffmpeg from FFMPEG_BIN, PATH, or the imageio-ffmpeg wheel (which ships a binary)."""
-    found = os.environ.get("FFMPEG_BIN") or shutil.which("ffmpeg")
-    if found:
-        return found
-    try:
-        import imageio_ffmpeg
-
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except Exception:  # noqa: BLE001
-        raise ItemError("internal_error", "ffmpeg is not installed on this worker") from None
-
-
 def _source_of(item: Any) -> tuple[str, str]:
     """Validate one input item; return (kind, value) with kind in url | path | base64 | upload."""
     if isinstance(item, Upload):
@@ -741,11 +763,11 @@ def _source_of(item: Any) -> tuple[str, str]:
     if not isinstance(value, str) or not value.strip():
         raise ItemError("invalid_source", f"'{given[0]}' must be a non-empty string")
     value = value.strip()
-    if re.search("[\ud800-\udfff]", value):
+    if _holds(value, _SURROGATES):
         raise ItemError("invalid_source", f"'{given[0]}' holds a lone surrogate (\\ud800-\\udfff), which is not text")
     if given[0] == "audio_base64" or value.startswith("data:"):
         return "base64", value
-    if re.search("[\x00-\x1f\x7f]", value):
+    if _holds(value, _CONTROLS):
         raise ItemError("invalid_source", "'source' holds control characters (a NUL byte, a newline...)")
     try:
         parsed = urlparse(value)
@@ -786,7 +808,7 @@ NAME_MAX_BYTES = 255
 def _local_path(raw: str) -> Path:
     """Resolve a local path, refusing anything (`..`, symlinks) that ends outside the roots, and
     anything that is not a regular file (a FIFO would hold ffmpeg for ever)."""
-    if re.search("[\x00-\x1f\x7f]", raw):  # a file:// URL can unquote to one
+    if _holds(raw, _CONTROLS):  # a file:// URL can unquote to one
         raise ItemError("invalid_source", "the path holds control characters (a NUL byte, a newline...)")
     encoded = os.fsencode(raw)
     if len(encoded) > PATH_MAX_BYTES or any(len(part) > NAME_MAX_BYTES for part in encoded.split(b"/")):
@@ -794,7 +816,13 @@ def _local_path(raw: str) -> Path:
             "invalid_source", f"the path is too long (over {PATH_MAX_BYTES} bytes, or a name over {NAME_MAX_BYTES})"
         )
     path = Path(raw) if os.path.isabs(raw) else APP_DIR / raw
-    real = Path(os.path.realpath(path))
+    try:
+        real = Path(os.path.realpath(path))
+    except OSError as exc:  # /proc/1/root, /proc/1/cwd: resolving them is refused (EACCES)
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ItemError("invalid_source", f"cannot use {raw}: {exc.strerror}") from None
+        code = "forbidden_path" if exc.errno in (errno.EACCES, errno.EPERM) else "not_found"
+        raise ItemError(code, f"cannot resolve {raw}: {exc.strerror or exc}") from None
     for root in CFG.allowed_local_roots:
         real_root = Path(os.path.realpath(root))
         if real == real_root or real_root in real.parents:
@@ -841,6 +869,9 @@ def _decode_base64(value: str, dest: Path) -> Path:
     return dest
 
 
+# --- Job temp dirs: made per job, removed at its end; what a failed write there means --------
+
+
 # ENOSPC (no space, or no inodes, left) and EDQUOT: the worker's disk is full, not the item bad.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXTS = tuple(os.strerror(e) for e in DISK_FULL_ERRNOS)  # as ffmpeg reports them
@@ -850,6 +881,25 @@ def _disk_full(doing: str) -> ItemError:
     return ItemError(
         "disk_full", f"the worker ran out of disk space (WORKER_TMP_DIR) while {doing}; the item may be fine, retry it"
     )
+
+
+def _tmp_problem(folder: Path) -> ItemError | None:
+    """What is wrong with the job's temp dir `folder`, if anything, once a write in it failed:
+    it is gone (removed while the job ran), read-only, or full. The item is then likely fine:
+    each of these codes says so, where ffmpeg or a write would only say what failed."""
+    try:
+        if not folder.is_dir():
+            return ItemError(
+                "temp_dir_gone", "this job's temp dir (under WORKER_TMP_DIR) was removed while the job ran; retry the item"
+            )
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY or not os.access(folder, os.W_OK):
+        return ItemError(
+            "temp_not_writable", "the worker cannot write to its temp dir (WORKER_TMP_DIR is read-only); retry the item"
+        )
+    return _disk_full("writing to it") if _fs_full(folder) else None
 
 
 def _make_job_dir() -> Path:
@@ -864,6 +914,30 @@ def _make_job_dir() -> Path:
         full = exc.errno in DISK_FULL_ERRNOS
         why = "the worker ran out of disk space or inodes" if full else f"{exc.strerror or exc}"
         raise JobError(f"cannot make this job's temp dir under WORKER_TMP_DIR={_echo(str(root), 300)}: {why}") from None
+
+
+_UNREMOVED: set[Path] = set()  # job dirs whose removal failed (say, a read-only spell of the disk)
+_UNREMOVED_LOCK = threading.Lock()
+
+
+def _remove_job_dir(workdir: Path) -> None:
+    """Remove a finished job's temp dir, and retry every one whose removal failed before: a
+    temp dir that was read-only for a while must not keep its files for good."""
+    with _UNREMOVED_LOCK:
+        todo = [workdir, *_UNREMOVED]
+        _UNREMOVED.clear()
+    left = set()
+    for folder in todo:
+        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.lexists(folder):
+            left.add(folder)
+    if left:
+        log.warning("%d job temp dir(s) could not be removed yet; retried at the next job's end", len(left))
+        with _UNREMOVED_LOCK:
+            _UNREMOVED.update(left)
+
+
+# --- Downloads: SSRF-safe, retried, held to their deadlines and their job's life -------------
 
 
 class _Retry(Exception):
@@ -886,7 +960,7 @@ def _download(
                     break
                 time.sleep(pause)
             if stop is not None and stop.is_set():
-                raise ItemError("cancelled", "the job was stopped")
+                raise _cancelled()
             try:
                 with _download_slots():
                     return _download_once(url, dest, deadline, stop, on_size)
@@ -895,7 +969,8 @@ def _download(
                 log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)  # redacted: _SafeLogRecords
         raise ItemError("download_failed", f"{last} (after {CFG.download_retries + 1} attempts)")
     except BaseException:
-        dest.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only temp dir: _fetch_to_wav says so
+            dest.unlink(missing_ok=True)
         raise
 
 
@@ -940,14 +1015,14 @@ def _download_once(
                     if time.monotonic() > deadline:
                         raise too_slow
                     if stop is not None and stop.is_set():
-                        raise ItemError("cancelled", "the job was stopped")
+                        raise _cancelled()
                     if on_size is not None:
                         on_size(out.tell())
         except SSRFError as exc:
             raise _ssrf_item_error(exc) from None
         except (requests.RequestException, OSError) as exc:
             if stop is not None and stop.is_set():
-                raise ItemError("cancelled", "the job was stopped") from None
+                raise _cancelled() from None
             if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
                 raise _disk_full("writing the download") from None
             if expired.is_set():
@@ -955,7 +1030,7 @@ def _download_once(
             code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
             raise ItemError(code, f"download broke off: {_short(exc)}") from None
         if stop is not None and stop.is_set():
-            raise ItemError("cancelled", "the job was stopped")
+            raise _cancelled()
         if expired.is_set():  # the cut-off can end the body early without an exception
             raise too_slow
     return dest
@@ -1010,6 +1085,30 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# --- ffmpeg: any format to 16 kHz mono WAV, one process group a run, bounded in time and bytes
+
+
+# Demuxers ffmpeg may use. No playlists (hls), no concat, no image2: a file of ours must never
+# make ffmpeg open another file.
+FFMPEG_FORMATS = (
+    "wav,w64,mp3,flac,ogg,mov,mp4,m4a,matroska,webm,aac,aiff,caf,amr,ac3,eac3,wv,ape,asf,au,avi,"
+    "flv,mpeg,mpegts,dts,tta,voc,mpc,mpc8,gsm,rm,smjpeg,xwma"
+)
+
+
+def _ffmpeg_bin() -> str:
+    """ffmpeg from FFMPEG_BIN, PATH, or the imageio-ffmpeg wheel (which ships a binary)."""
+    found = os.environ.get("FFMPEG_BIN") or shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception:  # noqa: BLE001
+        raise ItemError("internal_error", "ffmpeg is not installed on this worker") from None
+
+
 def _ffmpeg_cmd(pairs: Sequence[tuple[Path, Path]], limits: Sequence[int | None] | None = None) -> list[str]:
     """One ffmpeg command decoding the first audio stream of each source to its own 16 kHz mono
     s16 WAV. Whitelists are per input: no file of ours may make ffmpeg open another one.
@@ -1017,13 +1116,23 @@ def _ffmpeg_cmd(pairs: Sequence[tuple[Path, Path]], limits: Sequence[int | None]
     cmd = [_ffmpeg_bin(), "-nostdin", "-hide_banner", "-loglevel", "error"]
     for src, _ in pairs:
         cmd += ["-protocol_whitelist", "file,pipe", "-format_whitelist", FFMPEG_FORMATS, "-i", f"file:{src}"]
-    for n, (_, dest) in enumerate(pairs):
+    for n, (src, dest) in enumerate(pairs):
         cmd += [
-            "-map", f"{n}:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SAMPLE_RATE),
+            "-map", f"{n}:a:0", "-vn", "-sn", "-dn", *_mixdown(src), "-ac", "1", "-ar", str(SAMPLE_RATE),
             "-c:a", "pcm_s16le", "-t", f"{CFG.max_audio_sec + 1:.3f}",
             *(["-fs", str(limits[n])] if limits and limits[n] else []), "-f", "wav", "-y", f"file:{dest}",
         ]  # fmt: skip
     return cmd
+
+
+def _mixdown(src: Path) -> list[str]:
+    """ffmpeg's -ac 1 mixes down only layouts it knows: from 1 to 8 channels, and 16. A header
+    that declares more (9, 32, 64 channels of PCM) gets an explicit mix, every channel at the
+    same weight (pan's "<" keeps the sum of the weights at 1)."""
+    channels = _declared_channels(src)
+    if channels is None or channels <= 8 or channels > 255:
+        return []
+    return ["-af", "pan=mono|c0<" + "+".join(f"c{c}" for c in range(channels))]
 
 
 STOP_POLL_SEC = 0.1  # how often a decode that can be stopped looks at its stop event
@@ -1053,7 +1162,7 @@ def _run_ffmpeg(
         except subprocess.TimeoutExpired:
             if stop is not None and stop.is_set():
                 _kill_group(proc)
-                raise ItemError("cancelled", "the job was cancelled while ffmpeg decoded this item") from None
+                raise _cancelled("while ffmpeg decoded this item") from None
             if time.monotonic() >= deadline:
                 _kill_group(proc)
                 raise ItemError("decode_timeout", f"ffmpeg took over {limit:g} s") from None
@@ -1150,6 +1259,9 @@ def _to_wavs(
     return out
 
 
+# --- Headers: what a file declares (length, channels), read by bounded code of our own -------
+
+
 # ffmpeg's CPU cost on one core (Debian's ffmpeg 5.1, measured on this project's benchmark
 # workload): ~55 ms to start, then milliseconds per MB of input by container. Only an estimate,
 # used to order and group the work.
@@ -1213,6 +1325,70 @@ def _declared_length(f: Any, head: bytes) -> tuple[float, float] | None:
             return (granule * channels, granule / rate) if rate and channels else None
         at = tail.rfind(b"OggS", 0, at)
     return None
+
+
+# A WAV's fmt and data chunks come within its first few chunks; a file with more before its data
+# is sized by its bytes instead (see _wav_bytes_estimate).
+RIFF_MAX_CHUNKS = 64
+
+
+def _riff_header(f: Any, size: int) -> tuple[float | None, int | None]:
+    """(seconds, channels) a RIFF or RF64 WAV of `size` bytes declares, None for what its header
+    does not say. Seconds: its data chunk's bytes (at most what the file holds past the chunk's
+    start) over its fmt chunk's byte rate. The project's own reader, not libsndfile: a LIST chunk sized
+    0xFFFFFFF0 holding another chunk of that size made sf.info() spin for ever in the worker's
+    process. This reads at most RIFF_MAX_CHUNKS chunk headers, each further into the file than
+    the last, and stops at the first one that claims more bytes than the file has."""
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+        return None, None
+    pos, byte_rate, channels, ds64_data = 12, 0, None, None
+    for _ in range(RIFF_MAX_CHUNKS):
+        f.seek(pos)
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            break
+        cid, csize, body = chunk[:4], int.from_bytes(chunk[4:8], "little"), pos + 8
+        if cid == b"data":
+            if head[:4] == b"RF64" and csize == 0xFFFFFFFF and ds64_data is not None:
+                csize = ds64_data
+            left = size - body
+            data_bytes = left if csize == 0 or csize > left else csize  # 0: written while streaming
+            return (data_bytes / byte_rate if byte_rate else None), channels
+        fields = f.read(min(csize, 16))
+        if cid == b"fmt " and len(fields) >= 12:
+            channels, byte_rate = int.from_bytes(fields[2:4], "little"), int.from_bytes(fields[8:12], "little")
+        elif cid == b"ds64" and len(fields) >= 16:  # RF64: riff size, then data size, 64 bits each
+            ds64_data = int.from_bytes(fields[8:16], "little")
+        pos = body + csize + (csize & 1)
+        if pos + 8 > size:
+            break
+    return None, channels
+
+
+def _declared_channels(src: Path) -> int | None:
+    """How many channels the header of `src` declares (WAV, Ogg Vorbis or Opus; FLAC has at most
+    8), read as _riff_header reads, bounded; None where it does not say or cannot be read."""
+    if not src.is_file():  # a FIFO would block this open; ffmpeg's timeout deals with it
+        return None
+    try:
+        with open(src, "rb") as f:
+            head = f.read(4096)
+            if head[:4] in (b"RIFF", b"RF64"):
+                return _riff_header(f, os.fstat(f.fileno()).st_size)[1]
+    except (OSError, ValueError):
+        return None
+    if head[:4] == b"OggS" and len(head) > 27:
+        packet = head[27 + head[26] :]
+        if packet[:8] == b"OpusHead" and len(packet) > 9:
+            return packet[9]
+        if packet[:7] == b"\x01vorbis" and len(packet) > 11:
+            return packet[11]
+    return None
+
+
+# --- The decoder: PREPARE_WORKERS ffmpeg runs at once, costliest first, small files grouped --
 
 
 @dataclass(eq=False)
@@ -1293,7 +1469,7 @@ class _Decoder:
     def _run(work: list[_Decode]) -> None:
         cancelled = [d for d in work if d.stop is not None and d.stop.is_set()]
         for d in cancelled:
-            d.result, d.done = ItemError("cancelled", "the job was cancelled before this item was decoded"), True
+            d.result, d.done = _cancelled("before this item was decoded"), True
         work = [d for d in work if not d.done]
         try:
             results: list[Any] = _to_wavs([(d.src, d.dest) for d in work], [d.stop for d in work], [d.limit for d in work])
@@ -1316,6 +1492,9 @@ def _decoder() -> _Decoder:
     return _DECODER
 
 
+# --- Disk budget: WORKER_TMP_MAX_BYTES over all jobs -----------------------------------------
+
+
 class _DiskBudget:
     """Bounds the worker's temp disk (WORKER_TMP_MAX_BYTES) over all jobs. A downloaded or
     base64 source counts as its bytes arrive. Before ffmpeg runs, the item reserves what its WAV
@@ -1326,7 +1505,6 @@ class _DiskBudget:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.held: dict[Path, int] = {}
-        self.peak = 0
 
     @property
     def used(self) -> int:
@@ -1338,16 +1516,14 @@ class _DiskBudget:
         with self.cond:
             while (others := self.used - self.held.get(key, 0)) and others + nbytes > CFG.tmp_max_bytes:
                 if stop is not None and stop.is_set():
-                    raise ItemError("cancelled", "the job was stopped")
+                    raise _cancelled()
                 self.cond.wait(0.2)
             self.held[key] = nbytes
-            self.peak = max(self.peak, self.used)
 
     def resize(self, key: Path, nbytes: int) -> None:
         """What `key` really holds, once known (never blocks: the bytes are on disk already)."""
         with self.cond:
             self.held[key] = nbytes
-            self.peak = max(self.peak, self.used)
             self.cond.notify_all()
 
     def release(self, key: Path) -> None:
@@ -1386,15 +1562,18 @@ def _wav_bytes_estimate(src: Path) -> int:
             with open(src, "rb") as f:
                 head = f.read(4096)
                 declared = _declared_length(f, head)
-            if declared is not None:
-                seconds = declared[1]
-            elif head[:4] in (b"RIFF", b"RF64"):
-                seconds = sf.info(str(src)).duration
-    except (OSError, ValueError, IndexError, RuntimeError):
+                if declared is not None:
+                    seconds = declared[1]
+                elif head[:4] in (b"RIFF", b"RF64"):
+                    seconds = _riff_header(f, os.fstat(f.fileno()).st_size)[0]
+    except (OSError, ValueError, IndexError):
         seconds = None  # an unreadable header: the size decides
     size = src.stat().st_size if src.is_file() else 0
     guess = seconds * WAV_BYTES_PER_SEC * 1.01 + 65536 if seconds else size * WAV_PER_SOURCE_BYTE + (1 << 20)
     return int(min(guess, _max_wav_bytes()))
+
+
+# --- _fetch_to_wav: one item from its source to its WAV --------------------------------------
 
 
 def _fetch_to_wav(
@@ -1405,13 +1584,24 @@ def _fetch_to_wav(
     `stop` (the job was stopped) ends a wait for disk, a download or an ffmpeg run early;
     `on_decoded` hears when its ffmpeg run is over (see _Decoder.decode)."""
     kind, value = _source_of(item)
+    log.debug("item %d: fetching %s", index, _label(kind, value))  # redacted: _SafeLogRecords
     wav = workdir / f"{index}.wav"
     try:
         return _fetch_reserved(index, kind, value, wav, stop, on_decoded)
-    except BaseException:
-        wav.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # a read-only temp dir cannot delete either
+            wav.unlink(missing_ok=True)
         _DISK.release(wav)
+        if isinstance(exc, OSError) or (isinstance(exc, ItemError) and exc.code in TMP_SUSPECT_CODES):
+            problem = _tmp_problem(workdir)  # a write there failed: say why, not only what failed
+            if problem is not None:
+                raise problem from None
         raise
+
+
+# What a failed write in the job's temp dir looks like from outside: ffmpeg could not decode (it
+# could not write its WAV), a download broke off, or an OSError surfaced as an internal error.
+TMP_SUSPECT_CODES = ("not_audio", "download_failed", "internal_error")
 
 
 def _fetch_reserved(
@@ -1850,14 +2040,14 @@ def _maybe_set_local_attention(model: Any, duration: float) -> None:
     NeMo builds the new attention modules in training mode (dropout on), hence the eval().
     """
     want_local = duration > CFG.local_attention_after_sec
-    if want_local == _STATE["local_attention"]:
+    if want_local == _STATE.local_attention:
         return
     if want_local:
         model.change_attention_model("rel_pos_local_attn", list(CFG.local_attention_context))
     else:
         model.change_attention_model("rel_pos", [-1, -1])
     model.eval()
-    _STATE["local_attention"] = want_local
+    _STATE.local_attention = want_local
     log.info("encoder attention: %s", "local" if want_local else "full")
 
 
@@ -1873,7 +2063,9 @@ def _load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[i
                 f.seek(p.start)
                 f.read(p.frames, dtype="float32", out=audio[row, : p.frames])
         except (OSError, RuntimeError) as exc:
-            failed[row] = ItemError("internal_error", f"could not read the decoded audio {p.wav.name}: {_short(exc)}")
+            failed[row] = _tmp_problem(p.wav.parent) or ItemError(
+                "internal_error", f"could not read the decoded audio {p.wav.name}: {_short(exc)}"
+            )
     return audio, lengths, failed
 
 
@@ -1883,10 +2075,10 @@ def _forward_decode(model: Any, audio: np.ndarray, lengths: list[int], seeds: li
     `seeds` (see _registered) carry the rows' boosting requests."""
     import torch
 
-    device = _STATE["device"]
+    device = _STATE.device
     signal = torch.from_numpy(np.ascontiguousarray(audio)).to(device, non_blocking=True)
     length = torch.tensor(lengths, dtype=torch.int64, device=device)
-    dtype = _STATE["autocast"]
+    dtype = _STATE.autocast
     with torch.inference_mode(), torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
         encoded, encoded_len = model.forward(input_signal=signal, input_signal_length=length)
         hyps = model.decoding.rnnt_decoder_predictions_tensor(
@@ -1907,7 +2099,7 @@ def _run_model(
         _maybe_set_local_attention(model, max(lengths) / SAMPLE_RATE)
         if any(m.training for m in model.modules()):
             model.eval()  # see _maybe_set_local_attention
-        if _STATE["timestamps"] != timestamps:
+        if _STATE.timestamps != timestamps:
             _configure_decoding(model, timestamps)
         with _registered(model, boosts) as seeds:
             hyps = _forward_decode(model, audio, lengths, seeds)
@@ -1947,7 +2139,7 @@ def _is_gpu_fault(exc: BaseException) -> bool:
     text = str(exc).lower()
     if any(marker in text for marker in GPU_FAULT_MARKERS):
         return True
-    if _STATE["device"] != "cuda" or not any(k in text for k in ("cuda", "cudnn", "cublas", "nccl")):
+    if _STATE.device != "cuda" or not any(k in text for k in ("cuda", "cudnn", "cublas", "nccl")):
         return False
     import torch
 
@@ -1960,7 +2152,7 @@ def _is_gpu_fault(exc: BaseException) -> bool:
 
 
 def _gpu_fault_error() -> ItemError:
-    return ItemError("gpu_failed", f"the GPU failed ({_STATE['gpu_fault']}); this worker is being replaced")
+    return ItemError("gpu_failed", f"the GPU failed ({_STATE.gpu_fault}); this worker is being replaced")
 
 
 def _run_resilient(
@@ -1970,7 +2162,7 @@ def _run_resilient(
     gets an error. A CUDA out-of-memory takes the same path, after emptying the cache. A GPU
     fault is not retried: it fails the batch and marks the worker sick (see _is_gpu_fault).
     `boosts` (one per row, or None) is split with the rows."""
-    if _STATE.get("gpu_fault"):
+    if _STATE.gpu_fault:
         return [_gpu_fault_error() for _ in lengths]
     boosts = list(boosts) if boosts is not None else [None] * len(lengths)
     try:
@@ -1978,7 +2170,7 @@ def _run_resilient(
     except Exception as exc:
         if _is_gpu_fault(exc):
             log.error("GPU fault, asking Runpod to replace this worker: %s", _short(exc))
-            _STATE["gpu_fault"] = f"{type(exc).__name__}: {_short(exc, 200)}"
+            _STATE.gpu_fault = f"{type(exc).__name__}: {_short(exc, 200)}"
             return [_gpu_fault_error() for _ in lengths]
         if _is_oom(exc):
             import torch
@@ -2001,8 +2193,14 @@ class _Scheduler:
 
     Jobs submit units as their items become ready; whenever the model is free the thread runs
     the batch that _plan_next picks from all of them, reads the rows, deletes each finished
-    item's WAV at once, and hands every unit its result through its future. Nothing waits on a
-    timer: a batch runs as soon as the model is free and anything is ready.
+    item's WAV at once, and hands every unit its result through its future. A batch runs as soon
+    as the model is free and anything is ready; the one wait is _gather's (50 ms at most, only
+    while items decoded together are still on their way).
+
+    The thread must not die with units waiting: a bug in planning or in a batch costs the units
+    it touched (an internal_error), never the others. Should the thread end anyway, every unit
+    in it and every later one is answered at once (model_failed), and the worker turns unhealthy
+    (worker_healthy(): jobs' outputs carry refresh_worker, as after a GPU fault).
     """
 
     def __init__(self) -> None:
@@ -2016,6 +2214,9 @@ class _Scheduler:
 
     def submit(self, unit: Unit) -> cf.Future:
         with self.cond:
+            if _STATE.model_thread_died:
+                _deliver(unit, UnitResult(_model_failed_error(), None))
+                return unit.future
             unit.seq = next(self.arrivals)
             self.ready.append(unit)
             if self.thread is None:
@@ -2053,25 +2254,51 @@ class _Scheduler:
                 self.cond.wait()
 
     def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while not self.ready:
-                    self.cond.wait()
-                self._gather()
-                batch = _plan_next(self.ready, _STATE["local_attention"])
-                for unit in batch:
-                    self.ready.remove(unit)
-                self.reading = batch
+        batch: list[Unit] = []
+        try:
+            while True:
+                batch = []
+                try:
+                    batch = self._next_batch()
+                    self._run(batch)
+                except Exception as exc:  # a bug outside the model call costs this batch, not the worker
+                    log.exception("batch of %d failed outside the model", len(batch))
+                    for unit in batch:
+                        _deliver(unit, UnitResult(ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}"), None))
+                finally:
+                    with self.cond:
+                        self.reading = []
+                        self.cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - the thread ends here; _died says so, with the traceback
+            self._died(exc, batch)
+
+    def _next_batch(self) -> list[Unit]:
+        """Wait for work; take the batch _plan_next picks. Should planning fail (a bug), the
+        oldest ready unit runs alone: the planner's bug costs no unit its result."""
+        with self.cond:
+            while not self.ready:
+                self.cond.wait()
+            self._gather()
             try:
-                self._run(batch)
-            except Exception as exc:  # a bug outside the model call costs this batch, not the worker
-                log.exception("batch of %d failed outside the model", len(batch))
-                for unit in batch:
-                    _deliver(unit, UnitResult(ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}"), None))
-            finally:
-                with self.cond:
-                    self.reading = []
-                    self.cond.notify_all()
+                batch = _plan_next(self.ready, _STATE.local_attention)
+            except Exception:
+                log.exception("planning failed; running the oldest ready item alone")
+                batch = [min(self.ready, key=lambda u: u.seq)]
+            for unit in batch:
+                self.ready.remove(unit)
+            self.reading = batch
+            return batch
+
+    def _died(self, exc: BaseException, batch: list[Unit]) -> None:
+        """The thread is ending: answer every unit it holds or would take, and mark the worker
+        unhealthy, so that no job waits for ever on a thread that is gone."""
+        log.critical("the model thread died; asking Runpod to replace this worker", exc_info=exc)
+        with self.cond:
+            _STATE.model_thread_died = f"{type(exc).__name__}: {_short(exc, 200)}"
+            for unit in [*batch, *self.ready]:
+                _deliver(unit, UnitResult(_model_failed_error(), None))
+            self.ready, self.reading, self.thread = [], [], None
+            self.cond.notify_all()
 
     def _run(self, batch: list[Unit]) -> None:
         model = _MODEL
@@ -2094,8 +2321,15 @@ class _Scheduler:
             outs.update(zip(rows, ran, strict=True))
         real = sum(items[r].duration for r in rows)
         info = BatchInfo(next(self.batch_ids), len(rows), real, len(rows) * max((items[r].duration for r in rows), default=0))
+        log.debug("batch %d: %d item(s), %.1f s of audio", info.id, info.size, info.real_sec)
         for row, unit in enumerate(batch):
             _deliver(unit, UnitResult(outs[row], info if row in rows else None))
+
+
+def _model_failed_error() -> ItemError:
+    return ItemError(
+        "model_failed", f"the worker's model thread died ({_STATE.model_thread_died}); this worker is being replaced, retry the item"
+    )
 
 
 def _deliver(unit: Unit, result: UnitResult) -> None:
@@ -2312,7 +2546,18 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
     """Validate the job with rp_validator plus the checks it skips; return (params, error)."""
     if not isinstance(job_input, dict):
         return None, 'input must be an object like {"inputs": [{"source": "..."}]}'
-    checked = validate(job_input, INPUT_SCHEMA)
+    for key, rule in INPUT_SCHEMA.items():  # the validator's float() raises OverflowError on 1e400 written out
+        value = job_input.get(key)
+        if rule["type"] is float and isinstance(value, int) and not isinstance(value, bool):
+            try:
+                float(value)
+            except OverflowError:
+                return None, f"invalid input: {key} is too large a number"
+    try:
+        checked = validate(job_input, INPUT_SCHEMA)
+    except Exception as exc:  # noqa: BLE001 - the SDK's validator failing on odd input is still the input's fault
+        log.warning("the input validator raised on a job's input: %s", _short(exc))
+        return None, f"invalid input: the validator could not check it ({type(exc).__name__})"
     if "errors" in checked:  # they quote unknown keys as given: echo them safely
         return None, _echo("invalid input: " + " ".join(checked["errors"]))
     params = checked["validated_input"]
@@ -2410,7 +2655,7 @@ class _Job:
         """Hand one unit to the scheduler (from any thread); a piece of a split item carries its
         item's boosting too."""
         if self.stop.is_set():
-            raise ItemError("cancelled", "the job was stopped")
+            raise _cancelled()
         return _SCHEDULER.submit(Unit(item, self, self.timestamps, final, boost=self.boosts.get(item.index)))
 
     async def run(self, item: Prepared, final: bool = True, whole: Prepared | None = None) -> Transcript | ItemError:
@@ -2464,8 +2709,10 @@ class _Job:
         }
 
     def discard(self, wav: Path) -> None:
-        """An item's decoded audio is no longer needed: delete it and give back its disk."""
-        wav.unlink(missing_ok=True)
+        """An item's decoded audio is no longer needed: delete it and give back its disk (a
+        read-only temp dir keeps it until the job's dir is removed, see _remove_job_dir)."""
+        with contextlib.suppress(OSError):
+            wav.unlink(missing_ok=True)
         _DISK.release(wav)
 
     async def close(self) -> None:
@@ -2479,7 +2726,7 @@ class _Job:
             cf.wait(self.threads)  # nothing may still write into workdir, or submit, once it goes
             _SCHEDULER.withdraw(self)
             _DISK.release_under(self.workdir)
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            _remove_job_dir(self.workdir)
 
         await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, clean))
 
@@ -2511,7 +2758,7 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
         "batch_sizes": [b.size for b in batches],
         "padding_efficiency": round(sum(b.real_sec for b in batches) / padded, 4) if padded else 1.0,
     }
-    if _STATE.get("gpu_fault"):
+    if not worker_healthy():
         response["refresh_worker"] = True  # the SDK asks Runpod to replace this worker
     return response
 
@@ -2538,8 +2785,10 @@ async def run_job(job_input: Any, events: Events | None = None, uploads: Uploads
             await asyncio.get_running_loop().run_in_executor(None, ensure_model)
         if _MODEL_ERROR:
             return {"error": _MODEL_ERROR}
-        if _STATE.get("gpu_fault"):
+        if _STATE.gpu_fault:
             return {"error": _gpu_fault_error().message, "refresh_worker": True}
+        if _STATE.model_thread_died:
+            return {"error": _model_failed_error().message, "refresh_worker": True}
         try:
             boost = await _job_boost(params)
         except ValueError as exc:
@@ -2929,7 +3178,7 @@ async def openai_queue_job(job_input: dict[str, Any], events: Events | None = No
         return await openai_transcribe(req, events)
     except OpenAIError as exc:
         answer: dict[str, Any] = {"error": json.dumps(exc.body())}
-        if _STATE.get("gpu_fault"):
+        if _STATE.unhealthy:
             answer["refresh_worker"] = True
         return answer
 
@@ -2938,8 +3187,49 @@ async def openai_queue_job(job_input: dict[str, Any], events: Events | None = No
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-log.addFilter(_SafeLogRecords())  # no URL secrets, no forged lines: whoever handles the records
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _configure_logging() -> None:
+    """LOG_LEVEL sets the root logger's level (importing runpod has already given the root a
+    handler, so basicConfig alone would change nothing), and no line that reaches the log can
+    carry a URL's secrets or forge another line, whoever wrote it: this worker's records are
+    made safe as they are made, every root handler's records as they are written (urllib3 logs
+    request paths with their query strings at DEBUG), and the SDK's own logger, which prints
+    ("Handler output: {...}" quotes every source at its default level, DEBUG), prints them safe."""
+    level = _env_choice("LOG_LEVEL", "info", LOG_LEVELS).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    if not any(isinstance(f, _SafeLogRecords) for f in log.filters):
+        log.addFilter(_SafeLogRecords())
+    for handler_ in logging.getLogger().handlers:
+        if not any(isinstance(f, _SafeLogRecords) for f in handler_.filters):
+            handler_.addFilter(_SafeLogRecords())
+    _redact_sdk_log()
+
+
+def _safe_lines(text: str) -> str:
+    """`text` as _for_log makes it, line by line (a traceback keeps its lines)."""
+    return "\n".join(_for_log(line) for line in text.split("\n"))
+
+
+def _redact_sdk_log() -> None:
+    """The runpod SDK logs through RunPodLogger.log(), which prints: wrap it once so that each
+    message is made safe (_safe_lines) before the SDK formats and prints it."""
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    printing = RunPodLogger.log
+    if getattr(printing, "redacts", False):
+        return
+
+    def safe_log(self: Any, message: Any, message_level: str = "INFO", job_id: str | None = None) -> None:
+        printing(self, _safe_lines(str(message)), message_level, job_id)
+
+    safe_log.redacts = True  # type: ignore[attr-defined]
+    RunPodLogger.log = safe_log  # type: ignore[method-assign]
+
+
+_configure_logging()
 
 
 def worker_health() -> str:
@@ -2949,7 +3239,7 @@ def worker_health() -> str:
     if not _LOADED:
         return "loading"
     thread = _SCHEDULER.thread
-    if _STATE.get("gpu_fault") or _STATE.get("unhealthy") or (thread is not None and not thread.is_alive()):
+    if not worker_healthy() or (thread is not None and not thread.is_alive()):
         return "unhealthy"
     return "ready"
 
@@ -2975,7 +3265,40 @@ def main(argv: list[str]) -> None:
     if not _env_flag("RUNPOD_SERVERLESS") and not local_args and not Path("test_input.json").is_file():
         sys.exit("nothing to run: set RUNPOD_SERVERLESS=1, pass --test_input '{...}' or --rp_serve_api")
     ensure_model()
+    _finish_taken_jobs()
     runpod.serverless.start({"handler": handler, "concurrency_modifier": _concurrency})
+
+
+def _finish_taken_jobs() -> None:
+    """No job the worker has taken is lost at SIGTERM. runpod 1.12 (rp_scale.JobScaler) stops
+    asking for jobs at SIGTERM, but its run loop also ends as soon as its queue is empty, while
+    a take request may still be open: the jobs that request hands out afterwards were queued,
+    never run, never answered (3 tries of 3 lost 10 jobs). Here the run loop goes on until the
+    take loop has ended, and runs every job it queued; jobs already running finish as before."""
+    from runpod.serverless.modules import rp_scale
+
+    scaler = rp_scale.JobScaler
+    if getattr(scaler.run_jobs, "drains", False):
+        return
+    take_loop, run_loop = scaler.get_jobs, scaler.run_jobs
+
+    async def get_jobs(self: Any, session: Any) -> None:
+        try:
+            await take_loop(self, session)
+        finally:
+            self.taking_ended = True
+
+    async def run_jobs(self: Any, session: Any) -> None:
+        await run_loop(self, session)  # returns once shut down with an empty queue
+        while not getattr(self, "taking_ended", False) or not self.jobs_queue.empty():
+            if self.jobs_queue.empty():
+                await asyncio.sleep(0.05)
+                continue
+            log.info("running %d job(s) taken as the worker shut down", self.jobs_queue.qsize())
+            await run_loop(self, session)
+
+    run_jobs.drains = True  # type: ignore[attr-defined]
+    scaler.get_jobs, scaler.run_jobs = get_jobs, run_jobs  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ DEFAULT_MODEL = "models/demo-tdt.nemo"
 SAMPLE_RATE = synth.SAMPLE_RATE
 
 # ---------------------------------------------------------------------------------------------
-# Environment: handler reads its config and loads the model once, at import, so this runs first.
+# Environment: handler reads its config once, at import (the model loads later, on the first job or
+# ensure_model()), so this runs first.
 # ---------------------------------------------------------------------------------------------
 
 

@@ -72,11 +72,7 @@ def ensure_model(layers: int) -> tuple[Path, Path, dict[str, Any]]:
 
 def load_worker() -> tuple[Any, float]:
     started = time.perf_counter()
-    import handler
-
-    getattr(handler, "ensure_model", lambda: None)()
-    if handler._MODEL is None:
-        raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
+    handler = testkit.load_worker()
     return handler, time.perf_counter() - started
 
 
@@ -138,16 +134,6 @@ def measure_methods(worker: Any, ctx: dict[str, Any], repeat: int, phases: dict[
             repeat, "model-only floor", with_gpu_peak(lambda: throughput.run_floor(model, arrays))
         )
     return out
-
-
-def warm_up(worker: Any, ctx: dict[str, Any], count: int = 3) -> float:
-    """Each method once on the shortest files: lazy initialisation (CUDA graphs, cuDNN) unmeasured."""
-    short = sorted(range(len(ctx["paths"])), key=ctx["seconds"].__getitem__)[:count]
-    started = time.perf_counter()
-    run_handler(worker, [ctx["urls"][i] for i in short])
-    throughput.run_nemo_paths(worker._MODEL, [ctx["paths"][i] for i in short], [ctx["seconds"][i] for i in short])
-    throughput.run_floor(worker._MODEL, throughput.decode_all([ctx["paths"][i] for i in short]))
-    return time.perf_counter() - started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with testkit.LocalServer(root=root) as server:
             ctx = {"paths": [root / f["name"] for f in files], "urls": [f"{server.url}/files/{f['name']}" for f in files],
                    "seconds": [f["seconds"] for f in files]}  # fmt: skip
-            result["warm_up_sec"] = warm_up(worker, ctx)
+            result["warm_up_sec"] = throughput.warm_up(worker, ctx, count=3)
             print("measuring end to end ...", flush=True)
             result["end_to_end"] = e2e = measure_methods(worker, ctx, args.repeat, phases)
     ours, floor = e2e["handler"].get("texts"), e2e["floor"].get("texts")

@@ -75,12 +75,8 @@ def build_audio(spec: dict[str, Any]) -> tuple[Path, list[str]]:
 def run_child(request_file: Path) -> None:
     request = json.loads(request_file.read_text())
     started = time.perf_counter()
-    import handler
-
-    handler.ensure_model()
+    handler = testkit.load_worker()
     load_sec = time.perf_counter() - started
-    if handler._MODEL is None:
-        raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
     spent = common.instrument(handler)
     cuts = record_split_points(handler)
     job = {"id": "bench-long", "input": {"inputs": [{"source": request["source"]}], "timestamps": True}}
@@ -93,7 +89,7 @@ def run_child(request_file: Path) -> None:
         "wall_sec": wall,
         "phase_sec": spent,
         "split_cuts_sec": [c / SAMPLE_RATE for c in cuts],
-        "local_attention_at_end": handler._STATE["local_attention"],
+        "local_attention_at_end": handler._STATE.local_attention,
         "config": {k: getattr(handler.CFG, k) for k in ("local_attention_after_sec", "local_attention_context",
                                                         "max_single_pass_sec", "short_max_sec", "prepare_workers")},
         "peak_rss_mb": {"handler_phase": phases["handler"]["peak_rss_mb"], "process": common.process_peak_mb(),

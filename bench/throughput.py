@@ -334,15 +334,15 @@ def warm_up(worker: Any, ctx: dict[str, Any], count: int = 4) -> float:
 # 4. Import and model-load time, in fresh processes
 # ---------------------------------------------------------------------------------------------
 
-IMPORT_CODE = "import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+IMPORT_CODE = "import time; t = time.perf_counter(); import {module}; {then}; print(time.perf_counter() - t)"
 
 
-def time_import(module: str, env: dict[str, str], runs: int) -> dict[str, float]:
-    """Best wall time of `python -c "import module"` (interpreter start included) and the best
-    time the import statement itself took, over `runs` fresh processes."""
+def time_import(module: str, env: dict[str, str], runs: int, then: str = "pass") -> dict[str, float]:
+    """Best wall time of `python -c "import module; then"` (interpreter start included) and the
+    best time the statements themselves took, over `runs` fresh processes."""
     walls, inside = [], []
     for _ in range(runs):
-        cmd = [sys.executable, "-c", IMPORT_CODE.format(module=module)]
+        cmd = [sys.executable, "-c", IMPORT_CODE.format(module=module, then=then)]
         proc, wall = timed(
             lambda c=cmd: subprocess.run(c, env=env, cwd=REPO, check=True, capture_output=True, text=True)
         )
@@ -357,7 +357,7 @@ def measure_imports(runs: int) -> dict[str, Any]:
     result = {
         "runpod": time_import("runpod", plain, runs),
         "handler_skip_model_load": time_import("handler", skip, runs),
-        "handler_with_model": time_import("handler", plain, 1),
+        "handler_with_model": time_import("handler", plain, 1, then="handler.ensure_model()"),  # loads on use
     }
     result["overhead_sec"] = result["handler_skip_model_load"]["wall_sec"] - result["runpod"]["wall_sec"]
     return result
@@ -488,13 +488,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_worker() -> tuple[Any, float]:
-    """Import handler (which loads the model) in this process."""
+    """Import handler and load its model in this process."""
     started = time.perf_counter()
-    import handler
-
-    handler.ensure_model()
-    if handler._MODEL is None:
-        raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
+    handler = testkit.load_worker()
     return handler, time.perf_counter() - started
 
 

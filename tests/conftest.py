@@ -1,20 +1,21 @@
 """Shared test set-up: the worker with the bundled demo model, real speech, a real HTTP server.
 
-The environment is fixed here, before any test imports handler (which reads its config and
-loads the model once, at import).
+The environment is fixed here, before any test imports handler (which reads its config once, at
+import; the model loads on the first job, or in the `worker` fixture, once per session).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import inspect
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,15 @@ for var in ("SKIP_MODEL_LOAD", "RUNPOD_SERVERLESS", "http_proxy", "https_proxy",
 sys.path.insert(0, str(REPO))
 
 from tools import synth  # noqa: E402
-from tools.testkit import LocalServer, LoopbackOnly, encode, word_errors  # noqa: E402, F401 - encode, word_errors: for the tests
+from tools.testkit import (  # noqa: E402, F401 - encode, word_errors, until: for the tests
+    LocalServer,
+    LoopbackOnly,
+    answer,
+    encode,
+    load_worker,
+    until,
+    word_errors,
+)
 
 LOOPBACK = LoopbackOnly()  # LOOPBACK.refused: the names tests tried to resolve
 
@@ -59,11 +68,7 @@ def loopback_only():
 @pytest.fixture(scope="session")
 def worker():
     """The handler module with the demo model loaded (once per session)."""
-    import handler
-
-    getattr(handler, "ensure_model", lambda: None)()
-    assert handler._MODEL is not None, handler._MODEL_ERROR
-    return handler
+    return load_worker()
 
 
 @pytest.fixture
@@ -79,8 +84,7 @@ def config(worker, monkeypatch):
 
 def call_handler(worker, job: dict) -> dict:
     """One job through the real handler, in-process, as the SDK would await it."""
-    out = worker.handler(job)
-    return asyncio.run(out) if inspect.iscoroutine(out) else out
+    return answer(worker, job)
 
 
 def run_job(worker, inputs, **params):
@@ -106,14 +110,6 @@ def hold_model(worker, monkeypatch) -> tuple[threading.Event, threading.Event]:
 
     monkeypatch.setattr(worker, "_forward_decode", held)
     return entered, release
-
-
-async def until(condition, what: str, timeout: float = 120) -> None:
-    """Await `condition()` (polled), failing the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def run_together(worker, monkeypatch, jobs: list[dict], ready_units: int) -> list[dict]:
@@ -187,3 +183,18 @@ def refused_url():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/audio.wav"
+
+
+@contextlib.contextmanager
+def tmpfs(options: str) -> Iterator[Path]:
+    """A fresh tmpfs mounted with `options` (e.g. "size=512k"); unmounted afterwards."""
+    where = Path(tempfile.mkdtemp(prefix="pw-tmpfs-"))
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+        where.rmdir()

@@ -65,7 +65,7 @@ def test_word_ends_do_not_depend_on_batch_neighbours(worker, monkeypatch):
     """NeMo 3.0's stale TDT durations (patched by the worker, see _fix_tdt_durations) moved the
     end of "no" from 0.56 to 0.64 s when "four two stop" shared its batch, and "two"'s end the
     other way; with the fix each clip's timestamps are the same alone and batched."""
-    assert worker._STATE["durations_fixed"] is True
+    assert worker._STATE.durations_fixed is True
     assert getattr(type(worker._MODEL.decoding.decoding.decoding_computer).torch_impl, "_durations_fixed", False)
     a, b = str(speech_file("yes no", "wav")), str(speech_file("four two stop", "wav"))
     alone = [solo(worker, a), solo(worker, b)]
@@ -189,6 +189,7 @@ def test_weight_zero_turns_boosting_off(worker, misheard):
         ({"boost_weight": float("nan")}, "boost_weight must be a number from 0 to 10"),
         ({"boost_weight": "high"}, "boost_weight should be"),
         ({"boost_weight": True}, "boost_weight should be"),
+        (json.loads('{"boost_weight": 1' + "0" * 400 + "}"), "boost_weight is too large a number"),  # valid JSON
     ],
 )
 def test_malformed_job_fields_get_a_clear_job_error(worker, fields, says):

@@ -8,6 +8,7 @@ They run where CUDA is present and are skipped, with the reason, everywhere else
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -97,14 +98,13 @@ def test_warm_up_falls_back_when_graph_decoding_fails(worker, monkeypatch, caplo
             raise RuntimeError("forced failure of CUDA-graph decoding")
         return original(model, audio, lengths)
 
-    saved_state = dict(worker._STATE)
+    saved_state = dataclasses.replace(worker._STATE)
     monkeypatch.setattr(worker, "_forward_decode", failing_with_graphs)
     try:
         with caplog.at_level(logging.WARNING, logger="parakeet-worker"):
             model = worker.load_model(str(DEMO_MODEL))
     finally:
-        worker._STATE.clear()
-        worker._STATE.update(saved_state)
+        worker._STATE.__dict__.update(saved_state.__dict__)
     assert calls == [True, False]
     assert model.cfg.decoding.greedy.use_cuda_graph_decoder is False
     assert "falling back" in caplog.text

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import numpy as np
+from conftest import DATA_ROOT, DEMO_MODEL, run_job, word_errors
 
-from conftest import DEMO_MODEL, REPO
-
+from tools import synth
 from tools.tdt_loss import check_against_nemo
 
 
@@ -30,8 +30,18 @@ def test_demo_model_is_a_small_parakeet_style_tdt(worker):
     assert sum(p.numel() for p in model.parameters()) < 1_500_000
 
 
-def test_reported_training_numbers_are_the_shipped_ones():
-    """models/demo-tdt.json is written by the training run that wrote the .nemo."""
-    report = json.loads((REPO / "models" / "demo-tdt.json").read_text())
-    assert report["nemo_bytes"] == (REPO / "models" / "demo-tdt.nemo").stat().st_size
-    assert report["heldout_wer"] <= 0.02
+def test_demo_model_transcribes_unseen_speech(worker):
+    """Held-out speech as the demo model was trained on (random words of its vocabulary, random
+    espeak voices, speeds and pitches; seeded, so the same clips every run), in one real job:
+    the word error rate stays near what its training run measured (0.46% on 300 utterances)."""
+    rng = np.random.default_rng(18)
+    refs, inputs = [], []
+    for n in range(24):
+        words = [str(w) for w in rng.choice(synth.VOCAB, size=int(rng.integers(3, 7)))]
+        voice, speed, pitch = str(rng.choice(synth.VOICES)), int(rng.integers(130, 201)), int(rng.integers(30, 71))
+        path = synth.write(DATA_ROOT / f"heldout-{n}.wav", synth.speak(" ".join(words), voice, speed, pitch))
+        refs.append(words)
+        inputs.append({"source": str(path)})
+    results = run_job(worker, inputs)["results"]
+    errors = sum(word_errors(ref, r["text"].lower().split()) for ref, r in zip(refs, results, strict=True))
+    assert errors / sum(len(r) for r in refs) <= 0.03, [r["text"] for r in results]

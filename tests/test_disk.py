@@ -8,30 +8,13 @@ import contextlib
 import errno
 import os
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import DATA_ROOT, call_handler, run_job, speech_file, words_of
+from conftest import DATA_ROOT, call_handler, run_job, speech_file, tmpfs, words_of
 
 GOOD_TEXT = "one two three"
-
-
-@contextlib.contextmanager
-def tmpfs(options: str) -> Iterator[Path]:
-    """A fresh tmpfs mounted with `options` (e.g. "size=512k"); unmounted afterwards."""
-    where = Path(tempfile.mkdtemp(prefix="pw-tmpfs-"))
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
-    if done.returncode != 0:
-        where.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-        where.rmdir()
 
 
 def fill(disk: Path, leave: int = 0) -> Path:

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import soundfile as sf
 from conftest import DATA_ROOT, REPO, encode
+from test_headers import HANG_HEADERS
 
 DRY_SCRIPT = r"""
 import asyncio, json, pathlib, sys, time
@@ -34,10 +35,13 @@ def test_dry_run_imports_nothing_heavy_and_measures_durations(http_server, tmp_p
         wav = DATA_ROOT / f"dry-{name}.wav"
         sf.write(wav, 0.1 * rng.standard_normal((int(seconds * rate), channels)), rate)
         made[name] = (wav, seconds)
+    hostile = DATA_ROOT / "dry-hostile.wav"
+    hostile.write_bytes(HANG_HEADERS[0])
     inputs = [
         {"source": str(made["a"][0])},
         {"source": http_server.add(encode(made["b"][0], DATA_ROOT / "dry-b.mp3"))},
         {"source": "file://" + str(encode(made["c"][0], DATA_ROOT / "dry-c.m4a"))},
+        {"source": str(hostile)},  # a header that made libsndfile spin for ever (tests/test_headers.py)
     ]
     proc = subprocess.run(
         [sys.executable, "-c", DRY_SCRIPT, json.dumps(inputs), str(tmp_path / "report.json")],
@@ -47,8 +51,9 @@ def test_dry_run_imports_nothing_heavy_and_measures_durations(http_server, tmp_p
     report = json.loads((tmp_path / "report.json").read_text())  # a file: SDK log lines cannot glue onto it
     assert report["heavy"] == [], f"dry run imported {report['heavy'][:5]}"
     results = report["out"]["results"]
-    assert [r["index"] for r in results] == [0, 1, 2]
-    for result, (_, seconds) in zip(results, [made["a"], made["b"], made["c"]], strict=True):
+    assert [r["index"] for r in results] == [0, 1, 2, 3]
+    assert results[3]["code"] == "not_audio", results[3]
+    for result, (_, seconds) in zip(results[:3], [made["a"], made["b"], made["c"]], strict=True):
         assert "error" not in result, result
         assert "dry run" in result["text"]
         assert abs(result["duration"] - seconds) <= 0.05, (result, seconds)

@@ -45,12 +45,12 @@ def test_local_attention_switch_and_back(worker, config, long_clip):
     mixed = run_job(worker, [{"source": path}, short], timestamps=True)  # either may run first
     check_words(mixed["results"][0], offsets)
     check_words(run_job(worker, [{"source": path}], timestamps=True)["results"][0], offsets)
-    assert worker._STATE["local_attention"] is True  # the long item ran last, with local attention
+    assert worker._STATE.local_attention is True  # the long item ran last, with local attention
     # NeMo builds the swapped-in attention modules in training mode: dropout must not stay on
     assert [n for n, m in worker._MODEL.named_modules() if m.training] == []
 
     after = run_job(worker, [short], timestamps=True)["results"][0]
-    assert worker._STATE["local_attention"] is False  # switched back for short work
+    assert worker._STATE.local_attention is False  # switched back for short work
     for result in (mixed["results"][1], after):
         assert result["text"] == alone["text"] == "four two stop"
         assert result["timestamps"] == alone["timestamps"]
@@ -63,7 +63,7 @@ def test_long_item_with_full_attention_runs_alone(worker, config, long_clip):
     check_words(out["results"][0], offsets)
     assert out["results"][1]["text"] == "yes no"
     assert out["stats"]["batches"] == 2
-    assert worker._STATE["local_attention"] is False
+    assert worker._STATE.local_attention is False
 
 
 @pytest.mark.parametrize("piece_sec", [13.0, 21.0])

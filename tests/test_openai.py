@@ -232,7 +232,7 @@ def test_busy_worker_answers_429(client, config, worker, monkeypatch):
 
 def test_gpu_fault_makes_ping_503(api, client, worker, monkeypatch):
     assert requests.get(f"{api.url}/ping", timeout=30).status_code == 200
-    monkeypatch.setitem(worker._STATE, "gpu_fault", "CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(worker._STATE, "gpu_fault", "CUDA error: an illegal memory access was encountered")
     assert requests.get(f"{api.url}/ping", timeout=30).status_code == 503
     with pytest.raises(openai.InternalServerError) as refused:
         transcribe(client, speech_file("yes", "wav"))

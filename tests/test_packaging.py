@@ -3,7 +3,9 @@ docs. No Docker engine runs here, so the Dockerfile is linted (hadolint) and its
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -38,44 +40,15 @@ def test_hadolint_passes():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_dockerfile_promises():
-    steps = instructions()
-    kinds = [k for k, _ in steps]
-    args = dict(steps)
-    # a CUDA base image of the CUDA version of the torch build (a build arg, default cu126)
-    base = next(v for k, v in steps if k == "ARG" and v.startswith("CUDA_IMAGE="))
-    assert base.startswith("CUDA_IMAGE=nvidia/cuda:12.6.") and base.endswith("-base-ubuntu22.04")
-    assert args["FROM"] == "${CUDA_IMAGE}"
-    assert ("ARG", "TORCH_CUDA=cu126") in steps[kinds.index("FROM") :]  # declared after FROM: usable in RUN
-    # ffmpeg from the distribution
-    assert any(k == "RUN" and "apt-get install" in v and "ffmpeg" in v for k, v in steps)
-    # pinned dependencies installed in one layer, before any code is copied: torch from PyTorch's
-    # index for TORCH_CUDA at requirements.txt's version, then the rest with the constraints
-    pip = [i for i, (k, v) in enumerate(steps) if k == "RUN" and "pip install" in v]
-    assert len(pip) == 1 and "-c constraints.txt -r requirements.txt" in steps[pip[0]][1]
-    run = steps[pip[0]][1]
-    assert '--index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in run
-    assert "\"torch==$(sed -n 's/^torch==//p' requirements.txt)\"" in run
-    assert run.index("download.pytorch.org") < run.index("-c constraints.txt")
-    assert 'pip install "cuda-bindings==12.9.10"' in run  # CUDA 12 builds: bindings of CUDA major 12
-    copy_code = next(i for i, (k, v) in enumerate(steps) if k == "COPY" and "handler.py" in v)
-    assert steps[pip[0] - 1] == ("COPY", "requirements.txt constraints.txt ./") and pip[0] < copy_code
-    # the model is baked in at build time, into HF_HOME
-    arg_model = next(i for i, (k, v) in enumerate(steps) if k == "ARG" and v.startswith("PARAKEET_MODEL="))
-    assert arg_model > kinds.index("FROM") and steps[arg_model][1].startswith("PARAKEET_MODEL=nvidia/parakeet-tdt")
-    assert "HF_HOME=/models/huggingface" in " ".join(v for k, v in steps if k == "ENV")
-    assert any(k == "RUN" and "fetch_model.py" in v for k, v in steps)
-    assert any(k == "RUN" and "fetch_model.py" in v for k, v in steps[arg_model:copy_code])
-    # the worker loop starts by default
-    assert "RUNPOD_SERVERLESS=1" in " ".join(v for k, v in steps if k == "ENV")
-    assert json.loads(args["CMD"])[-1] == "handler.py"
-    # what it copies exists and is not excluded by .dockerignore
+def test_build_context_holds_what_the_image_copies():
+    """Every COPY source exists and is let through by .dockerignore: otherwise `docker build` fails."""
     ignore = (REPO / ".dockerignore").read_text()
-    for k, v in steps:
-        if k == "COPY":
-            for src in v.split()[:-1]:
-                assert (REPO / src).exists(), src
-                assert f"!{src.rstrip('/')}" in ignore or f"!{src.split('/')[0]}/" in ignore, src
+    copies = [v for k, v in instructions() if k == "COPY"]
+    assert copies
+    for v in copies:
+        for src in v.split()[:-1]:
+            assert (REPO / src).exists(), src
+            assert f"!{src.rstrip('/')}" in ignore or f"!{src.split('/')[0]}/" in ignore, src
 
 
 # CUDA builds of torch 2.13 (PyTorch's release compatibility matrix): CUDA 12.6 and 13.0 stable.
@@ -86,7 +59,9 @@ def test_torch_in_image_matches_requirements():
     reqs = (REPO / "requirements.txt").read_text()
     torch_pin = re.search(r"^torch==([\d.]+)$", reqs, re.M)
     assert torch_pin, "torch must be pinned in requirements.txt"
-    assert torch_pin.group(1) == "2.13.0"
+    import torch
+
+    assert torch.__version__.split("+")[0] == torch_pin.group(1)  # the pin is what the tests ran with
     torch_cuda = re.search(r"^ARG TORCH_CUDA=(cu\d+)$", DOCKERFILE, re.M).group(1)
     base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.", DOCKERFILE, re.M)
     assert TORCH_2_13_CUDA[torch_cuda] == (int(base.group(1)), int(base.group(2)))  # base image = torch's CUDA
@@ -100,10 +75,12 @@ def test_torch_in_image_matches_requirements():
             assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line), f"unpinned requirement {line!r}"
 
 
-def test_fetch_model_script_uses_the_hub_filename_the_worker_looks_for():
-    script = (REPO / "docker" / "fetch_model.py").read_text()
-    assert "hf_hub_download" in script and '.rsplit("/", 1)[-1] + ".nemo"' in script
-    assert '.rsplit("/", 1)[-1] + ".nemo"' in (REPO / "handler.py").read_text()
+def test_fetch_model_unpacks_where_the_worker_looks():
+    spec = importlib.util.spec_from_file_location("fetch_model", REPO / "docker" / "fetch_model.py")
+    fetch_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch_model)
+    for repo_id in ("nvidia/parakeet-tdt-0.6b-v3", "someone/other-model"):
+        assert fetch_model.unpacked_dir(repo_id) == handler._unpacked_dir(repo_id)
 
 
 def test_runpod_hub_listing():
@@ -146,16 +123,19 @@ def test_local_test_input_is_a_valid_job(name):
     assert all((REPO / item["source"]).is_file() for item in params["inputs"])
 
 
-def test_every_env_variable_is_documented():
-    source = (REPO / "handler.py").read_text()
-    names = set(re.findall(r'_env(?:_num|_flag|_pair|_choice)?\("([A-Z_]+)"', source))
-    names |= set(re.findall(r'os\.environ\.get\("([A-Z_]+)"', source))
-    assert len(names) >= 20
-    missing = sorted(n for n in names if f"`{n}`" not in README)
+def test_every_env_variable_the_config_reads_is_documented(monkeypatch):
+    """The names the worker's config really reads (recorded as it reads them), each in README.md."""
+    read: set[str] = set()
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            read.add(key)
+            return super().get(key, default)
+
+    monkeypatch.setattr(os, "environ", Recording(os.environ))
+    handler.Config.from_env()
+    handler._configure_logging()  # LOG_LEVEL (already applied: the same level again)
+    handler._ffmpeg_bin()  # FFMPEG_BIN
+    assert {"LOG_LEVEL", "FFMPEG_BIN", "PARAKEET_MODEL"} <= read and len(read) >= 20
+    missing = sorted(n for n in read - {"PATH"} if f"`{n}`" not in README)  # PATH: shutil.which
     assert not missing, f"undocumented in README.md: {missing}"
-
-
-def test_readme_shows_the_two_commands():
-    assert "make demo" in README and "make test" in README
-    ci = (REPO / ".ci" / "run").read_text()
-    assert ci.strip().splitlines()[-1] == "make test"

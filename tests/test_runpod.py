@@ -11,10 +11,11 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import DATA_ROOT, DEMO_MODEL, REPO, speech_file, words_of
+from conftest import DATA_ROOT, DEMO_MODEL, REPO, call_handler, speech_file, words_of
 
 from tools import synth
 
@@ -80,23 +81,18 @@ def test_test_input_argument_and_failed_model_exit_codes(tmp_path):
     assert f"model '{broken}' could not be loaded" in bad.stdout + bad.stderr
 
 
-def test_model_load_failure_answers_every_job(tmp_path):
-    script = (
-        "import asyncio, json, sys, handler\n"
-        "job = {'id': 'j', 'input': {'inputs': [{'source': 'samples/x.wav'}]}}\n"
-        "outs = [asyncio.run(handler.handler(job)) for _ in range(2)]\n"
-        "open(sys.argv[1], 'w').write(json.dumps(outs))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "out.json")], cwd=REPO,
-        env=worker_env(PARAKEET_MODEL="/nonexistent/model.nemo"), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    outputs = json.loads((tmp_path / "out.json").read_text())
-    assert len(outputs) == 2
+def test_model_load_failure_answers_every_job(worker, config, monkeypatch):
+    """In-process, with the session's model set aside: a model that cannot load is tried once,
+    and every job gets its cause, the worker staying up."""
+    for name, value in (("_MODEL", None), ("_MODEL_ERROR", None), ("_LOADED", False)):
+        monkeypatch.setattr(worker, name, value)  # restored (the demo model back) after the test
+    config(model="/nonexistent/model.nemo")
+    job = {"id": "j", "input": {"inputs": [{"source": "samples/x.wav"}]}}
+    outputs = [call_handler(worker, job) for _ in range(2)]
     for out in outputs:
         assert out == {"error": out["error"]}
         assert "/nonexistent/model.nemo" in out["error"] and "FileNotFoundError" in out["error"]
+    assert worker._LOADED and worker._MODEL is None
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -107,44 +103,58 @@ class _Collector(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        _Collector.posts.append(json.loads(body))
+        _Collector.posts.append({**json.loads(body), "job": urlsplit(self.path).path.rsplit("/", 1)[-1]})
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
 
-def run_with_progress(inputs: list[dict], tmp_path, **env: str) -> tuple[dict, list[dict]]:
-    """Run one job in a fresh worker process whose SDK posts progress to a collector on
-    127.0.0.1; return the job's output and the IN_PROGRESS updates, in the order posted. The
-    output travels in a file: another thread's log line cannot glue onto it."""
+PROGRESS_SCRIPT = r"""
+import asyncio, dataclasses, json, sys, handler
+outs = []
+for n, (inputs, changes) in enumerate(json.loads(sys.argv[1])):
+    handler.CFG = dataclasses.replace(handler.CFG, **changes)
+    outs.append(asyncio.run(handler.handler({"id": f"progress-{n}", "input": {"inputs": inputs}})))
+open(sys.argv[2], "w").write(json.dumps(outs))
+"""
+
+
+def run_with_progress(jobs: list[tuple[list[dict], dict]], tmp_path) -> list[tuple[dict, list[dict]]]:
+    """Run jobs (inputs, config changes), one after the other, in one fresh worker process whose
+    SDK posts progress to a collector on 127.0.0.1 (the SDK reads the URL at import: hence the
+    process); return each job's output and its IN_PROGRESS updates, in the order posted. The
+    outputs travel in a file: another thread's log line cannot glue onto them."""
     _Collector.posts = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/job-done/$ID?gpu=test"
-    script = (
-        "import asyncio, json, sys, handler\n"
-        "out = asyncio.run(handler.handler({'id': 'progress-job', 'input': {'inputs': json.loads(sys.argv[1])}}))\n"
-        "open(sys.argv[2], 'w').write(json.dumps({'out': out}))\n"
-    )
     result = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(inputs), str(result)], cwd=REPO,
-        env=worker_env(RUNPOD_WEBHOOK_POST_OUTPUT=url, **env), capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", PROGRESS_SCRIPT, json.dumps(jobs), str(result)], cwd=REPO,
+        env=worker_env(RUNPOD_WEBHOOK_POST_OUTPUT=url), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     server.shutdown()
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(result.read_text())["out"]
-    return out, [p["output"] for p in _Collector.posts if p.get("status") == "IN_PROGRESS"]
+    outs = json.loads(result.read_text())
+    posts = [p for p in _Collector.posts if p.get("status") == "IN_PROGRESS"]
+    return [(out, [p["output"] for p in posts if p["job"] == f"progress-{n}"]) for n, out in enumerate(outs)]
 
 
 def test_progress_updates_go_through_the_sdk(tmp_path):
     """A job of six one-item batches posts progress after each batch that leaves work to do,
     with growing numbers, to the URL the SDK is given (here a collector on 127.0.0.1). The posts
     are awaited by the job, so all of them are in before its result; the last batch posts
-    nothing (the result says it all)."""
+    nothing (the result says it all). Then, in the same process, one item split into pieces
+    reports after each piece, not only when the item is done."""
     texts = ["one", "two three", "four five six", "seven eight", "nine zero", "yes no"]
-    out, updates = run_with_progress([{"source": str(speech_file(t, "wav"))} for t in texts], tmp_path,
-                                     BATCH_MAX_ITEMS="1")  # fmt: skip
+    words = ["one", "hello", "seven", "stop", "three", "world", "nine", "left", "go", "five", "up", "eight"]
+    offsets = [1.0 + 4.0 * i for i in range(len(words))]
+    path = synth.write(DATA_ROOT / "progress-long.wav", synth.place_words(words, offsets))
+    (out, updates), (split_out, split_updates) = run_with_progress([
+        ([{"source": str(speech_file(t, "wav"))} for t in texts], {"batch_max_items": 1}),
+        ([{"source": str(path)}], {"batch_max_items": 16, "max_single_pass_sec": 15.0, "short_max_sec": 10.0,
+                                   "local_attention_after_sec": 600.0}),
+    ], tmp_path)  # fmt: skip
     assert [words_of(r["text"]) for r in out["results"]] == [t.split() for t in texts]
     assert out["stats"]["batch_sizes"] == [1] * 6
     done = [u["items_done"] for u in updates]
@@ -153,22 +163,13 @@ def test_progress_updates_go_through_the_sdk(tmp_path):
     seconds = [u["audio_sec_done"] for u in updates]
     assert seconds[0] > 0 and seconds == sorted(set(seconds))
 
-
-def test_progress_follows_the_pieces_of_a_split_item(tmp_path):
-    """One item split into pieces reports after each piece, not only when the item is done."""
-    words = ["one", "hello", "seven", "stop", "three", "world", "nine", "left", "go", "five", "up", "eight"]
-    offsets = [1.0 + 4.0 * i for i in range(len(words))]
-    path = synth.write(DATA_ROOT / "progress-long.wav", synth.place_words(words, offsets))
-    out, updates = run_with_progress(
-        [{"source": str(path)}], tmp_path, MAX_SINGLE_PASS_SEC="15", SHORT_MAX_SEC="10", LOCAL_ATTENTION_AFTER_SEC="600"
-    )
-    result = out["results"][0]
+    result = split_out["results"][0]
     assert result["text"].split() == words
-    seconds = [u["audio_sec_done"] for u in updates]
-    assert [u["items_done"] for u in updates] == [0] * len(updates), updates
-    assert len(updates) >= 3, updates  # 49 s in pieces of at most 15 s: a post after each of 3+ cuts
+    seconds = [u["audio_sec_done"] for u in split_updates]
+    assert [u["items_done"] for u in split_updates] == [0] * len(split_updates), split_updates
+    assert len(split_updates) >= 3, split_updates  # 49 s in pieces of at most 15 s: a post after each of 3+ cuts
     assert seconds == sorted(set(seconds)) and 0 < seconds[-1] < result["duration"]
-    assert all(u["audio_sec_total"] == pytest.approx(result["duration"], abs=0.01) for u in updates)
+    assert all(u["audio_sec_total"] == pytest.approx(result["duration"], abs=0.01) for u in split_updates)
 
 
 @pytest.fixture(scope="module")

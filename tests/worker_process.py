@@ -9,8 +9,6 @@ and writes {"outputs": [...], "gpu_peak_mb": [...], "load": LOAD_TIMINGS, "devic
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -21,19 +19,16 @@ def main(request_file: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
-    import handler
+    from tools.testkit import answer, load_worker
 
-    getattr(handler, "ensure_model", lambda: None)()
-    if handler._MODEL is None:
-        raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
+    handler = load_worker()
     cuda = torch.cuda.is_available()
     outputs, peaks = [], []
     for i, job_input in enumerate(request["jobs"]):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        out = handler.handler({"id": f"worker-process-{i}", "input": job_input})
-        outputs.append(asyncio.run(out) if inspect.iscoroutine(out) else out)
+        outputs.append(answer(handler, {"id": f"worker-process-{i}", "input": job_input}))
         peaks.append(torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
     result = {
         "outputs": outputs,
@@ -41,7 +36,7 @@ def main(request_file: str) -> None:
         "model_gpu_mb": None,
         "load": dict(getattr(handler, "LOAD_TIMINGS", {})),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "autocast": str(handler._STATE.get("autocast")),
+        "autocast": str(handler._STATE.autocast),
     }
     if cuda:
         result["model_gpu_mb"] = sum(p.numel() * p.element_size() for p in handler._MODEL.parameters()) / 2**20

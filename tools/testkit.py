@@ -27,6 +27,49 @@ from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 import numpy as np
 
 # ---------------------------------------------------------------------------------------------
+# The worker in this process: loaded once, jobs answered as the SDK would await them.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_worker() -> Any:
+    """`import handler` and load its model, as the worker's main() does (the model is never
+    loaded at import); raises RuntimeError with the cause when it cannot load."""
+    import handler
+
+    handler.ensure_model()
+    if handler._MODEL is None and not handler.CFG.skip_model_load:
+        raise RuntimeError(f"the model did not load: {handler._MODEL_ERROR}")
+    return handler
+
+
+def answer(worker: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """One job through worker.handler(), awaited as the SDK awaits it (when it is a coroutine)."""
+    import asyncio
+    import inspect
+
+    out = worker.handler(job)
+    return asyncio.run(out) if inspect.iscoroutine(out) else out
+
+
+async def until(condition: Any, what: str, timeout: float = 120) -> None:
+    """Await `condition()` (polled), failing after `timeout` seconds."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> None:
+    """Block until `condition()` (polled), failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
 # Accuracy: word error counting.
 # ---------------------------------------------------------------------------------------------
 
@@ -332,6 +375,8 @@ class FakeRunpodQueue:
         self.progress: dict[str, list[Any]] = {}
         self.to_stop: list[str] = []
         self.batch_sizes_asked: list[int] = []
+        self.open_takes = 0  # take requests the queue holds open right now
+        self.hold_takes = False  # True: a take waits for jobs as long as it takes (not 0.5 s)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -384,11 +429,18 @@ class FakeRunpodQueue:
 
     # -- the HTTP side ------------------------------------------------------------------------
 
+    def wait_open_take(self, timeout: float = 120) -> None:
+        """Until the worker has a take request open here."""
+        self._wait(lambda: self.open_takes > 0, timeout, "open take request")
+
     def _take(self, count: int) -> list[dict[str, Any]]:
         deadline = time.monotonic() + 0.5
         with self.cond:
-            while not self.waiting and time.monotonic() < deadline:
-                self.cond.wait(deadline - time.monotonic())
+            self.open_takes += 1
+            self.cond.notify_all()
+            while not self.waiting and (self.hold_takes or time.monotonic() < deadline):
+                self.cond.wait(max(0.05, deadline - time.monotonic()))
+            self.open_takes -= 1
             jobs = [self.waiting.popleft() for _ in range(min(count, len(self.waiting)))]
             now = time.monotonic()
             for job in jobs:
