@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGKILL
@@ -1514,26 +1514,76 @@ def _make_batches(items: Sequence[T]) -> list[list[T]]:
     return batches[::-1]
 
 
-def _plan_next(ready: Sequence[Unit], local_mode: bool) -> list[Unit]:
+# --- Fair shares: which job goes next -----------------------------------------------------------
+# Start-time fair queuing over jobs. Every job has the model seconds it has received so far (its
+# "service"); the next batch is built around the job that has received the least, so a job's
+# backlog only costs that job. A job that comes (back) with ready units starts at the service
+# of the job running now (the virtual clock), not at zero: it cannot claim what it was owed
+# while idle, and a stream of new jobs cannot hold back an old one for ever.
+
+
+class _FairShare:
+    """The service each job with units in the scheduler has received, and the virtual clock.
+    Bookkeeping only (no clock, no model): the scheduler and the planning tests both drive it."""
+
+    def __init__(self) -> None:
+        self.served: dict[Any, float] = {}
+        self.clock = 0.0
+
+    def arrive(self, job: Any, waiting: bool) -> None:
+        """A unit of `job` became ready; `waiting`: the job already had units ready or running."""
+        if not waiting:
+            self.served[job] = max(self.served.get(job, 0.0), self.clock)
+
+    def charge(self, batch: Sequence[Unit]) -> None:
+        """`batch` is about to run: the clock moves to its lead job's service, and each job
+        pays for its units' audio seconds."""
+        if batch:
+            self.clock = max(self.clock, min(self.served.get(u.job, 0.0) for u in batch))
+        for unit in batch:
+            self.served[unit.job] = self.served.get(unit.job, 0.0) + unit.duration
+
+    def forget(self, job: Any) -> None:
+        self.served.pop(job, None)
+
+
+def _plan_next(ready: Sequence[Unit], local_mode: bool, served: Mapping[Any, float] | None = None) -> list[Unit]:
     """The next model batch out of every job's ready units; the scheduler runs exactly this.
 
-    Oldest first, so nothing starves. When the oldest unit is short, the batch is the one that
-    _make_batches packs it into out of all ready short units, from any job: at low load a lone
-    clip runs at once, under load batches fill up while the previous one runs. Otherwise a long
-    unit runs alone; among the long units that came before every waiting short one, one that
-    needs no attention switch goes first, so switches stay rare. A split item sends its pieces
-    one at a time, so short units that arrived while a piece ran go before the next piece.
+    Fair across jobs: the lead job is the one that has received the least model time (`served`,
+    audio seconds by job; ties go to the job with the oldest unit). Its oldest unit leads the
+    batch. A short one is packed by _make_batches with the short units of the lead job and of the
+    next jobs in that order, until there are two batches' worth to choose from: so a flood of
+    one-clip jobs still fills batches, one job alone is packed as a whole, and a job with a big
+    backlog fills at most one batch before the others' units go. A long unit runs alone; among
+    the lead job's long units that came before its waiting short ones, one that needs no
+    attention switch goes first, so switches stay rare.
+
+    The bound: a unit that becomes ready waits for the batch running now plus, for every other
+    job with ready units, one batch more than it takes that job to pass this job's service; a job
+    that just arrived starts level with the job running now, so a one-clip job waits for at most
+    two batches (one piece of a long item at most each), however big any other job's backlog is.
     """
     if not ready:
         return []
-    buckets = _bucketize_by_duration(ready)
-    oldest_short = min((u.seq for u in buckets[SHORT]), default=float("inf"))
-    alone = [u for u in buckets[LONG] + buckets[LOCAL] if u.seq < oldest_short]
-    if alone:
+    served = served or {}
+    by_job: dict[Any, list[Unit]] = {}
+    for unit in sorted(ready, key=lambda u: u.seq):
+        by_job.setdefault(unit.job, []).append(unit)
+    order = sorted(by_job, key=lambda j: (served.get(j, 0.0), by_job[j][0].seq))
+    lead = by_job[order[0]]
+    first = lead[0]
+    if _bucket_of(first.duration) != SHORT:
+        oldest_short = min((u.seq for u in lead if _bucket_of(u.duration) == SHORT), default=float("inf"))
+        alone = [u for u in lead if _bucket_of(u.duration) != SHORT and u.seq < oldest_short]
         same_mode = [u for u in alone if (_bucket_of(u.duration) == LOCAL) == local_mode]
-        return [min(same_mode or alone, key=lambda u: u.seq)]
-    first = min(buckets[SHORT], key=lambda u: u.seq)
-    return next(batch for batch in _make_batches(buckets[SHORT]) if first in batch)
+        return [(same_mode or alone)[0]]
+    pool: list[Unit] = []
+    for job in order:
+        pool += [u for u in by_job[job] if _bucket_of(u.duration) == SHORT]
+        if len(pool) >= 2 * CFG.batch_max_items:
+            break
+    return next(batch for batch in _make_batches(pool) if first in batch)
 
 
 def _padding_efficiency(batches: Iterable[Sequence[_Timed]]) -> float:
@@ -1985,10 +2035,13 @@ class _Scheduler:
         self.batch_ids = itertools.count(1)
         self.on_the_way = 0  # decoded in an ffmpeg run that just ended, not submitted yet
         self.thread: threading.Thread | None = None
+        self.fair = _FairShare()
+        self.running: list[Unit] = []  # the batch the model runs now
 
     def submit(self, unit: Unit) -> cf.Future:
         with self.cond:
             unit.seq = next(self.arrivals)
+            self.fair.arrive(unit.job, any(u.job is unit.job for u in itertools.chain(self.ready, self.running)))
             self.ready.append(unit)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="model", daemon=True)
@@ -2021,6 +2074,7 @@ class _Scheduler:
             for unit in [u for u in self.ready if u.job is job]:
                 self.ready.remove(unit)
                 unit.future.cancel()
+            self.fair.forget(job)
             while any(u.job is job for u in self.reading):
                 self.cond.wait()
 
@@ -2030,10 +2084,11 @@ class _Scheduler:
                 while not self.ready:
                     self.cond.wait()
                 self._gather()
-                batch = _plan_next(self.ready, _STATE["local_attention"])
+                batch = _plan_next(self.ready, _STATE["local_attention"], self.fair.served)
+                self.fair.charge(batch)
                 for unit in batch:
                     self.ready.remove(unit)
-                self.reading = batch
+                self.reading = self.running = batch
             try:
                 self._run(batch)
             except Exception as exc:  # a bug outside the model call costs this batch, not the worker
@@ -2042,7 +2097,7 @@ class _Scheduler:
                     _deliver(unit, UnitResult(ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}"), None))
             finally:
                 with self.cond:
-                    self.reading = []
+                    self.reading = self.running = []
                     self.cond.notify_all()
 
     def _run(self, batch: list[Unit]) -> None:
