@@ -162,7 +162,8 @@ class Config:
     batch_overhead_sec: float = 5.0
     local_attention_after_sec: float = 1440.0
     local_attention_context: tuple[int, int] = (256, 256)
-    max_single_pass_sec: float = 10800.0
+    max_single_pass_sec: float = 1800.0  # the piece length: longer items run in pieces (README: Long audio)
+    piece_min_sec: float = 60.0  # a piece that runs out of memory is split smaller, down to this
     max_audio_sec: float = 14400.0
     max_inputs: int = 500
     max_download_bytes: int = 2 * 1024**3
@@ -199,6 +200,7 @@ class Config:
             local_attention_after_sec=_env_num("LOCAL_ATTENTION_AFTER_SEC", d.local_attention_after_sec),
             local_attention_context=_env_pair("LOCAL_ATTENTION_CONTEXT", "256,256"),
             max_single_pass_sec=max(1.0, _env_num("MAX_SINGLE_PASS_SEC", d.max_single_pass_sec)),
+            piece_min_sec=max(1.0, _env_num("PIECE_MIN_SEC", d.piece_min_sec)),
             max_audio_sec=_env_num("MAX_AUDIO_SEC", d.max_audio_sec),
             max_inputs=max(1, _env_num("MAX_INPUTS", d.max_inputs, int)),
             max_download_bytes=_env_num("MAX_DOWNLOAD_BYTES", d.max_download_bytes, int),
@@ -1436,7 +1438,7 @@ def _decode_in_budget(
 
 # ---------------------------------------------------------------------------------------------
 # Batching: short items share batches, long ones run alone, and the longest switch the encoder
-# to local attention (or are split, past MAX_SINGLE_PASS_SEC). Pure functions: ready units in,
+# to local attention (pieces of items past MAX_SINGLE_PASS_SEC come one by one). Pure functions: ready units in,
 # the next batch out; nothing here touches the model, the disk or a clock.
 # ---------------------------------------------------------------------------------------------
 
@@ -2133,24 +2135,36 @@ def _deliver(unit: Unit, result: UnitResult) -> None:
 _SCHEDULER = _Scheduler()
 
 
-def _split_points(item: Prepared, piece_sec: float) -> list[int]:
-    """Frame offsets where a too-long item is cut: the quietest 200 ms near each boundary.
+# A pause finder: (item, boundary, window) -> the frame offset (from the item's start) where to
+# cut, in [boundary - window, boundary]. _split_points takes any; the energy rule is the default.
+PauseFinder = Callable[["Prepared", int, int], int]
 
-    The search looks back from each boundary over min(60 s, a quarter piece), reading only that
-    window from disk, so a cut lands in a pause between words rather than inside one.
-    """
+
+def _quietest_pause(item: Prepared, boundary: int, window: int) -> int:
+    """The middle of the quietest 200 ms in the `window` frames before `boundary` (energy in 10 ms
+    frames, smoothed): a pause between words rather than inside one. Reads only that window."""
+    hop = SAMPLE_RATE // 100  # 10 ms energy frames
+    lo = max(0, boundary - window)
+    with sf.SoundFile(str(item.wav)) as f:
+        f.seek(item.start + lo)
+        chunk = f.read(boundary - lo, dtype="float32")
+    energy = np.add.reduceat(chunk**2, np.arange(0, len(chunk), hop))
+    if len(energy) <= 20:
+        return boundary
+    smooth = np.convolve(energy, np.ones(20), mode="same")  # 200 ms
+    return lo + int(np.argmin(smooth[10:-10]) + 10) * hop
+
+
+def _split_points(item: Prepared, piece_sec: float, find_pause: PauseFinder = _quietest_pause) -> list[int]:
+    """Frame offsets where a too-long item is cut, the first 0: a pause found by `find_pause`
+    looking back from each boundary over min(60 s, a quarter piece), so no piece is longer
+    than `piece_sec`."""
     piece = int(piece_sec * SAMPLE_RATE)
     window = int(min(60.0, piece_sec / 4) * SAMPLE_RATE)
-    hop = SAMPLE_RATE // 100  # 10 ms energy frames
     cuts, pos = [0], 0
     while item.frames - pos > piece:
-        lo = pos + piece - window
-        with sf.SoundFile(str(item.wav)) as f:
-            f.seek(item.start + lo)
-            chunk = f.read(window, dtype="float32")
-        energy = np.add.reduceat(chunk**2, np.arange(0, len(chunk), hop))
-        smooth = np.convolve(energy, np.ones(20), mode="same")  # 200 ms
-        pos = lo + int(np.argmin(smooth[10:-10]) + 10) * hop
+        cut = find_pause(item, pos + piece, window)
+        pos = cut if pos < cut <= pos + piece else pos + piece  # a finder's odd answer cannot loop
         cuts.append(pos)
     return cuts
 
@@ -2190,47 +2204,68 @@ def _prepare_unit(job: _Job, index: int, item: Any) -> tuple[Prepared, cf.Future
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if prepared.duration > CFG.max_single_pass_sec:
             return prepared, None
-        return prepared, job.submit(prepared)
+        # an item that may still be split (should it run out of memory) keeps its WAV until its
+        # result is in; a shorter one's WAV goes as soon as the model has read it
+        return prepared, job.submit(prepared, final=prepared.duration <= CFG.piece_min_sec)
     finally:
         arrival.done()
 
 
 async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | ItemError:
     """One input: fetched, decoded and submitted on the prepare pool; its result awaited here
-    (pieces one by one, past MAX_SINGLE_PASS_SEC). Any failure becomes this item's error."""
+    (in pieces past MAX_SINGLE_PASS_SEC, or once it ran out of memory whole). Any failure
+    becomes this item's error."""
+    prepared = None
     try:
         prepared, future = await _in_pool(job, _prepare_unit, job, index, item)
         job.prepared[index] = prepared
         if future is None:
-            out = await _transcribe_split(job, prepared)
+            out = await _transcribe_split(job, prepared, CFG.max_single_pass_sec, prepared)
         else:
-            out = await job.result_of(future)
+            out = await _resplit_on_oom(job, prepared, await job.result_of(future), prepared)
     except ItemError as exc:
         out = exc
     except Exception as exc:  # a bug in one item's path costs that item, not the job
         log.exception("item %d failed", index)
         out = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
+    if prepared is not None:
+        job.discard(prepared.wav)  # (already gone for a short item, read by the model)
     await job.settle(index)
     return out
 
 
-async def _transcribe_split(job: _Job, item: Prepared) -> Transcript | ItemError:
-    """Audio over MAX_SINGLE_PASS_SEC: pieces cut at pauses go to the scheduler one after the
-    other (other jobs' short clips run in between), then the text is joined and each piece's
-    timestamps shifted by where it starts. Only one piece is in memory at a time."""
-    cuts = [*await _in_pool(job, _split_points, item, CFG.max_single_pass_sec), item.frames]
+async def _transcribe_split(job: _Job, item: Prepared, piece_sec: float, whole: Prepared) -> Transcript | ItemError:
+    """`item` (a whole item or a piece of `whole`) in pieces of at most `piece_sec`, cut at
+    pauses, sent to the scheduler one after the other (other jobs' clips run in between); the
+    text is joined and each piece's timestamps shifted by where it starts, so the result is on
+    `item`'s timeline. Only one piece is in memory at a time."""
+    cuts = [*await _in_pool(job, _split_points, item, piece_sec), item.frames]
     joined = Transcript("")
     for lo, hi in itertools.pairwise(cuts):
         piece = dataclasses.replace(item, start=item.start + lo, frames=hi - lo)
-        part = await job.run(piece, final=hi == item.frames, whole=item)
+        part = await _resplit_on_oom(job, piece, await job.run(piece, final=False, whole=whole), whole)
         if isinstance(part, ItemError):
-            job.discard(item.wav)
             return part
         shift = lo / SAMPLE_RATE
         joined.text = f"{joined.text} {part.text}".strip()
         joined.words += [w.shifted(shift) for w in part.words]
         joined.segments += [s.shifted(shift) for s in part.segments]
     return joined
+
+
+RESPLIT_FRACTION = 0.6  # of the piece that ran out of memory: two pieces, cut at a pause near the middle
+
+
+async def _resplit_on_oom(job: _Job, item: Prepared, out: Transcript | ItemError, whole: Prepared) -> Transcript | ItemError:
+    """A unit that ran out of GPU memory alone is run again in two smaller pieces (each one split
+    again should it still not fit), as long as the pieces stay over PIECE_MIN_SEC: only audio
+    that fails at the floor gets out_of_memory."""
+    piece_sec = item.duration * RESPLIT_FRACTION
+    if not isinstance(out, ItemError) or out.code != "out_of_memory" or piece_sec < CFG.piece_min_sec:
+        return out
+    log.warning("%.0f s of item %d ran out of memory; retrying it in pieces of at most %.0f s", item.duration,
+                item.index, piece_sec)  # fmt: skip
+    return await _transcribe_split(job, item, piece_sec, whole)
 
 
 async def transcribe_batched(job: _Job) -> dict[int, Transcript | ItemError]:
