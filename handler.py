@@ -850,39 +850,94 @@ def _download(
     url: str, dest: Path, stop: threading.Event | None = None, on_size: Callable[[int], None] | None = None
 ) -> Path:
     """Stream `url` to `dest` through the Runpod SDK's SSRF-safe fetch, with retries. `stop`
-    ends it early (its job was stopped); `on_size` hears the bytes written so far. A failed
-    download leaves no partial file behind (it would hold disk that other items need)."""
-    deadline = time.monotonic() + CFG.download_total_sec
+    ends it early (its job was stopped) and stands for the job in the fair share of download
+    slots; `on_size` hears the bytes written so far. DOWNLOAD_TOTAL_SEC runs from when the item
+    has its slot (not while it waits for one) and covers every attempt, connect and response
+    headers included. A failed download leaves no partial file behind (it would hold disk that
+    other items need)."""
     last = "no attempt made"
     try:
-        for attempt in range(CFG.download_retries + 1):
-            if attempt:
-                pause = min(2.0 ** (attempt - 1) * 0.5, 8.0)
-                if time.monotonic() + pause > deadline:
-                    break
-                time.sleep(pause)
-            if stop is not None and stop.is_set():
-                raise ItemError("cancelled", "the job was stopped")
-            try:
-                with _download_slots():
+        with _download_slots().held(stop, stop):
+            deadline = time.monotonic() + CFG.download_total_sec
+            for attempt in range(CFG.download_retries + 1):
+                if attempt:
+                    pause = min(2.0 ** (attempt - 1) * 0.5, 8.0)
+                    if time.monotonic() + pause > deadline:
+                        break
+                    if stop is not None and stop.wait(pause):
+                        raise ItemError("cancelled", "the job was stopped")
+                    if stop is None:
+                        time.sleep(pause)
+                if stop is not None and stop.is_set():
+                    raise ItemError("cancelled", "the job was stopped")
+                try:
                     return _download_once(url, dest, deadline, stop, on_size)
-            except _Retry as exc:
-                last = str(exc)
-                log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)  # redacted: _SafeLogRecords
+                except _Retry as exc:
+                    last = str(exc)
+                    log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)  # redacted: _SafeLogRecords
         raise ItemError("download_failed", f"{last} (after {CFG.download_retries + 1} attempts)")
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
 
 
-_DOWNLOAD_SLOTS: threading.BoundedSemaphore | None = None
+class _DownloadSlots:
+    """DOWNLOAD_WORKERS downloads at once, shared fairly by jobs: a job with no download running
+    may always start one (so slow sources of other jobs, holding every slot for up to
+    DOWNLOAD_TOTAL_SEC, cannot starve it), and a free slot goes to the waiting job that holds the
+    fewest (the longest waiting first). At most DOWNLOAD_WORKERS + MAX_CONCURRENT_JOBS run at
+    once. A wait ends at once when its job is stopped (see wake)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.cond = threading.Condition()
+        self.held_by: dict[Any, int] = {}
+        self.waiting: list[tuple[int, Any]] = []  # (ticket, owner), in arrival order
+        self.tickets = itertools.count()
+
+    def _may_start(self, ticket: int, owner: Any) -> bool:
+        if not self.held_by.get(owner):
+            return True
+        if sum(self.held_by.values()) >= self.total:
+            return False
+        first = min(self.waiting, key=lambda w: (self.held_by.get(w[1], 0), w[0]))
+        return first[0] == ticket
+
+    @contextlib.contextmanager
+    def held(self, owner: Any, stop: threading.Event | None = None) -> Iterator[None]:
+        with self.cond:
+            ticket = next(self.tickets)
+            self.waiting.append((ticket, owner))
+            try:
+                while not self._may_start(ticket, owner):
+                    if stop is not None and stop.is_set():
+                        raise ItemError("cancelled", "the job was stopped")
+                    self.cond.wait()
+            finally:
+                self.waiting.remove((ticket, owner))
+            self.held_by[owner] = self.held_by.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.held_by[owner] -= 1
+                if not self.held_by[owner]:
+                    del self.held_by[owner]
+                self.cond.notify_all()
+
+    def wake(self) -> None:
+        """A job was stopped: its waits look at their stop signal now."""
+        with self.cond:
+            self.cond.notify_all()
 
 
-def _download_slots() -> threading.BoundedSemaphore:
-    """At most DOWNLOAD_WORKERS downloads at once, however many items wait for ffmpeg."""
+_DOWNLOAD_SLOTS: _DownloadSlots | None = None
+
+
+def _download_slots() -> _DownloadSlots:
     global _DOWNLOAD_SLOTS
     if _DOWNLOAD_SLOTS is None:
-        _DOWNLOAD_SLOTS = threading.BoundedSemaphore(CFG.download_workers)
+        _DOWNLOAD_SLOTS = _DownloadSlots(CFG.download_workers)
     return _DOWNLOAD_SLOTS
 
 
@@ -891,75 +946,107 @@ def _download_once(
     on_size: Callable[[int], None] | None = None,
 ) -> Path:
     timeout = (CFG.download_connect_timeout, CFG.download_read_timeout)
-    try:
-        response = safe_get(url, timeout=timeout, max_bytes=CFG.max_download_bytes)
-    except SSRFError as exc:
-        raise _ssrf_item_error(exc) from None
-    except requests.ConnectionError as exc:
-        raise _Retry(f"could not connect: {_short(exc)}") from None
-    except requests.Timeout as exc:
-        raise ItemError("download_timeout", f"no response within {CFG.download_read_timeout:g} s: {_short(exc)}") from None
-    except requests.RequestException as exc:
-        raise ItemError("download_failed", _short(exc)) from None
-    except ValueError as exc:  # the URL was checked (_check_url): a redirect's Location was not
-        raise ItemError("download_failed", f"the server redirected to a malformed URL: {_short(exc)}") from None
     too_slow = ItemError("download_timeout", f"download took over {CFG.download_total_sec:g} s")
-    with response, _cut_off_at(deadline, response, stop) as expired:
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Retry(f"HTTP {response.status_code} from {url}")
-        if response.status_code >= 400:
-            raise ItemError("download_failed", f"HTTP {response.status_code} from {url}")
+    with _cut_off_at(deadline, stop) as expired:
         try:
-            with open(dest, "wb") as out:
-                for chunk in iter_content_capped(response, 1 << 20, CFG.max_download_bytes):
-                    out.write(chunk)
-                    if time.monotonic() > deadline:
-                        raise too_slow
-                    if stop is not None and stop.is_set():
-                        raise ItemError("cancelled", "the job was stopped")
-                    if on_size is not None:
-                        on_size(out.tell())
+            response = safe_get(url, timeout=timeout, max_bytes=CFG.max_download_bytes)
         except SSRFError as exc:
             raise _ssrf_item_error(exc) from None
-        except (requests.RequestException, OSError) as exc:
+        except (requests.RequestException, ValueError) as exc:
             if stop is not None and stop.is_set():
                 raise ItemError("cancelled", "the job was stopped") from None
-            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-                raise _disk_full("writing the download") from None
-            if expired.is_set():
+            if expired.is_set():  # connect and headers took the whole DOWNLOAD_TOTAL_SEC
                 raise too_slow from None
-            code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
-            raise ItemError(code, f"download broke off: {_short(exc)}") from None
-        if stop is not None and stop.is_set():
-            raise ItemError("cancelled", "the job was stopped")
-        if expired.is_set():  # the cut-off can end the body early without an exception
-            raise too_slow
+            if isinstance(exc, requests.ConnectionError):
+                raise _Retry(f"could not connect: {_short(exc)}") from None
+            if isinstance(exc, requests.Timeout):
+                raise ItemError("download_timeout", f"no response within {CFG.download_read_timeout:g} s: {_short(exc)}") from None
+            if isinstance(exc, requests.RequestException):
+                raise ItemError("download_failed", _short(exc)) from None
+            # the URL was checked (_check_url): a redirect's Location was not
+            raise ItemError("download_failed", f"the server redirected to a malformed URL: {_short(exc)}") from None
+        with response:
+            if response.status_code == 429 or response.status_code >= 500:
+                raise _Retry(f"HTTP {response.status_code} from {url}")
+            if response.status_code >= 400:
+                raise ItemError("download_failed", f"HTTP {response.status_code} from {url}")
+            _read_body(response, dest, deadline, stop, on_size, expired, too_slow)
     return dest
 
 
-@contextlib.contextmanager
-def _cut_off_at(deadline: float, response: requests.Response, stop: threading.Event | None = None) -> Iterator[threading.Event]:
-    """Hold the download to its deadline, and to its job's life. requests bounds each read, not
-    the whole body, so a server that sends a byte every few seconds would hold the item (and a
-    download slot) for ever. At the deadline, or when `stop` is set, a watcher shuts the socket
-    down, which wakes the blocked read; the event it sets tells the reader why the body ended."""
-    expired, done = threading.Event(), threading.Event()
+def _read_body(
+    response: requests.Response, dest: Path, deadline: float, stop: threading.Event | None,
+    on_size: Callable[[int], None] | None, expired: threading.Event, too_slow: ItemError,
+) -> None:
+    try:
+        with open(dest, "wb") as out:
+            for chunk in iter_content_capped(response, 1 << 20, CFG.max_download_bytes):
+                out.write(chunk)
+                if time.monotonic() > deadline:
+                    raise too_slow
+                if stop is not None and stop.is_set():
+                    raise ItemError("cancelled", "the job was stopped")
+                if on_size is not None:
+                    on_size(out.tell())
+    except SSRFError as exc:
+        raise _ssrf_item_error(exc) from None
+    except (requests.RequestException, OSError) as exc:
+        if stop is not None and stop.is_set():
+            raise ItemError("cancelled", "the job was stopped") from None
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise _disk_full("writing the download") from None
+        if expired.is_set():
+            raise too_slow from None
+        code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
+        raise ItemError(code, f"download broke off: {_short(exc)}") from None
+    if stop is not None and stop.is_set():
+        raise ItemError("cancelled", "the job was stopped")
+    if expired.is_set():  # the cut-off can end the body early without an exception
+        raise too_slow
 
-    def cut() -> None:
-        # urllib3 2 -> http.client response -> buffered reader -> SocketIO -> socket. Should the
-        # chain ever break, the per-chunk deadline check in _download_once still applies.
-        sock = response.raw
-        for attr in ("_fp", "fp", "raw", "_sock"):
-            sock = getattr(sock, attr, None)
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+
+# The sockets a download thread connects, seen through Python's audit hooks (the SDK's fetch
+# makes its own sessions and connections, so there is no other way to reach them before the
+# response headers are in). A hook cannot be removed: it is installed once, and costs a string
+# comparison per audited event.
+_CONNECTING = threading.local()
+_AUDIT_HOOKED = threading.Lock()
+
+
+def _note_connect(event: str, args: tuple[Any, ...]) -> None:
+    if event == "socket.connect":
+        sockets = getattr(_CONNECTING, "sockets", None)
+        if sockets is not None:
+            sockets.append(args[0])
+
+
+def _hook_connects() -> None:
+    if not getattr(_hook_connects, "done", False):
+        with _AUDIT_HOOKED:
+            if not getattr(_hook_connects, "done", False):
+                sys.addaudithook(_note_connect)
+                _hook_connects.done = True  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _cut_off_at(deadline: float, stop: threading.Event | None = None) -> Iterator[threading.Event]:
+    """Hold one download attempt to its deadline, and to its job's life, from the connect to the
+    body's last byte. requests bounds each read, not the whole, so a server that sends a byte
+    every few seconds (of headers or of body) would hold the item, and a download slot, for
+    ever. At the deadline, or when `stop` is set, a watcher shuts down every socket this thread
+    connected meanwhile, which wakes the blocked read; the event it sets tells why it ended."""
+    _hook_connects()
+    expired, done = threading.Event(), threading.Event()
+    sockets: list[socket.socket] = []
+    _CONNECTING.sockets = sockets
 
     def watch() -> None:
         while not done.wait(0.1):
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 expired.set()
-                cut()
+                for sock in list(sockets):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
                 return
 
     watcher = threading.Thread(target=watch, name="download-deadline", daemon=True)
@@ -967,6 +1054,7 @@ def _cut_off_at(deadline: float, response: requests.Response, stop: threading.Ev
     try:
         yield expired
     finally:
+        _CONNECTING.sockets = None
         done.set()
 
 
