@@ -1289,15 +1289,20 @@ class _Decode:
     stop: threading.Event | None = None
     on_decoded: Callable[[], None] | None = None
     limit: int | None = None
+    owner: Any = None  # its job (the job's stop event stands for it): the decoder takes turns by job
     done: bool = False
     result: tuple[int, str | None] | BaseException | None = None
+    group: list[_Decode] | None = None  # set when this file leads an ffmpeg run: its thread runs it
 
 
 class _Decoder:
     """Runs ffmpeg for every job's items, PREPARE_WORKERS processes at a time (it is CPU-bound,
-    however many downloads are running). The threads waiting on it take turns doing the work,
-    costliest file first, so that no long decode starts last and holds up the end; files that
-    decode in less time than ffmpeg takes to start go several to a process."""
+    however many downloads are running). Jobs take turns (round-robin, a new job at the back of
+    the line); within a job the costliest file goes first, so that no long decode starts last and
+    holds up that job's end, while cheap files of small jobs never wait for every other job's
+    expensive ones. Files that decode in less time than ffmpeg takes to start go several to a
+    process. Each ffmpeg run is made by the thread of the file that leads it, so a thread only
+    ever works for its own item's run; a thread whose job is stopped leaves its wait at once."""
 
     GROUP_BELOW_MS = 3 * FFMPEG_START_MS  # a file this cheap shares a process...
     GROUP_MAX_MS = 6 * FFMPEG_START_MS  # ...with others, up to this much decoding in all
@@ -1308,6 +1313,8 @@ class _Decoder:
         self.running = 0
         self.pending: list[_Decode] = []
         self.cond = threading.Condition()
+        self.turns = itertools.count()
+        self.turn_of: dict[Any, int] = {}  # each job with pending files: its place in line
 
     def decode(
         self, src: Path, dest: Path, stop: threading.Event | None = None,
@@ -1317,41 +1324,73 @@ class _Decoder:
         is set, the file is not started, or, running alone, its ffmpeg is killed (cancelled).
         `on_decoded` is called when its ffmpeg run ends, together with the rest of its group;
         `limit` caps the WAV's bytes."""
-        mine = _Decode(src, dest, _decode_cost_ms(src), stop, on_decoded, limit)
+        mine = _Decode(src, dest, _decode_cost_ms(src), stop, on_decoded, limit, owner=stop)
         with self.cond:
             self.pending.append(mine)
-            self.pending.sort(key=lambda d: d.cost_ms, reverse=True)
-        while (work := self._next(mine)) is not None:
+            self._dispatch()
+            while not mine.done and mine.group is None:
+                if stop is not None and stop.is_set():
+                    self.pending.remove(mine)
+                    self._forget_idle()
+                    mine.result, mine.done = ItemError("cancelled", "the job was stopped before this item was decoded"), True
+                    break
+                self.cond.wait()
+        if mine.group is not None:
             try:
-                self._run(work)
+                self._run(mine.group)
             finally:
                 with self.cond:
                     self.running -= 1
+                    self._dispatch()
                     self.cond.notify_all()
         if isinstance(mine.result, BaseException):
             raise mine.result
         return mine.result  # type: ignore[return-value]
 
-    def _next(self, mine: _Decode) -> list[_Decode] | None:
-        """Wait until `mine` is done (None), or a slot is free and work waits: take it."""
+    def wake(self) -> None:
+        """A job was stopped: its waiting threads look at their stop signal now."""
         with self.cond:
-            while not mine.done and (self.running >= self.slots or not self.pending):
-                self.cond.wait()
-            if mine.done:
-                return None
+            self.cond.notify_all()
+
+    def _dispatch(self) -> None:
+        """Give each free slot its next run; its leader's thread runs it (holding the lock)."""
+        while self.running < self.slots and self.pending:
+            work = self._take()
+            work[0].group = work
             self.running += 1
-            return self._take()
+            self.cond.notify_all()
 
     def _take(self) -> list[_Decode]:
-        """The next process's work, from the costliest pending file (called holding the lock)."""
-        work = [self.pending.pop(0)]
-        if work[0].cost_ms >= self.GROUP_BELOW_MS:
-            return work
+        """The next process's work: the costliest pending file of the job whose turn it is, and,
+        should it be cheap, other jobs' cheap files in turn (called holding the lock)."""
+        for d in self.pending:
+            self.turn_of.setdefault(d.owner, next(self.turns))
+        work = [self._head_of(min({d.owner for d in self.pending}, key=lambda o: self.turn_of[o]))]
         total = work[0].cost_ms
-        while self.pending and len(work) < self.GROUP_ITEMS and total + self.pending[0].cost_ms <= self.GROUP_MAX_MS:
-            total += self.pending[0].cost_ms
-            work.append(self.pending.pop(0))
+        while work[0].cost_ms < self.GROUP_BELOW_MS and self.pending and len(work) < self.GROUP_ITEMS:
+            heads = sorted({d.owner for d in self.pending}, key=lambda o: self.turn_of[o])
+            fits = [o for o in heads if total + self._costliest(o).cost_ms <= self.GROUP_MAX_MS]
+            if not fits:
+                break
+            work.append(self._head_of(fits[0]))
+            total += work[-1].cost_ms
+        self._forget_idle()
         return work
+
+    def _costliest(self, owner: Any) -> _Decode:
+        return max((d for d in self.pending if d.owner is owner), key=lambda d: d.cost_ms)
+
+    def _head_of(self, owner: Any) -> _Decode:
+        """Take `owner`'s costliest pending file; the job goes to the back of the line."""
+        head = self._costliest(owner)
+        self.pending.remove(head)
+        self.turn_of[owner] = next(self.turns)
+        return head
+
+    def _forget_idle(self) -> None:
+        waiting = {d.owner for d in self.pending}
+        for owner in [o for o in self.turn_of if o not in waiting]:
+            del self.turn_of[owner]
 
     @staticmethod
     def _run(work: list[_Decode]) -> None:
@@ -1403,7 +1442,7 @@ class _DiskBudget:
             while (others := self.used - self.held.get(key, 0)) and others + nbytes > CFG.tmp_max_bytes:
                 if stop is not None and stop.is_set():
                     raise ItemError("cancelled", "the job was stopped")
-                self.cond.wait(0.2)
+                self.cond.wait()
             self.held[key] = nbytes
             self.peak = max(self.peak, self.used)
 
@@ -1418,6 +1457,11 @@ class _DiskBudget:
         with self.cond:
             if self.held.pop(key, None) is not None:
                 self.cond.notify_all()
+
+    def wake(self) -> None:
+        """A job was stopped: its waits look at their stop signal now."""
+        with self.cond:
+            self.cond.notify_all()
 
     def release_under(self, folder: Path) -> None:
         with self.cond:
@@ -2257,6 +2301,69 @@ def _split_points(item: Prepared, piece_sec: float, find_pause: PauseFinder = _q
     return cuts
 
 
+class _Admission:
+    """How many items of each job are in the prepare pool at once (fetching, decoding, or
+    waiting for either), so that a job of hundreds of inputs cannot fill the pool's queue ahead
+    of every later job: at most PREPARE_SHARED in all, shared like the download slots (a job with
+    none in the pool may always start one; a free place goes to the waiting job with the fewest).
+    The pool has a thread for each of those, plus one for every job's first. On the event loop."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.held_by: dict[Any, int] = {}
+        self.waiting: list[tuple[Any, asyncio.Future]] = []  # in arrival order
+
+    def _grant(self) -> None:
+        """Let in every waiter that may start now: first any job with none in the pool, then, while
+        places are free, the job with the fewest (the longest waiting first)."""
+        while self.waiting:
+            free = [w for w in self.waiting if not self.held_by.get(w[0])]
+            if not free and sum(self.held_by.values()) >= self.total:
+                return
+            owner, future = entry = (free or sorted(self.waiting, key=lambda w: self.held_by.get(w[0], 0)))[0]
+            self.waiting.remove(entry)
+            self.held_by[owner] = self.held_by.get(owner, 0) + 1
+            future.set_result(None)
+
+    def _leave(self, owner: Any) -> None:
+        self.held_by[owner] -= 1
+        if not self.held_by[owner]:
+            del self.held_by[owner]
+        self._grant()
+
+    @contextlib.asynccontextmanager
+    async def held(self, owner: Any) -> Any:
+        entry = (owner, asyncio.get_running_loop().create_future())
+        self.waiting.append(entry)
+        self._grant()
+        try:
+            await entry[1]
+        except BaseException:
+            if entry in self.waiting:
+                self.waiting.remove(entry)
+            elif entry[1].done() and not entry[1].cancelled():
+                self._leave(owner)  # let in, then cancelled before it could start
+            raise
+        try:
+            yield
+        finally:
+            self._leave(owner)
+
+
+def _prepare_shared() -> int:
+    return 4 * max(CFG.prepare_workers, CFG.download_workers)
+
+
+_ADMISSION: _Admission | None = None
+
+
+def _admission() -> _Admission:
+    global _ADMISSION
+    if _ADMISSION is None:
+        _ADMISSION = _Admission(_prepare_shared())
+    return _ADMISSION
+
+
 async def _in_pool(job: _Job, fn: Callable[..., Any], *args: Any) -> Any:
     """Run `fn` on the prepare pool without blocking the event loop; the job keeps the future
     so that its temp dir outlives every thread still writing into it."""
@@ -2305,7 +2412,8 @@ async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | Ite
     becomes this item's error."""
     prepared = None
     try:
-        prepared, future = await _in_pool(job, _prepare_unit, job, index, item)
+        async with _admission().held(job):
+            prepared, future = await _in_pool(job, _prepare_unit, job, index, item)
         job.prepared[index] = prepared
         if future is None:
             out = await _transcribe_split(job, prepared, CFG.max_single_pass_sec, prepared)
@@ -2453,7 +2561,7 @@ def _pool() -> cf.ThreadPoolExecutor:
         # Threads mostly wait: on the network (DOWNLOAD_WORKERS at a time), for ffmpeg
         # (PREPARE_WORKERS at a time) or for temp disk (WORKER_TMP_MAX_BYTES). Enough of them
         # that items waiting for ffmpeg do not hold back the next downloads.
-        size = 4 * max(CFG.prepare_workers, CFG.download_workers)
+        size = _prepare_shared() + CFG.max_concurrent_jobs  # see _Admission
         _POOL = cf.ThreadPoolExecutor(max_workers=size, thread_name_prefix="prepare")
     return _POOL
 
@@ -2603,8 +2711,13 @@ class _Job:
 
     async def close(self) -> None:
         """Whatever way the job ends (result, error, or stopped by Runpod): its waiting units
-        leave the scheduler, its downloads and ffmpeg runs stop, its temp dir goes."""
+        leave the scheduler, its waits (download slot, ffmpeg slot, disk) end at once, its
+        downloads and ffmpeg runs stop, its temp dir goes. The clean-up runs on a thread of its
+        own: it waits for this job's threads only, never behind other jobs' clean-ups in the
+        event loop's small default executor."""
         self.stop.set()
+        for waits in (_decoder(), _DISK, _download_slots()):
+            waits.wake()
 
         def clean() -> None:
             for future in self.threads:
@@ -2614,7 +2727,28 @@ class _Job:
             _DISK.release_under(self.workdir)
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, clean))
+        await asyncio.shield(_on_own_thread(clean, "job-close"))
+
+
+def _on_own_thread(fn: Callable[[], Any], name: str) -> asyncio.Future:
+    """`fn` on a new daemon thread; the future (of the running loop) holds its outcome."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(exc) if exc is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody awaits it any more
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dict[str, Any], started: float) -> dict[str, Any]:
