@@ -171,6 +171,7 @@ class Config:
     download_connect_timeout: float = 10.0
     download_read_timeout: float = 30.0
     download_total_sec: float = 900.0
+    download_slot_sec: float = 10.0  # a download still running after this gives its slot back
     download_retries: int = 3
     ffmpeg_timeout_sec: float = 900.0
     prepare_workers: int = field(default_factory=_cpu_limit)  # the container's CPUs, not the host's
@@ -208,6 +209,7 @@ class Config:
             download_connect_timeout=_env_num("DOWNLOAD_CONNECT_TIMEOUT", d.download_connect_timeout),
             download_read_timeout=_env_num("DOWNLOAD_READ_TIMEOUT", d.download_read_timeout),
             download_total_sec=_env_num("DOWNLOAD_TOTAL_SEC", d.download_total_sec),
+            download_slot_sec=_env_num("DOWNLOAD_SLOT_SEC", d.download_slot_sec),
             download_retries=_env_num("DOWNLOAD_RETRIES", d.download_retries, int),
             ffmpeg_timeout_sec=_env_num("FFMPEG_TIMEOUT_SEC", d.ffmpeg_timeout_sec),
             prepare_workers=max(1, _env_num("PREPARE_WORKERS", d.prepare_workers, int)),
@@ -857,8 +859,9 @@ def _download(
     other items need)."""
     last = "no attempt made"
     try:
-        with _download_slots().held(stop, stop):
+        with _download_slots().held(stop, stop) as give_back:
             deadline = time.monotonic() + CFG.download_total_sec
+            give_back_at = time.monotonic() + CFG.download_slot_sec
             for attempt in range(CFG.download_retries + 1):
                 if attempt:
                     pause = min(2.0 ** (attempt - 1) * 0.5, 8.0)
@@ -871,7 +874,7 @@ def _download(
                 if stop is not None and stop.is_set():
                     raise ItemError("cancelled", "the job was stopped")
                 try:
-                    return _download_once(url, dest, deadline, stop, on_size)
+                    return _download_once(url, dest, deadline, stop, on_size, (give_back_at, give_back))
                 except _Retry as exc:
                     last = str(exc)
                     log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)  # redacted: _SafeLogRecords
@@ -882,11 +885,13 @@ def _download(
 
 
 class _DownloadSlots:
-    """DOWNLOAD_WORKERS downloads at once, shared fairly by jobs: a job with no download running
-    may always start one (so slow sources of other jobs, holding every slot for up to
-    DOWNLOAD_TOTAL_SEC, cannot starve it), and a free slot goes to the waiting job that holds the
-    fewest (the longest waiting first). At most DOWNLOAD_WORKERS + MAX_CONCURRENT_JOBS run at
-    once. A wait ends at once when its job is stopped (see wake)."""
+    """DOWNLOAD_WORKERS downloads start at once, shared fairly by jobs: a free slot goes to the
+    waiting job that holds the fewest (the longest waiting first), and a job with no download
+    running may always start one. A download still running after DOWNLOAD_SLOT_SEC gives its slot
+    back and goes on without one: a slow source (a trickle can last DOWNLOAD_TOTAL_SEC) holds a
+    slot for seconds, never the other items' downloads, of its own job or any other. So the slots
+    bound how many downloads compete for the network at first, and the prepare pool bounds how
+    many run in all. A wait ends at once when its job is stopped (see wake)."""
 
     def __init__(self, total: int):
         self.total = total
@@ -904,7 +909,8 @@ class _DownloadSlots:
         return first[0] == ticket
 
     @contextlib.contextmanager
-    def held(self, owner: Any, stop: threading.Event | None = None) -> Iterator[None]:
+    def held(self, owner: Any, stop: threading.Event | None = None) -> Iterator[Callable[[], None]]:
+        """Wait for a slot; yields the function that gives it back early (idempotent)."""
         with self.cond:
             ticket = next(self.tickets)
             self.waiting.append((ticket, owner))
@@ -916,14 +922,21 @@ class _DownloadSlots:
             finally:
                 self.waiting.remove((ticket, owner))
             self.held_by[owner] = self.held_by.get(owner, 0) + 1
-        try:
-            yield
-        finally:
+        given_back = [False]
+
+        def give_back() -> None:
             with self.cond:
-                self.held_by[owner] -= 1
-                if not self.held_by[owner]:
-                    del self.held_by[owner]
-                self.cond.notify_all()
+                if not given_back[0]:
+                    given_back[0] = True
+                    self.held_by[owner] -= 1
+                    if not self.held_by[owner]:
+                        del self.held_by[owner]
+                    self.cond.notify_all()
+
+        try:
+            yield give_back
+        finally:
+            give_back()
 
     def wake(self) -> None:
         """A job was stopped: its waits look at their stop signal now."""
@@ -943,11 +956,12 @@ def _download_slots() -> _DownloadSlots:
 
 def _download_once(
     url: str, dest: Path, deadline: float, stop: threading.Event | None = None,
-    on_size: Callable[[int], None] | None = None,
+    on_size: Callable[[int], None] | None = None, give_back: tuple[float, Callable[[], None]] | None = None,
 ) -> Path:
+    """One attempt; `give_back` is (when, how) the download gives its slot back if still running."""
     timeout = (CFG.download_connect_timeout, CFG.download_read_timeout)
     too_slow = ItemError("download_timeout", f"download took over {CFG.download_total_sec:g} s")
-    with _cut_off_at(deadline, stop) as expired:
+    with _cut_off_at(deadline, stop, give_back) as expired:
         try:
             response = safe_get(url, timeout=timeout, max_bytes=CFG.max_download_bytes)
         except SSRFError as exc:
@@ -1029,12 +1043,15 @@ def _hook_connects() -> None:
 
 
 @contextlib.contextmanager
-def _cut_off_at(deadline: float, stop: threading.Event | None = None) -> Iterator[threading.Event]:
+def _cut_off_at(
+    deadline: float, stop: threading.Event | None = None, give_back: tuple[float, Callable[[], None]] | None = None
+) -> Iterator[threading.Event]:
     """Hold one download attempt to its deadline, and to its job's life, from the connect to the
     body's last byte. requests bounds each read, not the whole, so a server that sends a byte
     every few seconds (of headers or of body) would hold the item, and a download slot, for
     ever. At the deadline, or when `stop` is set, a watcher shuts down every socket this thread
-    connected meanwhile, which wakes the blocked read; the event it sets tells why it ended."""
+    connected meanwhile, which wakes the blocked read; the event it sets tells why it ended.
+    The same watcher gives the download slot back at `give_back`'s time (see _DownloadSlots)."""
     _hook_connects()
     expired, done = threading.Event(), threading.Event()
     sockets: list[socket.socket] = []
@@ -1042,6 +1059,8 @@ def _cut_off_at(deadline: float, stop: threading.Event | None = None) -> Iterato
 
     def watch() -> None:
         while not done.wait(0.1):
+            if give_back is not None and time.monotonic() >= give_back[0]:
+                give_back[1]()
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 expired.set()
                 for sock in list(sockets):

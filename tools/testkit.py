@@ -104,6 +104,7 @@ class AudioRoutes(BaseHTTPRequestHandler):
     /stall/...             promises 1 MB, sends 1 KB, sleeps 8 s
     /trickle/...           a byte every 0.2 s for 30 s (never a read timeout, never done)
     /trickle-headers/...   the status line, then a header's bytes one every 0.3 s for 30 s
+    /trickle-forever/...   a byte every 0.2 s until the client hangs up (10 min at most)
     /big/...               an honest Content-Length of 50 MiB, then 64 KiB
     /big-nolength/...      no Content-Length, 12.5 MiB of zeros
     /loop                  302 to itself                /html/...           an HTML page
@@ -181,6 +182,15 @@ class AudioRoutes(BaseHTTPRequestHandler):
             self.end_headers()
             with contextlib.suppress(OSError):
                 for _ in range(150):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+        elif route == "trickle-forever":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(3000):
                     self.wfile.write(b"\0")
                     self.wfile.flush()
                     time.sleep(0.2)
