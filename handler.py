@@ -1348,7 +1348,7 @@ class _Decoder:
             self.pending.append(mine)
             self._dispatch()
             while not mine.done and mine.group is None:
-                if stop is not None and stop.is_set():
+                if stop is not None and stop.is_set() and mine in self.pending:  # (not in another's run)
                     self.pending.remove(mine)
                     self._forget_idle()
                     mine.result, mine.done = ItemError("cancelled", "the job was stopped before this item was decoded"), True
@@ -2685,18 +2685,20 @@ class _Job:
         return _SCHEDULER.submit(Unit(item, self, self.timestamps, final, boost=self.boosts.get(item.index)))
 
     async def run(self, item: Prepared, final: bool = True, whole: Prepared | None = None) -> Transcript | ItemError:
-        return await self.result_of(self.submit(item, final), item, final, whole)
+        return await self.result_of(self.submit(item, final), item, whole)
 
     async def result_of(
-        self, future: cf.Future, item: Prepared | None = None, final: bool = True, whole: Prepared | None = None
+        self, future: cf.Future, item: Prepared | None = None, whole: Prepared | None = None
     ) -> Transcript | ItemError:
         """A unit's result; the batch that carried it counts in the job's stats."""
         result: UnitResult = await asyncio.wrap_future(future)
         if result.batch is not None:
             self.batches[result.batch.id] = result.batch
-        if item is not None and whole is not None and not final and not isinstance(result.out, ItemError):
-            self.partial[whole.index] = (item.start + item.frames - whole.start) / SAMPLE_RATE
-            await self.progress.report()
+        if item is not None and whole is not None and not isinstance(result.out, ItemError):
+            done_to = item.start + item.frames - whole.start
+            if done_to < whole.frames:  # the item's end is reported when the item is settled
+                self.partial[whole.index] = max(self.partial.get(whole.index, 0.0), done_to / SAMPLE_RATE)
+                await self.progress.report()
         return result.out
 
     async def settle(self, index: int) -> None:
