@@ -1316,11 +1316,13 @@ class _Decode:
 
 class _Decoder:
     """Runs ffmpeg for every job's items, PREPARE_WORKERS processes at a time (it is CPU-bound,
-    however many downloads are running). Jobs take turns (round-robin, a new job at the back of
-    the line); within a job the costliest file goes first, so that no long decode starts last and
-    holds up that job's end, while cheap files of small jobs never wait for every other job's
-    expensive ones. Files that decode in less time than ffmpeg takes to start go several to a
-    process. Each ffmpeg run is made by the thread of the file that leads it, so a thread only
+    however many downloads are running). Fair across jobs, by estimated ffmpeg time (weighted
+    fair queuing): each job counts the decode time it has been given, a job that comes (back)
+    starts level with the last one served, and the next run goes to the job whose costliest
+    pending file would finish first in that count; within a job the costliest file goes first,
+    so that no long decode starts last and holds up that job's end, while the cheap files of
+    small jobs never wait for every other job's expensive ones. Files that decode in less time
+    than ffmpeg takes to start go several to a process. Each ffmpeg run is made by the thread of the file that leads it, so a thread only
     ever works for its own item's run; a thread whose job is stopped leaves its wait at once."""
 
     GROUP_BELOW_MS = 3 * FFMPEG_START_MS  # a file this cheap shares a process...
@@ -1332,8 +1334,8 @@ class _Decoder:
         self.running = 0
         self.pending: list[_Decode] = []
         self.cond = threading.Condition()
-        self.turns = itertools.count()
-        self.turn_of: dict[Any, int] = {}  # each job with pending files: its place in line
+        self.served: dict[Any, float] = {}  # each job with pending files: decode ms given so far
+        self.clock = 0.0  # the count of the job served last
 
     def decode(
         self, src: Path, dest: Path, stop: threading.Event | None = None,
@@ -1345,6 +1347,8 @@ class _Decoder:
         `limit` caps the WAV's bytes."""
         mine = _Decode(src, dest, _decode_cost_ms(src), stop, on_decoded, limit, owner=stop)
         with self.cond:
+            if all(d.owner is not mine.owner for d in self.pending):
+                self.served[mine.owner] = max(self.served.get(mine.owner, 0.0), self.clock)
             self.pending.append(mine)
             self._dispatch()
             while not mine.done and mine.group is None:
@@ -1383,11 +1387,11 @@ class _Decoder:
         """The next process's work: the costliest pending file of the job whose turn it is, and,
         should it be cheap, other jobs' cheap files in turn (called holding the lock)."""
         for d in self.pending:
-            self.turn_of.setdefault(d.owner, next(self.turns))
-        work = [self._head_of(min({d.owner for d in self.pending}, key=lambda o: self.turn_of[o]))]
+            self.served.setdefault(d.owner, self.clock)
+        work = [self._head_of(min(self._owners(), key=self._finish))]
         total = work[0].cost_ms
         while work[0].cost_ms < self.GROUP_BELOW_MS and self.pending and len(work) < self.GROUP_ITEMS:
-            heads = sorted({d.owner for d in self.pending}, key=lambda o: self.turn_of[o])
+            heads = sorted(self._owners(), key=self._finish)
             fits = [o for o in heads if total + self._costliest(o).cost_ms <= self.GROUP_MAX_MS]
             if not fits:
                 break
@@ -1396,20 +1400,28 @@ class _Decoder:
         self._forget_idle()
         return work
 
+    def _owners(self) -> list[Any]:
+        """The jobs with pending files, in the order they first queued one."""
+        return list(dict.fromkeys(d.owner for d in self.pending))
+
+    def _finish(self, owner: Any) -> float:
+        return self.served[owner] + self._costliest(owner).cost_ms
+
     def _costliest(self, owner: Any) -> _Decode:
         return max((d for d in self.pending if d.owner is owner), key=lambda d: d.cost_ms)
 
     def _head_of(self, owner: Any) -> _Decode:
-        """Take `owner`'s costliest pending file; the job goes to the back of the line."""
+        """Take `owner`'s costliest pending file, and count its cost to the job."""
         head = self._costliest(owner)
         self.pending.remove(head)
-        self.turn_of[owner] = next(self.turns)
+        self.clock = max(self.clock, self.served[owner])
+        self.served[owner] += head.cost_ms
         return head
 
     def _forget_idle(self) -> None:
         waiting = {d.owner for d in self.pending}
-        for owner in [o for o in self.turn_of if o not in waiting]:
-            del self.turn_of[owner]
+        for owner in [o for o in self.served if o not in waiting]:
+            del self.served[owner]
 
     @staticmethod
     def _run(work: list[_Decode]) -> None:

@@ -181,15 +181,18 @@ def test_cost_estimate_reads_the_header_not_just_the_size(worker, tmp_path, name
 
 def test_decoder_takes_turns_by_job_costliest_first_within_each(worker, tmp_path):
     """Job A queued three costly files, then job B one: B's file does not wait for all of A's
-    (round-robin by job), and A's files still go costliest first."""
+    (fair by decode time given), and A's files still go costliest first; a cheap file of a job
+    C that comes later goes before the costly ones still waiting."""
     decoder = worker._Decoder(slots=1)
     a, b = threading.Event(), threading.Event()
     big = worker._Decoder.GROUP_BELOW_MS  # never grouped
     decoder.pending = [worker._Decode(Path(f"a{n}"), tmp_path / f"a{n}.wav", big + n, owner=a) for n in (1, 3, 2)]
     decoder.pending.append(worker._Decode(Path("b"), tmp_path / "b.wav", big + 100, owner=b))
-    order = [[d.src.name for d in decoder._take()] for _ in range(4)]
-    assert order == [["a3"], ["b"], ["a2"], ["a1"]]
-    assert decoder.pending == [] and decoder.turn_of == {}
+    order = [[d.src.name for d in decoder._take()] for _ in range(2)]
+    decoder.pending.append(worker._Decode(Path("c"), tmp_path / "c.wav", big - 1, owner=threading.Event()))
+    order += [[d.src.name for d in decoder._take()] for _ in range(3)]
+    assert order == [["a3"], ["b"], ["c"], ["a2"], ["a1"]]
+    assert decoder.pending == [] and decoder.served == {}
 
 
 def test_a_stopped_jobs_wait_for_ffmpeg_ends_at_once(worker, config, tmp_path, fifo):
