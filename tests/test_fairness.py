@@ -158,3 +158,50 @@ def test_fast_downloads_proceed_while_slow_ones_trickle(tmp_path, http_server):
         assert not any(j in w.queue.results for j in slow)
     finally:
         w.close()
+
+
+def test_download_slots_are_shared_fairly_and_given_back(worker):
+    """Two slots, both held by job A: job B (none running) may still start one; A's third
+    waits, and gets in when one of A's downloads gives its slot back early (as a slow one does
+    after DOWNLOAD_SLOT_SEC); a stopped job's wait ends at once."""
+    import threading
+
+    slots = worker._DownloadSlots(2)
+    a, b, c = threading.Event(), threading.Event(), threading.Event()
+    first, second = slots.held(a), slots.held(a)
+    give_back = first.__enter__()
+    second.__enter__()
+    with slots.held(b):  # B had none running: it starts at once, past the bound
+        assert slots.held_by == {a: 2, b: 1}
+    started = threading.Event()
+
+    def third() -> None:
+        with slots.held(a):
+            started.set()
+
+    thread = threading.Thread(target=third, daemon=True)
+    thread.start()
+    wait_for(lambda: len(slots.waiting) == 1, 30, "A's third download to wait")
+    assert not started.is_set()
+    give_back()  # A's first download is slow: it goes on without its slot
+    thread.join(30)
+    assert started.is_set()
+    stopped = threading.Event()
+    cancelled: list = []
+
+    def waits_then_stops() -> None:
+        try:
+            with slots.held(a, c):
+                pass
+        except worker.ItemError as exc:
+            cancelled.append(exc.code)
+        stopped.set()
+
+    slots.held_by[b] = 2  # the bound is reached by others: A (1 running) must wait
+    thread = threading.Thread(target=waits_then_stops, daemon=True)
+    thread.start()
+    wait_for(lambda: len(slots.waiting) == 1, 30, "the wait")
+    c.set()
+    slots.wake()
+    thread.join(30)
+    assert cancelled == ["cancelled"]
