@@ -2300,7 +2300,7 @@ _SCHEDULER = _Scheduler()
 
 # A pause finder: (item, boundary, window) -> the frame offset (from the item's start) where to
 # cut, in [boundary - window, boundary]. _split_points takes any; the energy rule is the default.
-PauseFinder = Callable[["Prepared", int, int], int]
+PauseFinder = Callable[[Prepared, int, int], int]
 
 
 def _quietest_pause(item: Prepared, boundary: int, window: int) -> int:
@@ -2335,9 +2335,10 @@ def _split_points(item: Prepared, piece_sec: float, find_pause: PauseFinder = _q
 class _Admission:
     """How many items of each job are in the prepare pool at once (fetching, decoding, or
     waiting for either), so that a job of hundreds of inputs cannot fill the pool's queue ahead
-    of every later job: at most PREPARE_SHARED in all, shared like the download slots (a job with
-    none in the pool may always start one; a free place goes to the waiting job with the fewest).
-    The pool has a thread for each of those, plus one for every job's first. On the event loop."""
+    of every later job: at most 4 x max(PREPARE_WORKERS, DOWNLOAD_WORKERS) in all, shared like
+    the download slots (a job with none in the pool may always start one; a free place goes to
+    the waiting job with the fewest). The pool has a thread for each of those, plus one for
+    every job's first. Used on the event loop only."""
 
     def __init__(self, total: int):
         self.total = total
