@@ -205,3 +205,47 @@ def test_download_slots_are_shared_fairly_and_given_back(worker):
     slots.wake()
     thread.join(30)
     assert cancelled == ["cancelled"]
+
+
+def test_a_stopped_job_ends_at_once_while_another_jobs_ffmpeg_runs(worker, monkeypatch):
+    """One ffmpeg slot, taken by job A's file, whose decode is held. Job B's two clips wait
+    for the slot; Runpod stops B (its task is cancelled, as the SDK does): B's waits end and its
+    clean-up finishes, temp dir gone, while A's decode is still held. Then A finishes as usual."""
+    import asyncio
+    import threading
+
+    from conftest import TMP_ROOT, until
+
+    monkeypatch.setattr(worker, "_DECODER", worker._Decoder(1))
+    release, held = threading.Event(), threading.Event()
+    real = worker._to_wavs
+
+    def holding(pairs, *args, **kwargs):
+        if any("fair-held" in str(src) for src, _ in pairs):
+            held.set()
+            release.wait(600)
+        return real(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "_to_wavs", holding)
+    a_clip = speech_file("seven eight", "wav", name="fair-held")
+    b_clips = [speech_file(t, "wav") for t in ("one two", "three four")]
+
+    async def main():
+        a = asyncio.ensure_future(worker.handler({"id": "a", "input": {"inputs": [{"source": str(a_clip)}]}}))
+        await until(held.is_set, "A's decode")
+        dirs_before = set(TMP_ROOT.glob("job-*"))
+        b = asyncio.ensure_future(worker.handler({"id": "b", "input": {"inputs": [{"source": str(p)} for p in b_clips]}}))
+        await until(lambda: len(worker._DECODER.pending) == 2, "B's clips waiting for ffmpeg")
+        (b_dir,) = set(TMP_ROOT.glob("job-*")) - dirs_before
+        b.cancel()
+        try:  # B's end must not wait for A's decode (held for 10 minutes unless released)
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(b, 120)
+            assert not b_dir.exists() and not release.is_set()  # B is gone, A's decode still held
+            assert worker._DECODER.pending == []
+        finally:
+            release.set()
+        return await a
+
+    out = asyncio.run(main())
+    assert words_of(out["results"][0]["text"]) == ["seven", "eight"]
