@@ -44,6 +44,7 @@ bench: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.throughput
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.concurrency
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.openai_http
+	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.fairness
 
 bench-long: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio

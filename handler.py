@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGKILL
@@ -164,7 +164,8 @@ class Config:
     batch_overhead_sec: float = 5.0
     local_attention_after_sec: float = 1440.0
     local_attention_context: tuple[int, int] = (256, 256)
-    max_single_pass_sec: float = 10800.0
+    max_single_pass_sec: float = 1800.0  # the piece length: longer items run in pieces (README: Long audio)
+    piece_min_sec: float = 60.0  # a piece that runs out of memory is split smaller, down to this
     max_audio_sec: float = 14400.0
     max_inputs: int = 500
     max_download_bytes: int = 2 * 1024**3
@@ -172,6 +173,7 @@ class Config:
     download_connect_timeout: float = 10.0
     download_read_timeout: float = 30.0
     download_total_sec: float = 900.0
+    download_slot_sec: float = 10.0  # a download still running after this gives its slot back
     download_retries: int = 3
     ffmpeg_timeout_sec: float = 900.0
     prepare_workers: int = field(default_factory=_cpu_limit)  # the container's CPUs, not the host's
@@ -208,6 +210,7 @@ class Config:
             local_attention_after_sec=_env_num("LOCAL_ATTENTION_AFTER_SEC", d.local_attention_after_sec),
             local_attention_context=_env_pair("LOCAL_ATTENTION_CONTEXT", "256,256"),
             max_single_pass_sec=max(1.0, _env_num("MAX_SINGLE_PASS_SEC", d.max_single_pass_sec)),
+            piece_min_sec=max(1.0, _env_num("PIECE_MIN_SEC", d.piece_min_sec)),
             max_audio_sec=_env_num("MAX_AUDIO_SEC", d.max_audio_sec),
             max_inputs=max(1, _env_num("MAX_INPUTS", d.max_inputs, int)),
             max_download_bytes=_env_num("MAX_DOWNLOAD_BYTES", d.max_download_bytes, int),
@@ -215,6 +218,7 @@ class Config:
             download_connect_timeout=_env_num("DOWNLOAD_CONNECT_TIMEOUT", d.download_connect_timeout),
             download_read_timeout=_env_num("DOWNLOAD_READ_TIMEOUT", d.download_read_timeout),
             download_total_sec=_env_num("DOWNLOAD_TOTAL_SEC", d.download_total_sec),
+            download_slot_sec=_env_num("DOWNLOAD_SLOT_SEC", d.download_slot_sec),
             download_retries=_env_num("DOWNLOAD_RETRIES", d.download_retries, int),
             ffmpeg_timeout_sec=_env_num("FFMPEG_TIMEOUT_SEC", d.ffmpeg_timeout_sec),
             prepare_workers=max(1, _env_num("PREPARE_WORKERS", d.prepare_workers, int)),
@@ -948,25 +952,32 @@ def _download(
     url: str, dest: Path, stop: threading.Event | None = None, on_size: Callable[[int], None] | None = None
 ) -> Path:
     """Stream `url` to `dest` through the Runpod SDK's SSRF-safe fetch, with retries. `stop`
-    ends it early (its job was stopped); `on_size` hears the bytes written so far. A failed
-    download leaves no partial file behind (it would hold disk that other items need)."""
-    deadline = time.monotonic() + CFG.download_total_sec
+    ends it early (its job was stopped) and stands for the job in the fair share of download
+    slots; `on_size` hears the bytes written so far. DOWNLOAD_TOTAL_SEC runs from when the item
+    has its slot (not while it waits for one) and covers every attempt, connect and response
+    headers included. A failed download leaves no partial file behind (it would hold disk that
+    other items need)."""
     last = "no attempt made"
     try:
-        for attempt in range(CFG.download_retries + 1):
-            if attempt:
-                pause = min(2.0 ** (attempt - 1) * 0.5, 8.0)
-                if time.monotonic() + pause > deadline:
-                    break
-                time.sleep(pause)
-            if stop is not None and stop.is_set():
-                raise _cancelled()
-            try:
-                with _download_slots():
-                    return _download_once(url, dest, deadline, stop, on_size)
-            except _Retry as exc:
-                last = str(exc)
-                log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)  # redacted: _SafeLogRecords
+        with _download_slots().held(stop, stop) as give_back:
+            deadline = time.monotonic() + CFG.download_total_sec
+            give_back_at = time.monotonic() + CFG.download_slot_sec
+            for attempt in range(CFG.download_retries + 1):
+                if attempt:
+                    pause = min(2.0 ** (attempt - 1) * 0.5, 8.0)
+                    if time.monotonic() + pause > deadline:
+                        break
+                    if stop is not None and stop.wait(pause):
+                        raise _cancelled()
+                    if stop is None:
+                        time.sleep(pause)
+                if stop is not None and stop.is_set():
+                    raise _cancelled()
+                try:
+                    return _download_once(url, dest, deadline, stop, on_size, (give_back_at, give_back))
+                except _Retry as exc:
+                    last = str(exc)
+                    log.warning("download attempt %d of %s failed: %s", attempt + 1, url, last)  # redacted: _SafeLogRecords
         raise ItemError("download_failed", f"{last} (after {CFG.download_retries + 1} attempts)")
     except BaseException:
         with contextlib.suppress(OSError):  # a read-only temp dir: _fetch_to_wav says so
@@ -974,91 +985,188 @@ def _download(
         raise
 
 
-_DOWNLOAD_SLOTS: threading.BoundedSemaphore | None = None
+class _DownloadSlots:
+    """DOWNLOAD_WORKERS downloads start at once, shared fairly by jobs: a free slot goes to the
+    waiting job that holds the fewest (the longest waiting first), and a job with no download
+    running may always start one. A download still running after DOWNLOAD_SLOT_SEC gives its slot
+    back and goes on without one: a slow source (a trickle can last DOWNLOAD_TOTAL_SEC) holds a
+    slot for seconds, never the other items' downloads, of its own job or any other. So the slots
+    bound how many downloads compete for the network at first, and the prepare pool bounds how
+    many run in all. A wait ends at once when its job is stopped (see wake)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.cond = threading.Condition()
+        self.held_by: dict[Any, int] = {}
+        self.waiting: list[tuple[int, Any]] = []  # (ticket, owner), in arrival order
+        self.tickets = itertools.count()
+
+    def _may_start(self, ticket: int, owner: Any) -> bool:
+        if not self.held_by.get(owner):
+            return True
+        if sum(self.held_by.values()) >= self.total:
+            return False
+        first = min(self.waiting, key=lambda w: (self.held_by.get(w[1], 0), w[0]))
+        return first[0] == ticket
+
+    @contextlib.contextmanager
+    def held(self, owner: Any, stop: threading.Event | None = None) -> Iterator[Callable[[], None]]:
+        """Wait for a slot; yields the function that gives it back early (idempotent)."""
+        with self.cond:
+            ticket = next(self.tickets)
+            self.waiting.append((ticket, owner))
+            try:
+                while not self._may_start(ticket, owner):
+                    if stop is not None and stop.is_set():
+                        raise _cancelled()
+                    self.cond.wait()
+            finally:
+                self.waiting.remove((ticket, owner))
+            self.held_by[owner] = self.held_by.get(owner, 0) + 1
+        given_back = [False]
+
+        def give_back() -> None:
+            with self.cond:
+                if not given_back[0]:
+                    given_back[0] = True
+                    self.held_by[owner] -= 1
+                    if not self.held_by[owner]:
+                        del self.held_by[owner]
+                    self.cond.notify_all()
+
+        try:
+            yield give_back
+        finally:
+            give_back()
+
+    def wake(self) -> None:
+        """A job was stopped: its waits look at their stop signal now."""
+        with self.cond:
+            self.cond.notify_all()
 
 
-def _download_slots() -> threading.BoundedSemaphore:
-    """At most DOWNLOAD_WORKERS downloads at once, however many items wait for ffmpeg."""
+_DOWNLOAD_SLOTS: _DownloadSlots | None = None
+
+
+def _download_slots() -> _DownloadSlots:
     global _DOWNLOAD_SLOTS
     if _DOWNLOAD_SLOTS is None:
-        _DOWNLOAD_SLOTS = threading.BoundedSemaphore(CFG.download_workers)
+        _DOWNLOAD_SLOTS = _DownloadSlots(CFG.download_workers)
     return _DOWNLOAD_SLOTS
 
 
 def _download_once(
     url: str, dest: Path, deadline: float, stop: threading.Event | None = None,
-    on_size: Callable[[int], None] | None = None,
+    on_size: Callable[[int], None] | None = None, give_back: tuple[float, Callable[[], None]] | None = None,
 ) -> Path:
+    """One attempt; `give_back` is (when, how) the download gives its slot back if still running."""
     timeout = (CFG.download_connect_timeout, CFG.download_read_timeout)
-    try:
-        response = safe_get(url, timeout=timeout, max_bytes=CFG.max_download_bytes)
-    except SSRFError as exc:
-        raise _ssrf_item_error(exc) from None
-    except requests.ConnectionError as exc:
-        raise _Retry(f"could not connect: {_short(exc)}") from None
-    except requests.Timeout as exc:
-        raise ItemError("download_timeout", f"no response within {CFG.download_read_timeout:g} s: {_short(exc)}") from None
-    except requests.RequestException as exc:
-        raise ItemError("download_failed", _short(exc)) from None
-    except ValueError as exc:  # the URL was checked (_check_url): a redirect's Location was not
-        raise ItemError("download_failed", f"the server redirected to a malformed URL: {_short(exc)}") from None
     too_slow = ItemError("download_timeout", f"download took over {CFG.download_total_sec:g} s")
-    with response, _cut_off_at(deadline, response, stop) as expired:
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Retry(f"HTTP {response.status_code} from {url}")
-        if response.status_code >= 400:
-            raise ItemError("download_failed", f"HTTP {response.status_code} from {url}")
+    with _cut_off_at(deadline, stop, give_back) as expired:
         try:
-            with open(dest, "wb") as out:
-                for chunk in iter_content_capped(response, 1 << 20, CFG.max_download_bytes):
-                    out.write(chunk)
-                    if time.monotonic() > deadline:
-                        raise too_slow
-                    if stop is not None and stop.is_set():
-                        raise _cancelled()
-                    if on_size is not None:
-                        on_size(out.tell())
+            response = safe_get(url, timeout=timeout, max_bytes=CFG.max_download_bytes)
         except SSRFError as exc:
             raise _ssrf_item_error(exc) from None
-        except (requests.RequestException, OSError) as exc:
+        except (requests.RequestException, ValueError) as exc:
             if stop is not None and stop.is_set():
                 raise _cancelled() from None
-            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-                raise _disk_full("writing the download") from None
-            if expired.is_set():
+            if expired.is_set():  # connect and headers took the whole DOWNLOAD_TOTAL_SEC
                 raise too_slow from None
-            code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
-            raise ItemError(code, f"download broke off: {_short(exc)}") from None
-        if stop is not None and stop.is_set():
-            raise _cancelled()
-        if expired.is_set():  # the cut-off can end the body early without an exception
-            raise too_slow
+            if isinstance(exc, requests.ConnectionError):
+                raise _Retry(f"could not connect: {_short(exc)}") from None
+            if isinstance(exc, requests.Timeout):
+                raise ItemError("download_timeout", f"no response within {CFG.download_read_timeout:g} s: {_short(exc)}") from None
+            if isinstance(exc, requests.RequestException):
+                raise ItemError("download_failed", _short(exc)) from None
+            # the URL was checked (_check_url): a redirect's Location was not
+            raise ItemError("download_failed", f"the server redirected to a malformed URL: {_short(exc)}") from None
+        with response:
+            if response.status_code == 429 or response.status_code >= 500:
+                raise _Retry(f"HTTP {response.status_code} from {url}")
+            if response.status_code >= 400:
+                raise ItemError("download_failed", f"HTTP {response.status_code} from {url}")
+            _read_body(response, dest, deadline, stop, on_size, expired, too_slow)
     return dest
 
 
-@contextlib.contextmanager
-def _cut_off_at(deadline: float, response: requests.Response, stop: threading.Event | None = None) -> Iterator[threading.Event]:
-    """Hold the download to its deadline, and to its job's life. requests bounds each read, not
-    the whole body, so a server that sends a byte every few seconds would hold the item (and a
-    download slot) for ever. At the deadline, or when `stop` is set, a watcher shuts the socket
-    down, which wakes the blocked read; the event it sets tells the reader why the body ended."""
-    expired, done = threading.Event(), threading.Event()
+def _read_body(
+    response: requests.Response, dest: Path, deadline: float, stop: threading.Event | None,
+    on_size: Callable[[int], None] | None, expired: threading.Event, too_slow: ItemError,
+) -> None:
+    try:
+        with open(dest, "wb") as out:
+            for chunk in iter_content_capped(response, 1 << 20, CFG.max_download_bytes):
+                out.write(chunk)
+                if time.monotonic() > deadline:
+                    raise too_slow
+                if stop is not None and stop.is_set():
+                    raise _cancelled()
+                if on_size is not None:
+                    on_size(out.tell())
+    except SSRFError as exc:
+        raise _ssrf_item_error(exc) from None
+    except (requests.RequestException, OSError) as exc:
+        if stop is not None and stop.is_set():
+            raise _cancelled() from None
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise _disk_full("writing the download") from None
+        if expired.is_set():
+            raise too_slow from None
+        code = "download_timeout" if "timed out" in str(exc).lower() else "download_failed"
+        raise ItemError(code, f"download broke off: {_short(exc)}") from None
+    if stop is not None and stop.is_set():
+        raise _cancelled()
+    if expired.is_set():  # the cut-off can end the body early without an exception
+        raise too_slow
 
-    def cut() -> None:
-        # urllib3 2 -> http.client response -> buffered reader -> SocketIO -> socket. Should the
-        # chain ever break, the per-chunk deadline check in _download_once still applies.
-        sock = response.raw
-        for attr in ("_fp", "fp", "raw", "_sock"):
-            sock = getattr(sock, attr, None)
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+
+# The sockets a download thread connects, seen through Python's audit hooks (the SDK's fetch
+# makes its own sessions and connections, so there is no other way to reach them before the
+# response headers are in). A hook cannot be removed: it is installed once, and costs a string
+# comparison per audited event.
+_CONNECTING = threading.local()
+_AUDIT_HOOKED = threading.Lock()
+
+
+def _note_connect(event: str, args: tuple[Any, ...]) -> None:
+    if event == "socket.connect":
+        sockets = getattr(_CONNECTING, "sockets", None)
+        if sockets is not None:
+            sockets.append(args[0])
+
+
+def _hook_connects() -> None:
+    if not getattr(_hook_connects, "done", False):
+        with _AUDIT_HOOKED:
+            if not getattr(_hook_connects, "done", False):
+                sys.addaudithook(_note_connect)
+                _hook_connects.done = True  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _cut_off_at(
+    deadline: float, stop: threading.Event | None = None, give_back: tuple[float, Callable[[], None]] | None = None
+) -> Iterator[threading.Event]:
+    """Hold one download attempt to its deadline, and to its job's life, from the connect to the
+    body's last byte. requests bounds each read, not the whole, so a server that sends a byte
+    every few seconds (of headers or of body) would hold the item, and a download slot, for
+    ever. At the deadline, or when `stop` is set, a watcher shuts down every socket this thread
+    connected meanwhile, which wakes the blocked read; the event it sets tells why it ended.
+    The same watcher gives the download slot back at `give_back`'s time (see _DownloadSlots)."""
+    _hook_connects()
+    expired, done = threading.Event(), threading.Event()
+    sockets: list[socket.socket] = []
+    _CONNECTING.sockets = sockets
 
     def watch() -> None:
         while not done.wait(0.1):
+            if give_back is not None and time.monotonic() >= give_back[0]:
+                give_back[1]()
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 expired.set()
-                cut()
+                for sock in list(sockets):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
                 return
 
     watcher = threading.Thread(target=watch, name="download-deadline", daemon=True)
@@ -1066,6 +1174,7 @@ def _cut_off_at(deadline: float, response: requests.Response, stop: threading.Ev
     try:
         yield expired
     finally:
+        _CONNECTING.sockets = None
         done.set()
 
 
@@ -1401,15 +1510,22 @@ class _Decode:
     stop: threading.Event | None = None
     on_decoded: Callable[[], None] | None = None
     limit: int | None = None
+    owner: Any = None  # its job (the job's stop event stands for it): the decoder takes turns by job
     done: bool = False
     result: tuple[int, str | None] | BaseException | None = None
+    group: list[_Decode] | None = None  # set when this file leads an ffmpeg run: its thread runs it
 
 
 class _Decoder:
     """Runs ffmpeg for every job's items, PREPARE_WORKERS processes at a time (it is CPU-bound,
-    however many downloads are running). The threads waiting on it take turns doing the work,
-    costliest file first, so that no long decode starts last and holds up the end; files that
-    decode in less time than ffmpeg takes to start go several to a process."""
+    however many downloads are running). Fair across jobs, by estimated ffmpeg time (weighted
+    fair queuing): each job counts the decode time it has been given, a job that comes (back)
+    starts level with the last one served, and the next run goes to the job whose costliest
+    pending file would finish first in that count; within a job the costliest file goes first,
+    so that no long decode starts last and holds up that job's end, while the cheap files of
+    small jobs never wait for every other job's expensive ones. Files that decode in less time
+    than ffmpeg takes to start go several to a process. Each ffmpeg run is made by the thread of the file that leads it, so a thread only
+    ever works for its own item's run; a thread whose job is stopped leaves its wait at once."""
 
     GROUP_BELOW_MS = 3 * FFMPEG_START_MS  # a file this cheap shares a process...
     GROUP_MAX_MS = 6 * FFMPEG_START_MS  # ...with others, up to this much decoding in all
@@ -1420,6 +1536,8 @@ class _Decoder:
         self.running = 0
         self.pending: list[_Decode] = []
         self.cond = threading.Condition()
+        self.served: dict[Any, float] = {}  # each job with pending files: decode ms given so far
+        self.clock = 0.0  # the count of the job served last
 
     def decode(
         self, src: Path, dest: Path, stop: threading.Event | None = None,
@@ -1429,41 +1547,83 @@ class _Decoder:
         is set, the file is not started, or, running alone, its ffmpeg is killed (cancelled).
         `on_decoded` is called when its ffmpeg run ends, together with the rest of its group;
         `limit` caps the WAV's bytes."""
-        mine = _Decode(src, dest, _decode_cost_ms(src), stop, on_decoded, limit)
+        mine = _Decode(src, dest, _decode_cost_ms(src), stop, on_decoded, limit, owner=stop)
         with self.cond:
+            if all(d.owner is not mine.owner for d in self.pending):
+                self.served[mine.owner] = max(self.served.get(mine.owner, 0.0), self.clock)
             self.pending.append(mine)
-            self.pending.sort(key=lambda d: d.cost_ms, reverse=True)
-        while (work := self._next(mine)) is not None:
+            self._dispatch()
+            while not mine.done and mine.group is None:
+                if stop is not None and stop.is_set() and mine in self.pending:  # (not in another's run)
+                    self.pending.remove(mine)
+                    self._forget_idle()
+                    mine.result, mine.done = _cancelled("before this item was decoded"), True
+                    break
+                self.cond.wait()
+        if mine.group is not None:
             try:
-                self._run(work)
+                self._run(mine.group)
             finally:
                 with self.cond:
                     self.running -= 1
+                    self._dispatch()
                     self.cond.notify_all()
         if isinstance(mine.result, BaseException):
             raise mine.result
         return mine.result  # type: ignore[return-value]
 
-    def _next(self, mine: _Decode) -> list[_Decode] | None:
-        """Wait until `mine` is done (None), or a slot is free and work waits: take it."""
+    def wake(self) -> None:
+        """A job was stopped: its waiting threads look at their stop signal now."""
         with self.cond:
-            while not mine.done and (self.running >= self.slots or not self.pending):
-                self.cond.wait()
-            if mine.done:
-                return None
+            self.cond.notify_all()
+
+    def _dispatch(self) -> None:
+        """Give each free slot its next run; its leader's thread runs it (holding the lock)."""
+        while self.running < self.slots and self.pending:
+            work = self._take()
+            work[0].group = work
             self.running += 1
-            return self._take()
+            self.cond.notify_all()
 
     def _take(self) -> list[_Decode]:
-        """The next process's work, from the costliest pending file (called holding the lock)."""
-        work = [self.pending.pop(0)]
-        if work[0].cost_ms >= self.GROUP_BELOW_MS:
-            return work
+        """The next process's work: the costliest pending file of the job whose turn it is, and,
+        should it be cheap, other jobs' cheap files in turn (called holding the lock)."""
+        for d in self.pending:
+            self.served.setdefault(d.owner, self.clock)
+        work = [self._head_of(min(self._owners(), key=self._finish))]
         total = work[0].cost_ms
-        while self.pending and len(work) < self.GROUP_ITEMS and total + self.pending[0].cost_ms <= self.GROUP_MAX_MS:
-            total += self.pending[0].cost_ms
-            work.append(self.pending.pop(0))
+        while work[0].cost_ms < self.GROUP_BELOW_MS and self.pending and len(work) < self.GROUP_ITEMS:
+            heads = sorted(self._owners(), key=self._finish)
+            fits = [o for o in heads if total + self._costliest(o).cost_ms <= self.GROUP_MAX_MS]
+            if not fits:
+                break
+            work.append(self._head_of(fits[0]))
+            total += work[-1].cost_ms
+        self._forget_idle()
         return work
+
+    def _owners(self) -> list[Any]:
+        """The jobs with pending files, in the order they first queued one."""
+        return list(dict.fromkeys(d.owner for d in self.pending))
+
+    def _finish(self, owner: Any) -> float:
+        return self.served[owner] + self._costliest(owner).cost_ms
+
+    def _costliest(self, owner: Any) -> _Decode:
+        return max((d for d in self.pending if d.owner is owner), key=lambda d: d.cost_ms)
+
+    def _head_of(self, owner: Any) -> _Decode:
+        """Take `owner`'s costliest pending file, and count its cost to the job."""
+        head = self._costliest(owner)
+        self.pending.remove(head)
+        self.clock = max(self.clock, self.served[owner])
+        self.served[owner] += head.cost_ms
+        return head
+
+    def _forget_idle(self) -> None:
+        waiting = {d.owner for d in self.pending}
+        for owner in [o for o in self.served if o not in waiting]:
+            del self.served[owner]
 
     @staticmethod
     def _run(work: list[_Decode]) -> None:
@@ -1517,7 +1677,7 @@ class _DiskBudget:
             while (others := self.used - self.held.get(key, 0)) and others + nbytes > CFG.tmp_max_bytes:
                 if stop is not None and stop.is_set():
                     raise _cancelled()
-                self.cond.wait(0.2)
+                self.cond.wait()
             self.held[key] = nbytes
 
     def resize(self, key: Path, nbytes: int) -> None:
@@ -1530,6 +1690,11 @@ class _DiskBudget:
         with self.cond:
             if self.held.pop(key, None) is not None:
                 self.cond.notify_all()
+
+    def wake(self) -> None:
+        """A job was stopped: its waits look at their stop signal now."""
+        with self.cond:
+            self.cond.notify_all()
 
     def release_under(self, folder: Path) -> None:
         with self.cond:
@@ -1654,7 +1819,7 @@ def _decode_in_budget(
 
 # ---------------------------------------------------------------------------------------------
 # Batching: short items share batches, long ones run alone, and the longest switch the encoder
-# to local attention (or are split, past MAX_SINGLE_PASS_SEC). Pure functions: ready units in,
+# to local attention (pieces of items past MAX_SINGLE_PASS_SEC come one by one). Pure functions: ready units in,
 # the next batch out; nothing here touches the model, the disk or a clock.
 # ---------------------------------------------------------------------------------------------
 
@@ -1732,26 +1897,76 @@ def _make_batches(items: Sequence[T]) -> list[list[T]]:
     return batches[::-1]
 
 
-def _plan_next(ready: Sequence[Unit], local_mode: bool) -> list[Unit]:
+# --- Fair shares: which job goes next -----------------------------------------------------------
+# Start-time fair queuing over jobs. Every job has the model seconds it has received so far (its
+# "service"); the next batch is built around the job that has received the least, so a job's
+# backlog only costs that job. A job that comes (back) with ready units starts at the service
+# of the job running now (the virtual clock), not at zero: it cannot claim what it was owed
+# while idle, and a stream of new jobs cannot hold back an old one for ever.
+
+
+class _FairShare:
+    """The service each job with units in the scheduler has received, and the virtual clock.
+    Bookkeeping only (no clock, no model): the scheduler and the planning tests both drive it."""
+
+    def __init__(self) -> None:
+        self.served: dict[Any, float] = {}
+        self.clock = 0.0
+
+    def arrive(self, job: Any, waiting: bool) -> None:
+        """A unit of `job` became ready; `waiting`: the job already had units ready or running."""
+        if not waiting:
+            self.served[job] = max(self.served.get(job, 0.0), self.clock)
+
+    def charge(self, batch: Sequence[Unit]) -> None:
+        """`batch` is about to run: the clock moves to its lead job's service, and each job
+        pays for its units' audio seconds."""
+        if batch:
+            self.clock = max(self.clock, min(self.served.get(u.job, 0.0) for u in batch))
+        for unit in batch:
+            self.served[unit.job] = self.served.get(unit.job, 0.0) + unit.duration
+
+    def forget(self, job: Any) -> None:
+        self.served.pop(job, None)
+
+
+def _plan_next(ready: Sequence[Unit], local_mode: bool, served: Mapping[Any, float] | None = None) -> list[Unit]:
     """The next model batch out of every job's ready units; the scheduler runs exactly this.
 
-    Oldest first, so nothing starves. When the oldest unit is short, the batch is the one that
-    _make_batches packs it into out of all ready short units, from any job: at low load a lone
-    clip runs at once, under load batches fill up while the previous one runs. Otherwise a long
-    unit runs alone; among the long units that came before every waiting short one, one that
-    needs no attention switch goes first, so switches stay rare. A split item sends its pieces
-    one at a time, so short units that arrived while a piece ran go before the next piece.
+    Fair across jobs: the lead job is the one that has received the least model time (`served`,
+    audio seconds by job; ties go to the job with the oldest unit). Its oldest unit leads the
+    batch. A short one is packed by _make_batches with the short units of the lead job and of the
+    next jobs in that order, until there are two batches' worth to choose from: so a flood of
+    one-clip jobs still fills batches, one job alone is packed as a whole, and a job with a big
+    backlog fills at most one batch before the others' units go. A long unit runs alone; among
+    the lead job's long units that came before its waiting short ones, one that needs no
+    attention switch goes first, so switches stay rare.
+
+    The bound: a unit that becomes ready waits for the batch running now plus, for every other
+    job with ready units, one batch more than it takes that job to pass this job's service; a job
+    that just arrived starts level with the job running now, so a one-clip job waits for at most
+    two batches (one piece of a long item at most each), however big any other job's backlog is.
     """
     if not ready:
         return []
-    buckets = _bucketize_by_duration(ready)
-    oldest_short = min((u.seq for u in buckets[SHORT]), default=float("inf"))
-    alone = [u for u in buckets[LONG] + buckets[LOCAL] if u.seq < oldest_short]
-    if alone:
+    served = served or {}
+    by_job: dict[Any, list[Unit]] = {}
+    for unit in sorted(ready, key=lambda u: u.seq):
+        by_job.setdefault(unit.job, []).append(unit)
+    order = sorted(by_job, key=lambda j: (served.get(j, 0.0), by_job[j][0].seq))
+    lead = by_job[order[0]]
+    first = lead[0]
+    if _bucket_of(first.duration) != SHORT:
+        oldest_short = min((u.seq for u in lead if _bucket_of(u.duration) == SHORT), default=float("inf"))
+        alone = [u for u in lead if _bucket_of(u.duration) != SHORT and u.seq < oldest_short]
         same_mode = [u for u in alone if (_bucket_of(u.duration) == LOCAL) == local_mode]
-        return [min(same_mode or alone, key=lambda u: u.seq)]
-    first = min(buckets[SHORT], key=lambda u: u.seq)
-    return next(batch for batch in _make_batches(buckets[SHORT]) if first in batch)
+        return [(same_mode or alone)[0]]
+    pool: list[Unit] = []
+    for job in order:
+        pool += [u for u in by_job[job] if _bucket_of(u.duration) == SHORT]
+        if len(pool) >= 2 * CFG.batch_max_items:
+            break
+    return next(batch for batch in _make_batches(pool) if first in batch)
 
 
 def _padding_efficiency(batches: Iterable[Sequence[_Timed]]) -> float:
@@ -2211,6 +2426,8 @@ class _Scheduler:
         self.batch_ids = itertools.count(1)
         self.on_the_way = 0  # decoded in an ffmpeg run that just ended, not submitted yet
         self.thread: threading.Thread | None = None
+        self.fair = _FairShare()
+        self.running: list[Unit] = []  # the batch the model runs now
 
     def submit(self, unit: Unit) -> cf.Future:
         with self.cond:
@@ -2218,6 +2435,7 @@ class _Scheduler:
                 _deliver(unit, UnitResult(_model_failed_error(), None))
                 return unit.future
             unit.seq = next(self.arrivals)
+            self.fair.arrive(unit.job, any(u.job is unit.job for u in itertools.chain(self.ready, self.running)))
             self.ready.append(unit)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="model", daemon=True)
@@ -2250,6 +2468,7 @@ class _Scheduler:
             for unit in [u for u in self.ready if u.job is job]:
                 self.ready.remove(unit)
                 unit.future.cancel()
+            self.fair.forget(job)
             while any(u.job is job for u in self.reading):
                 self.cond.wait()
 
@@ -2267,7 +2486,7 @@ class _Scheduler:
                         _deliver(unit, UnitResult(ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}"), None))
                 finally:
                     with self.cond:
-                        self.reading = []
+                        self.reading = self.running = []
                         self.cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - the thread ends here; _died says so, with the traceback
             self._died(exc, batch)
@@ -2280,13 +2499,14 @@ class _Scheduler:
                 self.cond.wait()
             self._gather()
             try:
-                batch = _plan_next(self.ready, _STATE.local_attention)
+                batch = _plan_next(self.ready, _STATE.local_attention, self.fair.served)
             except Exception:
                 log.exception("planning failed; running the oldest ready item alone")
                 batch = [min(self.ready, key=lambda u: u.seq)]
+            self.fair.charge(batch)
             for unit in batch:
                 self.ready.remove(unit)
-            self.reading = batch
+            self.reading = self.running = batch
             return batch
 
     def _died(self, exc: BaseException, batch: list[Unit]) -> None:
@@ -2297,7 +2517,7 @@ class _Scheduler:
             _STATE.model_thread_died = f"{type(exc).__name__}: {_short(exc, 200)}"
             for unit in [*batch, *self.ready]:
                 _deliver(unit, UnitResult(_model_failed_error(), None))
-            self.ready, self.reading, self.thread = [], [], None
+            self.ready, self.reading, self.running, self.thread = [], [], [], None
             self.cond.notify_all()
 
     def _run(self, batch: list[Unit]) -> None:
@@ -2340,26 +2560,102 @@ def _deliver(unit: Unit, result: UnitResult) -> None:
 _SCHEDULER = _Scheduler()
 
 
-def _split_points(item: Prepared, piece_sec: float) -> list[int]:
-    """Frame offsets where a too-long item is cut: the quietest 200 ms near each boundary.
+# A pause finder: (item, boundary, window) -> the frame offset (from the item's start) where to
+# cut, in [boundary - window, boundary]. _split_points takes any; the energy rule is the default.
+PauseFinder = Callable[[Prepared, int, int], int]
 
-    The search looks back from each boundary over min(60 s, a quarter piece), reading only that
-    window from disk, so a cut lands in a pause between words rather than inside one.
-    """
+
+def _quietest_pause(item: Prepared, boundary: int, window: int) -> int:
+    """The middle of the quietest 200 ms in the `window` frames before `boundary` (energy in 10 ms
+    frames, smoothed): a pause between words rather than inside one. Reads only that window."""
+    hop = SAMPLE_RATE // 100  # 10 ms energy frames
+    lo = max(0, boundary - window)
+    with sf.SoundFile(str(item.wav)) as f:
+        f.seek(item.start + lo)
+        chunk = f.read(boundary - lo, dtype="float32")
+    energy = np.add.reduceat(chunk**2, np.arange(0, len(chunk), hop))
+    if len(energy) <= 20:
+        return boundary
+    smooth = np.convolve(energy, np.ones(20), mode="same")  # 200 ms
+    return lo + int(np.argmin(smooth[10:-10]) + 10) * hop
+
+
+def _split_points(item: Prepared, piece_sec: float, find_pause: PauseFinder = _quietest_pause) -> list[int]:
+    """Frame offsets where a too-long item is cut, the first 0: a pause found by `find_pause`
+    looking back from each boundary over min(60 s, a quarter piece), so no piece is longer
+    than `piece_sec`."""
     piece = int(piece_sec * SAMPLE_RATE)
     window = int(min(60.0, piece_sec / 4) * SAMPLE_RATE)
-    hop = SAMPLE_RATE // 100  # 10 ms energy frames
     cuts, pos = [0], 0
     while item.frames - pos > piece:
-        lo = pos + piece - window
-        with sf.SoundFile(str(item.wav)) as f:
-            f.seek(item.start + lo)
-            chunk = f.read(window, dtype="float32")
-        energy = np.add.reduceat(chunk**2, np.arange(0, len(chunk), hop))
-        smooth = np.convolve(energy, np.ones(20), mode="same")  # 200 ms
-        pos = lo + int(np.argmin(smooth[10:-10]) + 10) * hop
+        cut = find_pause(item, pos + piece, window)
+        pos = cut if pos < cut <= pos + piece else pos + piece  # a finder's odd answer cannot loop
         cuts.append(pos)
     return cuts
+
+
+class _Admission:
+    """How many items of each job are in the prepare pool at once (fetching, decoding, or
+    waiting for either), so that a job of hundreds of inputs cannot fill the pool's queue ahead
+    of every later job: at most 4 x max(PREPARE_WORKERS, DOWNLOAD_WORKERS) in all, shared like
+    the download slots (a job with none in the pool may always start one; a free place goes to
+    the waiting job with the fewest). The pool has a thread for each of those, plus one for
+    every job's first. Used on the event loop only."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.held_by: dict[Any, int] = {}
+        self.waiting: list[tuple[Any, asyncio.Future]] = []  # in arrival order
+
+    def _grant(self) -> None:
+        """Let in every waiter that may start now: first any job with none in the pool, then, while
+        places are free, the job with the fewest (the longest waiting first)."""
+        while self.waiting:
+            free = [w for w in self.waiting if not self.held_by.get(w[0])]
+            if not free and sum(self.held_by.values()) >= self.total:
+                return
+            owner, future = entry = (free or sorted(self.waiting, key=lambda w: self.held_by.get(w[0], 0)))[0]
+            self.waiting.remove(entry)
+            self.held_by[owner] = self.held_by.get(owner, 0) + 1
+            future.set_result(None)
+
+    def _leave(self, owner: Any) -> None:
+        self.held_by[owner] -= 1
+        if not self.held_by[owner]:
+            del self.held_by[owner]
+        self._grant()
+
+    @contextlib.asynccontextmanager
+    async def held(self, owner: Any) -> Any:
+        entry = (owner, asyncio.get_running_loop().create_future())
+        self.waiting.append(entry)
+        self._grant()
+        try:
+            await entry[1]
+        except BaseException:
+            if entry in self.waiting:
+                self.waiting.remove(entry)
+            elif entry[1].done() and not entry[1].cancelled():
+                self._leave(owner)  # let in, then cancelled before it could start
+            raise
+        try:
+            yield
+        finally:
+            self._leave(owner)
+
+
+def _prepare_shared() -> int:
+    return 4 * max(CFG.prepare_workers, CFG.download_workers)
+
+
+_ADMISSION: _Admission | None = None
+
+
+def _admission() -> _Admission:
+    global _ADMISSION
+    if _ADMISSION is None:
+        _ADMISSION = _Admission(_prepare_shared())
+    return _ADMISSION
 
 
 async def _in_pool(job: _Job, fn: Callable[..., Any], *args: Any) -> Any:
@@ -2397,47 +2693,69 @@ def _prepare_unit(job: _Job, index: int, item: Any) -> tuple[Prepared, cf.Future
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if prepared.duration > CFG.max_single_pass_sec:
             return prepared, None
-        return prepared, job.submit(prepared)
+        # an item that may still be split (should it run out of memory) keeps its WAV until its
+        # result is in; a shorter one's WAV goes as soon as the model has read it
+        return prepared, job.submit(prepared, final=prepared.duration <= CFG.piece_min_sec)
     finally:
         arrival.done()
 
 
 async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | ItemError:
     """One input: fetched, decoded and submitted on the prepare pool; its result awaited here
-    (pieces one by one, past MAX_SINGLE_PASS_SEC). Any failure becomes this item's error."""
+    (in pieces past MAX_SINGLE_PASS_SEC, or once it ran out of memory whole). Any failure
+    becomes this item's error."""
+    prepared = None
     try:
-        prepared, future = await _in_pool(job, _prepare_unit, job, index, item)
+        async with _admission().held(job):
+            prepared, future = await _in_pool(job, _prepare_unit, job, index, item)
         job.prepared[index] = prepared
         if future is None:
-            out = await _transcribe_split(job, prepared)
+            out = await _transcribe_split(job, prepared, CFG.max_single_pass_sec, prepared)
         else:
-            out = await job.result_of(future, prepared)
+            out = await _resplit_on_oom(job, prepared, await job.result_of(future, prepared), prepared)
     except ItemError as exc:
         out = exc
     except Exception as exc:  # a bug in one item's path costs that item, not the job
         log.exception("item %d failed", index)
         out = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
+    if prepared is not None:
+        job.discard(prepared.wav)  # (already gone for a short item, read by the model)
     await job.settle(index)
     return out
 
 
-async def _transcribe_split(job: _Job, item: Prepared) -> Transcript | ItemError:
-    """Audio over MAX_SINGLE_PASS_SEC: pieces cut at pauses go to the scheduler one after the
-    other (other jobs' short clips run in between), then the text is joined and each piece's
-    timestamps shifted by where it starts. Only one piece is in memory at a time."""
-    cuts = [*await _in_pool(job, _split_points, item, CFG.max_single_pass_sec), item.frames]
+async def _transcribe_split(job: _Job, item: Prepared, piece_sec: float, whole: Prepared) -> Transcript | ItemError:
+    """`item` (a whole item or a piece of `whole`) in pieces of at most `piece_sec`, cut at
+    pauses, sent to the scheduler one after the other (other jobs' clips run in between); the
+    text is joined and each piece's timestamps shifted by where it starts, so the result is on
+    `item`'s timeline. Only one piece is in memory at a time."""
+    cuts = [*await _in_pool(job, _split_points, item, piece_sec), item.frames]
     joined = Transcript("")
     for lo, hi in itertools.pairwise(cuts):
         piece = dataclasses.replace(item, start=item.start + lo, frames=hi - lo)
-        part = await job.run(piece, final=hi == item.frames, whole=item)
+        part = await _resplit_on_oom(job, piece, await job.run(piece, final=False, whole=whole), whole)
         if isinstance(part, ItemError):
-            job.discard(item.wav)
             return part
         shift = lo / SAMPLE_RATE
         joined.text = f"{joined.text} {part.text}".strip()
         joined.words += [w.shifted(shift) for w in part.words]
         joined.segments += [s.shifted(shift) for s in part.segments]
     return joined
+
+
+RESPLIT_FRACTION = 0.6  # of the piece that ran out of memory: two pieces, cut at a pause near the middle
+
+
+async def _resplit_on_oom(job: _Job, item: Prepared, out: Transcript | ItemError, whole: Prepared) -> Transcript | ItemError:
+    """A unit that ran out of GPU memory alone is run again in two smaller pieces (each one split
+    again should it still not fit), as long as the pieces stay over PIECE_MIN_SEC: only audio
+    that fails at the floor gets out_of_memory."""
+    piece_sec = item.duration * RESPLIT_FRACTION
+    if not isinstance(out, ItemError) or out.code != "out_of_memory" or piece_sec < CFG.piece_min_sec:
+        return out
+    log.warning("%.0f s of item %d ran out of memory; retrying it in pieces of at most %.0f s", item.duration,
+                item.index, piece_sec)  # fmt: skip
+    return await _transcribe_split(job, item, piece_sec, whole)
 
 
 async def transcribe_batched(job: _Job) -> dict[int, Transcript | ItemError]:
@@ -2537,7 +2855,7 @@ def _pool() -> cf.ThreadPoolExecutor:
         # Threads mostly wait: on the network (DOWNLOAD_WORKERS at a time), for ffmpeg
         # (PREPARE_WORKERS at a time) or for temp disk (WORKER_TMP_MAX_BYTES). Enough of them
         # that items waiting for ffmpeg do not hold back the next downloads.
-        size = 4 * max(CFG.prepare_workers, CFG.download_workers)
+        size = _prepare_shared() + CFG.max_concurrent_jobs  # see _Admission
         _POOL = cf.ThreadPoolExecutor(max_workers=size, thread_name_prefix="prepare")
     return _POOL
 
@@ -2659,10 +2977,10 @@ class _Job:
         return _SCHEDULER.submit(Unit(item, self, self.timestamps, final, boost=self.boosts.get(item.index)))
 
     async def run(self, item: Prepared, final: bool = True, whole: Prepared | None = None) -> Transcript | ItemError:
-        return await self.result_of(self.submit(item, final), item, final, whole)
+        return await self.result_of(self.submit(item, final), item, whole)
 
     async def result_of(
-        self, future: cf.Future, item: Prepared | None = None, final: bool = True, whole: Prepared | None = None
+        self, future: cf.Future, item: Prepared | None = None, whole: Prepared | None = None
     ) -> Transcript | ItemError:
         """A unit's result; the batch that carried it counts in the job's stats."""
         result: UnitResult = await asyncio.wrap_future(future)
@@ -2670,9 +2988,11 @@ class _Job:
             self.batches[result.batch.id] = result.batch
         if item is not None and isinstance(result.out, Transcript):
             await self.emit("text", {"index": item.index, "text": result.out.text})
-        if item is not None and whole is not None and not final and not isinstance(result.out, ItemError):
-            self.partial[whole.index] = (item.start + item.frames - whole.start) / SAMPLE_RATE
-            await self.progress.report()
+        if item is not None and whole is not None and not isinstance(result.out, ItemError):
+            done_to = item.start + item.frames - whole.start
+            if done_to < whole.frames:  # the item's end is reported when the item is settled
+                self.partial[whole.index] = max(self.partial.get(whole.index, 0.0), done_to / SAMPLE_RATE)
+                await self.progress.report()
         return result.out
 
     async def emit(self, kind: str, payload: dict[str, Any]) -> None:
@@ -2717,8 +3037,13 @@ class _Job:
 
     async def close(self) -> None:
         """Whatever way the job ends (result, error, or stopped by Runpod): its waiting units
-        leave the scheduler, its downloads and ffmpeg runs stop, its temp dir goes."""
+        leave the scheduler, its waits (download slot, ffmpeg slot, disk) end at once, its
+        downloads and ffmpeg runs stop, its temp dir goes. The clean-up runs on a thread of its
+        own: it waits for this job's threads only, never behind other jobs' clean-ups in the
+        event loop's small default executor."""
         self.stop.set()
+        for waits in (_decoder(), _DISK, _download_slots()):
+            waits.wake()
 
         def clean() -> None:
             for future in self.threads:
@@ -2728,7 +3053,28 @@ class _Job:
             _DISK.release_under(self.workdir)
             _remove_job_dir(self.workdir)
 
-        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, clean))
+        await asyncio.shield(_on_own_thread(clean, "job-close"))
+
+
+def _on_own_thread(fn: Callable[[], Any], name: str) -> asyncio.Future:
+    """`fn` on a new daemon thread; the future (of the running loop) holds its outcome."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(exc) if exc is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody awaits it any more
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dict[str, Any], started: float) -> dict[str, Any]:

@@ -3,13 +3,14 @@
     make bench-long                                  # 3 hours: python -m bench.long_audio
     python -m bench.long_audio --minutes 30          # shorter, for development
     python -m bench.long_audio --split               # MAX_SINGLE_PASS_SEC=3600: the splitting path
+    python -m bench.long_audio --minutes 60 --piece 1800   # pieces of 30 min (long_audio-piece1800.json)
     python -m bench.long_audio --wait-quiet 900      # on a shared machine: start once it is idle
 
 The audio is speech in the demo vocabulary with pauses, streamed to a 16 kHz WAV (the generator
 never holds it whole), encoded to --format, and cached in bench/out/ by its spec. The handler runs
 in a child process, so the peak RSS read through RUSAGE_CHILDREN is the worker's, not the
 generator's; the config keeps LOCAL_ATTENTION_AFTER_SEC=1440 and MAX_SINGLE_PASS_SEC=10800 (3600
-with --split), so a 3-hour file takes the real local-attention path. Note that between 10 and 24
+with --split, --piece's value otherwise), so a 3-hour file takes the real local-attention path. Note that between 10 and 24
 minutes the item runs alone with full attention, whose memory grows with the square of the
 length (~25 GB at 20 minutes for the demo model on CPU): develop with --minutes 30 or more.
 
@@ -189,6 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=180.0, help="length of the audio (default 3 hours)")
     p.add_argument("--split", action="store_true", help="MAX_SINGLE_PASS_SEC=3600: exercise the splitting path")
+    p.add_argument("--piece", type=float, help="MAX_SINGLE_PASS_SEC=PIECE: pieces of this many seconds")
     p.add_argument("--format", choices=sorted(CODECS), default="flac", help="container the worker decodes")
     p.add_argument("--seed", type=int, default=7)
     common.add_model_args(p)
@@ -199,7 +201,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def child_env(args: argparse.Namespace) -> dict[str, str]:
     """The worker's env, with the long-audio thresholds at their defaults (or --split's)."""
     base = {k: v for k, v in os.environ.items() if k not in PINNED}
-    extra = {"MAX_SINGLE_PASS_SEC": "3600"} if args.split else {}
+    piece = args.piece or (3600 if args.split else 10800)  # 10800: one pass up to 3 hours
+    extra = {"MAX_SINGLE_PASS_SEC": f"{piece:g}"}
     if args.model:
         extra["PARAKEET_MODEL"] = args.model
     return common.worker_env(base, **extra)
@@ -212,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         return None
     r = measure(args)
     print(report(r))
-    print(f"\nraw numbers in {common.write_json('long_audio-split.json' if args.split else 'long_audio.json', r)}")
+    name = f"long_audio-piece{args.piece:g}.json" if args.piece else "long_audio-split.json" if args.split else "long_audio.json"
+    print(f"\nraw numbers in {common.write_json(name, r)}")
     return r
 
 

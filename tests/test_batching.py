@@ -4,13 +4,23 @@ and the plan is fair and keeps attention switches rare (pure functions: no model
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from pathlib import Path
 
 import pytest
 
 import handler
-from handler import SAMPLE_RATE, Prepared, Unit, _bucketize_by_duration, _make_batches, _padding_efficiency, _plan_next
+from handler import (
+    SAMPLE_RATE,
+    Prepared,
+    Unit,
+    _bucketize_by_duration,
+    _FairShare,
+    _make_batches,
+    _padding_efficiency,
+    _plan_next,
+)  # fmt: skip
 
 CFG = dataclasses.replace(
     handler.CFG, short_max_sec=600, batch_max_items=16, batch_max_total_sec=1200, local_attention_after_sec=1440
@@ -162,21 +172,31 @@ def test_among_earlier_long_units_one_needing_no_switch_goes_first():
     assert _plan_next(ready, local_mode=False) == [ready[0]]
 
 
-def simulate(arrivals: list[tuple[float, Unit]], pieces: dict[str, list[float]]) -> tuple[list[list[Unit]], int]:
-    """Drive _plan_next as the scheduler does: the model time of a batch is its padded audio
-    seconds / 100; units arrive at their times; a split item sends its next piece when the
-    previous one is done. Returns the batches run and the number of attention switches."""
+def simulate(
+    arrivals: list[tuple[float, Unit]], pieces: dict[str, list[float]] | None = None
+) -> tuple[list[list[Unit]], int, dict[int, tuple[float, float]]]:
+    """Drive _plan_next and _FairShare as _Scheduler does: the model time of a batch is its
+    padded audio seconds / 100; units arrive at their times (a unit that arrives while a batch
+    runs waits for it); a split item sends its next piece when the previous one is done. Returns
+    the batches run, the number of attention switches, and each unit's (arrival, done) time."""
+    pieces = pieces or {}
     clock, seq, ready, ran, switches, local = 0.0, 0, [], [], 0, False
+    fair, running, times = _FairShare(), [], {}
     pending = sorted(arrivals, key=lambda a: a[0])
     while pending or ready:
         while pending and pending[0][0] <= clock:
+            at, unit = pending.pop(0)
             seq += 1
-            ready.append(pending.pop(0)[1])
-            ready[-1].seq = seq  # as _Scheduler.submit numbers arrivals
+            unit.seq = seq  # as _Scheduler.submit numbers arrivals
+            fair.arrive(unit.job, any(u.job == unit.job for u in ready + running))
+            ready.append(unit)
+            times[id(unit)] = (at, 0.0)
         if not ready:
             clock = pending[0][0]
             continue
-        batch = _plan_next(ready, local_mode=local)
+        batch = _plan_next(ready, local_mode=local, served=fair.served)
+        fair.charge(batch)
+        running = batch
         ready = [u for u in ready if u not in batch]
         wants_local = max(u.duration for u in batch) > handler.CFG.local_attention_after_sec
         switches += wants_local != local
@@ -184,12 +204,22 @@ def simulate(arrivals: list[tuple[float, Unit]], pieces: dict[str, list[float]])
         clock += len(batch) * max(u.duration for u in batch) / 100
         ran.append(batch)
         for unit in batch:
+            times[id(unit)] = (times[id(unit)][0], clock)
             rest = pieces.get(unit.job)
             if rest:
                 nxt = Unit(Prepared(0, unit.job, Path("unused.wav"), round(rest.pop(0) * SAMPLE_RATE)), job=unit.job)
                 pending.append((clock, nxt))  # after the clips that came while this piece ran
                 pending.sort(key=lambda a: a[0])
-    return ran, switches
+    return ran, switches, times
+
+
+def clip_jobs(n: int, at: float, every: float, duration: float = 2.0, name: str = "clip") -> list[tuple[float, Unit]]:
+    """`n` one-clip jobs, the first at `at`, one every `every` seconds."""
+    return [(at + every * k, units(duration, job=f"{name}{k}")[0]) for k in range(n)]
+
+
+def latency(times: dict[int, tuple[float, float]], arrivals: list[tuple[float, Unit]]) -> list[float]:
+    return [times[id(u)][1] - times[id(u)][0] for _, u in arrivals]
 
 
 def test_short_clips_run_between_the_pieces_of_a_split_item():
@@ -198,7 +228,7 @@ def test_short_clips_run_between_the_pieces_of_a_split_item():
     twice per piece."""
     first = Unit(Prepared(0, "long", Path("unused.wav"), 5000 * SAMPLE_RATE), job="long", seq=0)
     arrivals = [(0.0, first)] + [(2.0 * n + 0.5, units(5.0, job=f"clip{n}", first_seq=n + 1)[0]) for n in range(80)]
-    ran, switches = simulate(arrivals, {"long": [5000.0, 4400.0]})
+    ran, switches, _ = simulate(arrivals, {"long": [5000.0, 4400.0]})
     order = [u.job for batch in ran for u in batch]
     assert sorted(order) == sorted(["long"] * 3 + [f"clip{n}" for n in range(80)])
     piece_at = [i for i, batch in enumerate(ran) if batch[0].job == "long"]
@@ -208,3 +238,61 @@ def test_short_clips_run_between_the_pieces_of_a_split_item():
     assert switches <= 2 * 3
 
 
+
+
+def test_clips_arriving_after_a_big_backlog_are_not_served_after_all_of_it():
+    """A job of 500 short inputs, all ready; then 20 one-clip jobs arrive while its first batch
+    runs. Every clip is answered within two batches of arriving (the bound in _plan_next),
+    long before the backlog ends, and the backlog still runs in full batches."""
+    backlog = [(0.0, u) for u in units(*[3.0 + 0.001 * i for i in range(500)], job="big")]
+    clips = clip_jobs(20, at=0.1, every=0.02)
+    ran, _, times = simulate(backlog + clips)
+    batch_time = 16 * 3.5 / 100  # one full batch of the backlog
+    alone = 2.0 / 100
+    for lat in latency(times, clips):
+        assert lat <= 2 * batch_time + alone, lat
+    backlog_end = max(times[id(u)][1] for _, u in backlog)
+    assert max(times[id(u)][1] for _, u in clips) < backlog_end / 5
+    assert sum(len(b) for b in ran) == 520
+    assert len(ran) <= 520 // 15 + 1  # batches stay (nearly) full
+
+
+def test_a_job_with_a_big_backlog_still_progresses_under_a_stream_of_new_jobs():
+    """New one-clip jobs start level with the job running now, not at zero: a stream of them
+    cannot hold back an older job for ever."""
+    backlog = [(0.0, u) for u in units(*[3.0] * 64, job="big")]
+    clips = clip_jobs(400, at=0.0, every=0.03)
+    _, _, times = simulate(backlog + clips)
+    big_done = max(times[id(u)][1] for _, u in backlog)
+    assert big_done < max(times[id(u)][1] for _, u in clips)  # done while the stream still flows
+
+
+def test_a_flood_of_one_clip_jobs_still_fills_batches():
+    """300 one-clip jobs, one every 2 ms of model time (more than it can take): batches stay full."""
+    clips = clip_jobs(300, at=0.0, every=0.002, duration=1.5)
+    for n, (_, unit) in enumerate(clips):
+        unit.item = dataclasses.replace(unit.item, frames=round((1.0 + (n % 7) * 0.3) * SAMPLE_RATE))
+    ran, _, times = simulate(clips)
+    sizes = [len(b) for b in ran]
+    assert sum(sizes) == 300
+    assert sum(sizes) / len(sizes) >= 12, sizes
+    # more arrive than the model can take, yet no clip is done later than one batch after every
+    # clip that came before it (packing may put later clips first, fairness never far)
+    done = [times[id(u)][1] for _, u in clips]
+    longest_batch = 16 * 2.8 / 100
+    for k, finished in enumerate(done[1:], start=1):
+        assert finished <= max(done[:k]) + longest_batch + 1e-9
+
+
+def test_clips_wait_for_at_most_one_piece_of_a_long_file():
+    """A 3-hour item cut into 30-minute pieces (local attention) runs while one-clip jobs arrive
+    every 2 s of model time: a clip waits for at most the piece that is running, plus its own
+    batch."""
+    first = Unit(Prepared(0, "long", Path("unused.wav"), 1800 * SAMPLE_RATE), job="long")
+    clips = clip_jobs(60, at=0.5, every=2.0, duration=4.0)
+    ran, _, times = simulate([(0.0, first), *clips], {"long": [1800.0] * 5})
+    piece_time = 1800 / 100
+    lats = latency(times, clips)
+    assert max(lats) <= piece_time + 2 * 16 * 4.0 / 100, max(lats)
+    pieces = [i for i, b in enumerate(ran) if b[0].job == "long"]
+    assert len(pieces) == 6 and all(b - a > 1 for a, b in itertools.pairwise(pieces))  # clips in between

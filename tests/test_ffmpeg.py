@@ -177,3 +177,58 @@ def test_cost_estimate_reads_the_header_not_just_the_size(worker, tmp_path, name
     )  # fmt: skip
     assert [d.src for d in decoder._take()] == [bomb]
     assert [d.src for d in decoder._take()] == [small] * 3
+
+
+def test_decoder_takes_turns_by_job_costliest_first_within_each(worker, tmp_path):
+    """Job A queued three costly files, then job B one: B's file does not wait for all of A's
+    (fair by decode time given), and A's files still go costliest first; a cheap file of a job
+    C that comes later goes before the costly ones still waiting."""
+    decoder = worker._Decoder(slots=1)
+    a, b = threading.Event(), threading.Event()
+    big = worker._Decoder.GROUP_BELOW_MS  # never grouped
+    decoder.pending = [worker._Decode(Path(f"a{n}"), tmp_path / f"a{n}.wav", big + n, owner=a) for n in (1, 3, 2)]
+    decoder.pending.append(worker._Decode(Path("b"), tmp_path / "b.wav", big + 100, owner=b))
+    order = [[d.src.name for d in decoder._take()] for _ in range(2)]
+    decoder.pending.append(worker._Decode(Path("c"), tmp_path / "c.wav", big - 1, owner=threading.Event()))
+    order += [[d.src.name for d in decoder._take()] for _ in range(3)]
+    assert order == [["a3"], ["b"], ["c"], ["a2"], ["a1"]]
+    assert decoder.pending == [] and decoder.served == {}
+
+
+def test_a_stopped_jobs_wait_for_ffmpeg_ends_at_once(worker, config, tmp_path, fifo):
+    """One ffmpeg slot, held by another job's file that hangs: a stopped job's item leaves its
+    wait for the slot as soon as the stop is signalled, without waiting for that run."""
+    config(ffmpeg_timeout_sec=300.0)
+    decoder = worker._Decoder(slots=1)
+    other, mine = threading.Event(), threading.Event()
+    holder = threading.Thread(target=lambda: decoder.decode(fifo, tmp_path / "hung.wav", stop=other), daemon=True)
+    holder.start()
+    _wait_for(lambda: decoder.running == 1)
+    good = speech_file("one two three", "mp3")
+    waiting = threading.Thread(target=lambda: box.update(out=_catch(lambda: decoder.decode(good, tmp_path / "w.wav",
+                                                                                              stop=mine))), daemon=True)  # fmt: skip
+    box: dict = {}
+    waiting.start()
+    _wait_for(lambda: decoder.pending)
+    mine.set()
+    decoder.wake()
+    waiting.join(30)
+    assert not waiting.is_alive() and box["out"].code == "cancelled", box
+    assert holder.is_alive() and decoder.running == 1  # the other job's run goes on
+    other.set()
+    holder.join(60)
+    assert not holder.is_alive() and decoder.running == 0 and decoder.pending == []
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - handed back to the test
+        return exc
+
+
+def _wait_for(condition, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -105,6 +105,30 @@ def test_download_deadline_and_unknown_host(worker, config, http_server, good, l
     assert elapsed < 6, elapsed
 
 
+def test_download_deadline_covers_trickled_headers(worker, config, http_server, good):
+    """A server that sends its response headers a byte every 0.3 s (each read is quick) is cut
+    off at DOWNLOAD_TOTAL_SEC too: the clock covers connect and headers, not just the body."""
+    config(download_total_sec=2.0, download_read_timeout=1.0, download_retries=0)
+    results = run_job(worker, [{"source": f"{http_server.url}/trickle-headers/a.mp3"}, {"source": http_server.add(good)}])
+    assert_code(results["results"][0], "download_timeout", contains="over 2 s")
+    assert_good(results["results"][1])
+
+
+def test_the_download_clock_starts_with_the_download_not_the_wait_for_a_slot(worker, config, http_server, good,
+                                                                              monkeypatch):  # fmt: skip
+    """Two download slots, a 3 s limit, two trickling URLs and three good ones in one job: the
+    good ones wait for a slot, then get their own full 3 s, and keep their text."""
+    config(download_workers=2, download_total_sec=3.0, download_read_timeout=1.0)
+    monkeypatch.setattr(worker, "_DOWNLOAD_SLOTS", None)  # made again, for DOWNLOAD_WORKERS=2
+    trickle = [{"source": f"{http_server.url}/trickle/slot{n}.mp3"} for n in range(2)]
+    fine = [{"source": http_server.add(good, f"slot-good{n}.mp3")} for n in range(3)]
+    results = run_job(worker, trickle + fine)["results"]
+    for result in results[:2]:
+        assert_code(result, "download_timeout", contains="over 3 s")
+    for result in results[2:]:
+        assert_good(result)
+
+
 def test_private_address_refused_without_opt_in(worker, monkeypatch, http_server, good):
     monkeypatch.delenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS")
     results = run_job(worker, [{"source": http_server.add(good)}, {"source": str(good)}])["results"]

@@ -92,3 +92,29 @@ def test_split_points_fall_in_pauses(worker, long_clip):
         window = samples[max(0, cut - rate // 20) : cut + rate // 20]  # 100 ms around the cut
         assert np.abs(window).max() < 0.01, f"cut at {cut / rate:.2f} s is inside speech"
     assert len(samples) - cuts[-1] <= 13.0 * rate
+
+
+def test_a_piece_that_runs_out_of_memory_is_split_smaller_and_the_transcript_is_whole(worker, config, long_clip,
+                                                                                      monkeypatch):  # fmt: skip
+    """The model runs out of memory on anything over 16 s: 30-second pieces are cut again at
+    pauses (at most 0.6 of their length each time) until they fit, and the item comes back
+    whole, every word once, on the original timeline. At the floor it is out_of_memory."""
+    path, offsets = long_clip
+    config(max_single_pass_sec=30.0, piece_min_sec=5.0, short_max_sec=10, local_attention_after_sec=600)
+    real, tried = worker._forward_decode, []
+
+    def small_memory(model, audio, lengths, *rest):
+        tried.append(max(lengths) / worker.SAMPLE_RATE)
+        if max(lengths) > 16 * worker.SAMPLE_RATE:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, audio, lengths, *rest)
+
+    monkeypatch.setattr(worker, "_forward_decode", small_memory)
+    out = run_job(worker, [{"source": path}], timestamps=True)
+    check_words(out["results"][0], offsets)
+    assert any(sec > 16 for sec in tried) and max(tried) <= 30.0 and all(sec > 5 for sec in tried)
+    assert out["stats"]["failed"] == 0
+
+    config(max_single_pass_sec=30.0, piece_min_sec=20.0)  # no smaller piece than 20 s: 30 s ones fail
+    (failed,) = run_job(worker, [{"source": path}], timestamps=True)["results"]
+    assert failed["code"] == "out_of_memory" and "out of memory" in failed["error"]

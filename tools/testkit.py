@@ -146,6 +146,8 @@ class AudioRoutes(BaseHTTPRequestHandler):
     /redirect/<name>       301 to /files/<name>         /always500/...      503 every time
     /stall/...             promises 1 MB, sends 1 KB, sleeps 8 s
     /trickle/...           a byte every 0.2 s for 30 s (never a read timeout, never done)
+    /trickle-headers/...   the status line, then a header's bytes one every 0.3 s for 30 s
+    /trickle-forever/...   a byte every 0.2 s until the client hangs up (10 min at most)
     /big/...               an honest Content-Length of 50 MiB, then 64 KiB
     /big-nolength/...      no Content-Length, 12.5 MiB of zeros
     /loop                  302 to itself                /html/...           an HTML page
@@ -226,6 +228,23 @@ class AudioRoutes(BaseHTTPRequestHandler):
                     self.wfile.write(b"\0")
                     self.wfile.flush()
                     time.sleep(0.2)
+        elif route == "trickle-forever":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(3000):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+        elif route == "trickle-headers":
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(100):
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            self.close_connection = True
         elif route == "big":
             self.send_response(200)
             self.send_header("Content-Length", str(50 * 1024 * 1024))
