@@ -19,12 +19,14 @@ import binascii
 import bisect
 import concurrent.futures as cf
 import contextlib
+import copy
 import dataclasses
 import errno
 import itertools
 import logging
 import math
 import os
+import queue
 import re
 import shutil
 import socket
@@ -184,6 +186,8 @@ class Config:
     boost_max_phrases: int = 1000
     boost_max_phrase_chars: int = 100
     boost_cache_size: int = 64
+    boost_cache_bytes: int = 256 * 1024**2
+    boost_max_job_phrases: int = 5000
 
     @classmethod
     def from_env(cls) -> Config:
@@ -220,6 +224,8 @@ class Config:
             boost_max_phrases=max(1, _env_num("BOOST_MAX_PHRASES", d.boost_max_phrases, int)),
             boost_max_phrase_chars=max(1, _env_num("BOOST_MAX_PHRASE_CHARS", d.boost_max_phrase_chars, int)),
             boost_cache_size=_env_num("BOOST_CACHE_SIZE", d.boost_cache_size, int),
+            boost_cache_bytes=_env_num("BOOST_CACHE_BYTES", d.boost_cache_bytes, int),
+            boost_max_job_phrases=max(1, _env_num("BOOST_MAX_JOB_PHRASES", d.boost_max_job_phrases, int)),
         )
 
 
@@ -523,9 +529,32 @@ def _configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None =
             cfg.greedy.enable_per_stream_biasing = CFG.boosting
     model.change_decoding_strategy(cfg, verbose=False)
     _STATE["timestamps"] = timestamps
+    decoders = model.__dict__.setdefault("_pw_decoders", {})  # see _use_decoding
+    if cuda_graphs is not None:  # a new set-up: the other setting's decoder is rebuilt on its first use
+        decoders.clear()
+    decoders[timestamps] = (model.decoding, model.wer)
     multi = _multi_model(model)
     if cuda_graphs and multi is not None and not multi.compatible_with_cuda_graphs():  # at load, on a GPU
         log.warning("boosting without Triton: NeMo decodes without CUDA graphs (install triton, or set BOOSTING=off)")
+
+
+def _use_decoding(model: Any, timestamps: bool) -> None:
+    """Switch decoding to `timestamps` on or off. Each setting's decoder is built once
+    (_configure_decoding) and kept on the model, so a switch swaps two references instead of
+    rebuilding: NeMo's decoders and their OmegaConf configs are reference cycles, and each
+    rebuilt one stayed in memory (~39 MB with boosting on) until a full garbage collection."""
+    from omegaconf import open_dict
+
+    cached = model.__dict__.get("_pw_decoders", {}).get(timestamps)
+    if cached is None:
+        _configure_decoding(model, timestamps)
+        return
+    model.decoding, model.wer = cached
+    if model.joint.fuse_loss_wer:
+        model.joint.set_wer(model.wer)
+    with open_dict(model.cfg.decoding):
+        model.cfg.decoding.compute_timestamps = timestamps
+    _STATE["timestamps"] = timestamps
 
 
 def _fix_tdt_durations() -> bool:
@@ -787,32 +816,59 @@ def _local_path(raw: str) -> Path:
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
+BASE64_CHUNK_CHARS = 1 << 20  # decoded and written 1 MiB of text at a time
+
+
 def _decode_base64(value: str, dest: Path) -> Path:
     """Decode base64 (or a data: URL) to a file, with the MAX_BASE64_BYTES cap on the decoded
-    size. The standard and the URL-safe alphabet are both accepted, padded or not."""
-    payload = value
+    size. The standard and the URL-safe alphabet are both accepted, padded or not, with
+    whitespace anywhere. Streamed: the text is cleaned and decoded a chunk at a time straight
+    into the file, so a 15 MB string costs ~1 MB of copies, not four 15 MB ones (whitespace
+    removed, padding stripped, alphabet translated, decoded bytes)."""
+    start = 0
     if value.startswith("data:"):
-        header, comma, payload = value.partition(",")
-        if not comma:
+        comma = value.find(",")
+        if comma < 0:
             raise ItemError("invalid_source", "a data: URL needs a comma before its payload")
-        if ";base64" not in header.lower():
+        if ";base64" not in value[:comma].lower():
             raise ItemError("invalid_source", "data: URLs must be base64-encoded")
-    payload = re.sub(r"\s+", "", payload).rstrip("=")
-    if len(payload) * 3 // 4 > CFG.max_base64_bytes:  # exactly the decoded size, padding aside
-        raise ItemError("too_large", f"base64 audio is over the {CFG.max_base64_bytes}-byte cap")
-    payload = payload.translate(_URLSAFE_TO_STANDARD) + "=" * (-len(payload) % 4)
+        start = comma + 1
+    end = len(value)
+    while end > start and (value[end - 1] == "=" or value[end - 1].isspace()):
+        end -= 1  # trailing padding and whitespace: the padding is recomputed below
     try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ItemError("invalid_source", "audio_base64 is not valid base64") from None
-    try:
-        dest.write_bytes(data)
+        with open(dest, "wb") as out:
+            written, carry = 0, ""
+            for pos in range(start, end, BASE64_CHUNK_CHARS):
+                text = carry + re.sub(r"\s+", "", value[pos : min(pos + BASE64_CHUNK_CHARS, end)])
+                whole = len(text) - len(text) % 4
+                carry = text[whole:]
+                written += _write_base64(out, text[:whole], written)
+            if carry:
+                _write_base64(out, carry + "=" * (-len(carry) % 4), written)
+    except ItemError:
+        dest.unlink(missing_ok=True)
+        raise
     except OSError as exc:
         dest.unlink(missing_ok=True)
         if exc.errno in DISK_FULL_ERRNOS:
             raise _disk_full("writing the decoded base64 audio") from None
         raise
     return dest
+
+
+def _write_base64(out: Any, text: str, written: int) -> int:
+    """Decode one chunk of cleaned base64 text into `out`, within MAX_BASE64_BYTES in all
+    (`written` so far); the bytes written."""
+    decoded_size = len(text.rstrip("=")) * 3 // 4  # exactly the decoded size
+    if written + decoded_size > CFG.max_base64_bytes:
+        raise ItemError("too_large", f"base64 audio is over the {CFG.max_base64_bytes}-byte cap")
+    try:
+        data = base64.b64decode(text.translate(_URLSAFE_TO_STANDARD), validate=True)
+    except (binascii.Error, ValueError):
+        raise ItemError("invalid_source", "audio_base64 is not valid base64") from None
+    out.write(data)
+    return len(data)
 
 
 # ENOSPC (no space, or no inodes, left) and EDQUOT: the worker's disk is full, not the item bad.
@@ -1625,57 +1681,90 @@ def _build_tree(tokenizer: Any, phrases: tuple[str, ...]) -> Any:
     return GPUBoostingTreeModel.from_config(config, tokenizer=tokenizer).eval()
 
 
+def _tree_bytes(tree: Any) -> int:
+    """What a built tree holds: its tensors (NeMo keeps the whole trie in them; the Python
+    trie it was built from is gone once it is built)."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(tree.buffers(), tree.parameters()))
+
+
 class _TreeCache:
     """Built trees by (tokenizer, phrase list), least recently used out past BOOST_CACHE_SIZE
-    entries, so a client that sends the same list with every request builds it once (1,000
-    phrases take ~0.1-0.2 s on a CPU core). Safe from any thread; a list being built is built
-    once, however many items ask for it at the same time. The weight is not in the key: it is
-    applied when the tree is registered. An entry keeps its tokenizer alive, so the id in the
-    key cannot be reused by another tokenizer while the entry exists."""
+    entries or BOOST_CACHE_BYTES of trees, so a client that sends the same list with every
+    request builds it once. Safe from any thread; a list being built is built once, however
+    many items ask for it at the same time. The weight is not in the key: it is applied when the
+    tree is registered. An entry keeps its tokenizer alive, so the id in the key cannot be
+    reused by another tokenizer while the entry exists.
+
+    Trees are built one at a time on a thread of their own ("boost-build"), never on a job's
+    thread: NeMo's builder raises and catches OmegaConf exceptions, whose reference cycles hold
+    every frame up the stack, and a job's frames would keep that job (its request, base64 audio
+    included) alive until a full garbage collection (~2 s with NeMo loaded; see README)."""
 
     @dataclass(eq=False)
     class _Entry:
         tokenizer: Any
+        phrases: tuple[str, ...]
         done: threading.Event = field(default_factory=threading.Event)
         tree: Any = None
+        nbytes: int = 0
         error: BaseException | None = None
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.entries: dict[tuple[int, tuple[str, ...]], _TreeCache._Entry] = {}  # in use order, oldest first
         self.hits = self.misses = 0
+        self.todo: queue.SimpleQueue[_TreeCache._Entry] = queue.SimpleQueue()
+        self.builder: threading.Thread | None = None
 
     def get(self, tokenizer: Any, phrases: tuple[str, ...]) -> Any:
         key = (id(tokenizer), phrases)
         with self.lock:
             entry = self.entries.pop(key, None)
-            build = entry is None
-            if build:
-                entry = self._Entry(tokenizer)
+            if entry is None:
+                entry = self._Entry(tokenizer, phrases)
                 self.misses += 1
+                self.todo.put(entry)
+                if self.builder is None:
+                    self.builder = threading.Thread(target=self._build_loop, name="boost-build", daemon=True)
+                    self.builder.start()
             else:
                 self.hits += 1
             self.entries[key] = entry  # now the most recently used
-            while len(self.entries) > CFG.boost_cache_size:
-                del self.entries[next(iter(self.entries))]
-        if build:
-            try:
-                entry.tree = _build_tree(tokenizer, phrases)
-            except Exception as exc:  # noqa: BLE001 - raised below, in every thread that asked; not kept
-                entry.error = exc
-                with self.lock:
-                    if self.entries.get(key) is entry:
-                        del self.entries[key]
-            finally:
-                entry.done.set()
+            self._trim()
         entry.done.wait()
         if entry.error is not None:
-            raise entry.error
+            raise copy.copy(entry.error)  # a fresh one for each thread that asked, with no traceback
         return entry.tree
+
+    def _trim(self) -> None:
+        """Drop the least recently used trees past either bound (holding the lock). One tree over
+        BOOST_CACHE_BYTES alone is still used by the items that asked for it, then not kept."""
+        total = sum(e.nbytes for e in self.entries.values())
+        while self.entries and (len(self.entries) > CFG.boost_cache_size or total > CFG.boost_cache_bytes):
+            oldest = next(iter(self.entries))
+            total -= self.entries.pop(oldest).nbytes
+
+    def _build_loop(self) -> None:
+        while True:
+            self._build(self.todo.get())
+
+    def _build(self, entry: _TreeCache._Entry) -> None:
+        try:
+            entry.tree = _build_tree(entry.tokenizer, entry.phrases)
+            entry.nbytes = _tree_bytes(entry.tree)
+        except Exception as exc:  # noqa: BLE001 - raised in every thread that asked; not kept
+            entry.error = exc.with_traceback(None)
+        with self.lock:
+            key = (id(entry.tokenizer), entry.phrases)
+            if entry.error is not None and self.entries.get(key) is entry:
+                del self.entries[key]
+            self._trim()
+        entry.done.set()
 
     def info(self) -> dict[str, int]:
         with self.lock:
-            return {"hits": self.hits, "misses": self.misses, "size": len(self.entries), "limit": CFG.boost_cache_size}
+            return {"hits": self.hits, "misses": self.misses, "size": len(self.entries), "limit": CFG.boost_cache_size,
+                    "bytes": sum(e.nbytes for e in self.entries.values()), "limit_bytes": CFG.boost_cache_bytes}  # fmt: skip
 
 
 _TREES = _TreeCache()
@@ -1737,7 +1826,7 @@ def _registered(model: Any, boosts: Sequence[Boost | None] | None) -> Iterator[l
     weight), and yield one partial hypothesis per row (None for a row without boosting), or None
     when no row is boosted; the trees are removed again on the way out. Called holding
     _MODEL_LOCK, outside inference mode (the multi-model's buffers are updated in place). Per
-    batch, because the timestamps switch rebuilds the decoder; a registration costs a copy of
+    batch, because the timestamps switch swaps the decoder (each has its own); a registration costs a copy of
     the tree's arrays (~0.3 ms on a CPU for a short list)."""
     if not boosts or not any(boosts):
         yield None
@@ -1880,7 +1969,7 @@ def _run_model(
         if any(m.training for m in model.modules()):
             model.eval()  # see _maybe_set_local_attention
         if _STATE["timestamps"] != timestamps:
-            _configure_decoding(model, timestamps)
+            _use_decoding(model, timestamps)
         with _registered(model, boosts) as seeds:
             hyps = _forward_decode(model, audio, lengths, seeds)
     stride = model.encoder.subsampling_factor * float(model.cfg.preprocessor.window_stride)
@@ -2026,14 +2115,7 @@ class _Scheduler:
 
     def _loop(self) -> None:
         while True:
-            with self.cond:
-                while not self.ready:
-                    self.cond.wait()
-                self._gather()
-                batch = _plan_next(self.ready, _STATE["local_attention"])
-                for unit in batch:
-                    self.ready.remove(unit)
-                self.reading = batch
+            batch = self._next_batch()
             try:
                 self._run(batch)
             except Exception as exc:  # a bug outside the model call costs this batch, not the worker
@@ -2044,6 +2126,21 @@ class _Scheduler:
                 with self.cond:
                     self.reading = []
                     self.cond.notify_all()
+                # Held while the thread waits for the next batch, the last units would keep
+                # their jobs (requests, base64 audio, results) alive after those jobs end.
+                batch = []
+
+    def _next_batch(self) -> list[Unit]:
+        """Wait for ready units; take the batch _plan_next picks (its units are then read)."""
+        with self.cond:
+            while not self.ready:
+                self.cond.wait()
+            self._gather()
+            batch = _plan_next(self.ready, _STATE["local_attention"])
+            for unit in batch:
+                self.ready.remove(unit)
+            self.reading = batch
+            return batch
 
     def _run(self, batch: list[Unit]) -> None:
         model = _MODEL
@@ -2151,7 +2248,9 @@ async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | Ite
         else:
             out = await job.result_of(future)
     except ItemError as exc:
-        out = exc
+        # Kept as this item's result: without its traceback, whose frames (this one included,
+        # which holds it in `out`) would make a cycle that keeps the whole job alive.
+        out = exc.with_traceback(None)
     except Exception as exc:  # a bug in one item's path costs that item, not the job
         log.exception("item %d failed", index)
         out = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
@@ -2301,27 +2400,41 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
     weight_error = _check_weight(params["boost_weight"])
     if weight_error:
         return None, f"invalid input: {weight_error}"
+    phrases = _job_phrase_count(params)
+    if phrases > CFG.boost_max_job_phrases:
+        return None, (f"invalid input: the job's boost_phrases lists hold {phrases} phrases in all (each different "
+                      f"list counted once), more than BOOST_MAX_JOB_PHRASES={CFG.boost_max_job_phrases}")  # fmt: skip
     return params, None
+
+
+def _job_phrase_count(params: dict[str, Any]) -> int:
+    """Boosting work a job asks for: the phrases of its own list and of each different item
+    list (a list repeated on many items is built once). Each new list costs a tree build
+    (~2-3 ms per phrase on one CPU core here) and a tree in memory; see BOOST_MAX_JOB_PHRASES."""
+    lists = {tuple(map(repr, item["boost_phrases"])) for item in params["inputs"]
+             if isinstance(item, dict) and isinstance(item.get("boost_phrases"), list)}  # fmt: skip
+    return len(params["boost_phrases"]) + sum(len(phrases) for phrases in lists)
 
 
 class _Progress:
     """Posts a job's progress (items and audio seconds done, batches) through the SDK's result
     channel while the job runs. Each item awaits its own report, so no post can land after the
     job's final result; a report that says nothing new, or that everything is done (the
-    result says that), is not sent."""
+    result says that), is not sent. It keeps no reference to its job (the job is passed in):
+    a _Job <-> _Progress cycle kept every finished job, its request (base64 audio included)
+    and its results alive until the garbage collector's next full pass."""
 
-    def __init__(self, job: _Job):
-        self.job = job
+    def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.last: dict[str, Any] | None = None
 
-    async def report(self) -> None:
+    async def report(self, job: _Job) -> None:
         async with self.lock:
-            numbers = self.job.progress_numbers()
+            numbers = job.progress_numbers()
             if numbers is None or numbers == self.last:
                 return
             self.last = numbers
-            await _post_progress(self.job.raw, numbers)
+            await _post_progress(job.raw, numbers)
 
 
 async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
@@ -2360,7 +2473,7 @@ class _Job:
         self.batches: dict[int, BatchInfo] = {}
         self.finished: set[int] = set()
         self.partial: dict[int, float] = {}  # seconds done inside split items still running
-        self.progress = _Progress(self)
+        self.progress = _Progress()
 
     def boost_of(self, item: Any) -> Boost | None:
         """How one input is boosted: its own boost_phrases when it has them (an empty list: not
@@ -2391,12 +2504,12 @@ class _Job:
             self.batches[result.batch.id] = result.batch
         if item is not None and whole is not None and not final and not isinstance(result.out, ItemError):
             self.partial[whole.index] = (item.start + item.frames - whole.start) / SAMPLE_RATE
-            await self.progress.report()
+            await self.progress.report(self)
         return result.out
 
     async def settle(self, index: int) -> None:
         self.finished.add(index)
-        await self.progress.report()
+        await self.progress.report(self)
 
     def progress_numbers(self) -> dict[str, Any] | None:
         """What a progress post says now, or None while there is nothing to say or once
@@ -2432,6 +2545,7 @@ class _Job:
             for future in self.threads:
                 future.cancel()
             cf.wait(self.threads)  # nothing may still write into workdir, or submit, once it goes
+            self.threads.clear()  # a failed one's exception holds frames that hold this job
             _SCHEDULER.withdraw(self)
             _DISK.release_under(self.workdir)
             shutil.rmtree(self.workdir, ignore_errors=True)
