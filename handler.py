@@ -188,6 +188,7 @@ class Config:
     boost_cache_size: int = 64
     boost_cache_bytes: int = 256 * 1024**2
     boost_max_job_phrases: int = 5000
+    job_take_max: int = 8
 
     @classmethod
     def from_env(cls) -> Config:
@@ -226,6 +227,7 @@ class Config:
             boost_cache_size=_env_num("BOOST_CACHE_SIZE", d.boost_cache_size, int),
             boost_cache_bytes=_env_num("BOOST_CACHE_BYTES", d.boost_cache_bytes, int),
             boost_max_job_phrases=max(1, _env_num("BOOST_MAX_JOB_PHRASES", d.boost_max_job_phrases, int)),
+            job_take_max=_env_num("JOB_TAKE_MAX", d.job_take_max, int),
         )
 
 
@@ -2454,6 +2456,30 @@ async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
         log.warning("progress post failed: %s", _short(exc))
 
 
+_JOBS_IN_FLIGHT = [0]  # changed on the event loop only
+
+
+def _trim_malloc() -> None:
+    """Hand the heap memory that freed objects leave behind back to the OS (glibc's
+    malloc_trim), once no job is in flight. Without it a burst's peak stays resident: glibc
+    keeps freed memory in its per-thread arenas for reuse. Takes ~10-50 ms; a no-op where the C
+    library is not glibc. See README, "Memory"."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 class _Job:
     """One job on the worker: its inputs, temp dir, stop signal, the batches that carried its
     items, and its progress. Created and used on the event loop; the model thread only sets
@@ -2474,6 +2500,7 @@ class _Job:
         self.finished: set[int] = set()
         self.partial: dict[int, float] = {}  # seconds done inside split items still running
         self.progress = _Progress()
+        _JOBS_IN_FLIGHT[0] += 1
 
     def boost_of(self, item: Any) -> Boost | None:
         """How one input is boosted: its own boost_phrases when it has them (an empty list: not
@@ -2540,6 +2567,7 @@ class _Job:
         """Whatever way the job ends (result, error, or stopped by Runpod): its waiting units
         leave the scheduler, its downloads and ffmpeg runs stop, its temp dir goes."""
         self.stop.set()
+        _JOBS_IN_FLIGHT[0] -= 1
 
         def clean() -> None:
             for future in self.threads:
@@ -2549,6 +2577,8 @@ class _Job:
             _SCHEDULER.withdraw(self)
             _DISK.release_under(self.workdir)
             shutil.rmtree(self.workdir, ignore_errors=True)
+            if _JOBS_IN_FLIGHT[0] == 0:  # the end of a burst
+                _trim_malloc()
 
         await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, clean))
 
@@ -2649,6 +2679,26 @@ def _concurrency(current: int) -> int:
     return CFG.max_concurrent_jobs
 
 
+def _limit_job_takes() -> None:
+    """Ask Runpod for at most JOB_TAKE_MAX jobs per take. The SDK asks for as many jobs as it
+    has free slots (MAX_CONCURRENT_JOBS at first) in one request and parses the answer whole:
+    its bytes, their text and the parsed jobs are all in memory at once, three copies of every
+    request, so 64 jobs of 15 MB of base64 took 2.8 GB for a moment. Smaller takes, one after
+    the other, bring the same jobs in with a fraction of that peak. Off (0) or on an SDK
+    without this function, takes are left as they are."""
+    from runpod.serverless.modules import rp_scale
+
+    real = getattr(rp_scale, "get_job", None)
+    if CFG.job_take_max <= 0 or real is None or getattr(real, "_take_max", None):
+        return
+
+    async def take(session: Any, num_jobs: int = 1) -> Any:
+        return await real(session, max(1, min(num_jobs, CFG.job_take_max)))
+
+    take._take_max = True  # type: ignore[attr-defined]
+    rp_scale.get_job = take
+
+
 def main(argv: list[str]) -> None:
     """RUNPOD_SERVERLESS=1: the Runpod worker loop. Otherwise the SDK's local paths:
     `--test_input '{...}'`, `--rp_serve_api`, or test_input.json in the working directory.
@@ -2657,6 +2707,7 @@ def main(argv: list[str]) -> None:
     if not _env_flag("RUNPOD_SERVERLESS") and not local_args and not Path("test_input.json").is_file():
         sys.exit("nothing to run: set RUNPOD_SERVERLESS=1, pass --test_input '{...}' or --rp_serve_api")
     ensure_model()
+    _limit_job_takes()
     runpod.serverless.start({"handler": handler, "concurrency_modifier": _concurrency})
 
 

@@ -181,7 +181,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bursts", type=int, default=5)
     p.add_argument("--soak", type=int, default=500, help="soak jobs (at least 2 waves of 25)")
     p.add_argument("--env", nargs="*", default=[], metavar="VAR=VALUE", help="extra worker environment")
-    p.add_argument("--out", default="memory", help="bench/out/<out>.json")
+    p.add_argument("--out", default="memory.json", help="bench/out/<out>")
     return p.parse_args(argv)
 
 
@@ -194,8 +194,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     extra = dict(kv.split("=", 1) for kv in args.env)
     print(f"burst job: {len(payload) / 1e6:.1f} MB of base64; worker env {extra or 'as is'}", flush=True)
     queue = FakeRunpodQueue()
-    env = {**common.worker_env(), "WORKER_TMP_DIR": str(OUT / "worker-tmp-memory"), **extra}
-    proc = start_worker(queue, env, OUT / "worker-memory.log")
+    name = args.out.removesuffix(".json")
+    env = {**common.worker_env(), "WORKER_TMP_DIR": str(OUT / f"worker-tmp-{name}"), **extra}
+    proc = start_worker(queue, env, OUT / f"worker-{name}.log")
     server = LocalServer()
     try:
         sampler = RssSampler(proc.pid)
@@ -204,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"idle after one job: {idle:.0f} MB", flush=True)
         bursts = run_bursts(queue, sampler, payload, args.bursts)
         soak = run_soak(queue, sampler, clips, f"{server.url}/trickle/stopped.wav", args.soak)
-        left = sorted(p.name for p in (OUT / "worker-tmp-memory").rglob("job-*"))
+        deadline = time.monotonic() + 30  # the last stopped jobs' temp dirs go once their downloads stop
+        while (left := sorted(p.name for p in (OUT / f"worker-tmp-{name}").rglob("job-*"))) and time.monotonic() < deadline:
+            time.sleep(0.5)
         print(f"  soak: {soak['jobs']} jobs in {soak['wall_sec']} s, RSS {soak['rss_at_half_mb']:.0f} MB at half, "
               f"{soak['rss_end_mb']:.0f} MB at end, max of 2nd half {soak['second_half_max_mb']:.0f} MB", flush=True)  # fmt: skip
         sampler.close()

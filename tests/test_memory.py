@@ -14,6 +14,9 @@ from collections import Counter
 
 from conftest import DATA_ROOT, speech_file, temp_leftovers, until, words_of
 
+from handler import DRY_RUN_TEXT
+from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker
+
 
 def per_job_types(worker) -> tuple[type, ...]:
     return (worker._Job, worker._Progress, worker.Prepared, worker.Unit, worker.UnitResult, worker.Transcript,
@@ -99,3 +102,21 @@ def settled(types: tuple[type, ...], before: Counter, timeout: float = 60) -> Co
         time.sleep(0.05)
     return left
 
+
+
+def test_jobs_are_taken_a_few_at_a_time(tmp_path):
+    """Through the SDK's real worker loop: with 12 free slots the worker asks for at most
+    JOB_TAKE_MAX=3 jobs per take (a take's whole answer is parsed in memory at once), and every
+    job is still taken and answered. A dry run: the model does not matter here."""
+    queue = FakeRunpodQueue()
+    env = {**loopback_only_env(), "SKIP_MODEL_LOAD": "1", "MAX_CONCURRENT_JOBS": "12", "JOB_TAKE_MAX": "3",
+           "WORKER_TMP_DIR": str(tmp_path / "tmp")}  # fmt: skip
+    proc = start_worker(queue, env, tmp_path / "worker.log")
+    try:
+        ids = [queue.add({"inputs": [{"source": "samples/digits.wav"}]}) for _ in range(20)]
+        outs = queue.wait_done(ids, timeout=120)
+    finally:
+        stop_worker(proc)
+        queue.close()
+    assert all(out["output"]["results"][0]["text"] == DRY_RUN_TEXT for out in outs), outs[0]
+    assert queue.batch_sizes_asked and max(queue.batch_sizes_asked) == 3, queue.batch_sizes_asked
