@@ -43,7 +43,7 @@ lint: setup
 bench: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.throughput
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.concurrency
-	PARAKEET_MODEL=$(DEMO_MODEL) MALLOC_ARENA_MAX=2 $(PY) -m bench.memory
+	PARAKEET_MODEL=$(DEMO_MODEL) MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench.memory
 
 bench-long: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio

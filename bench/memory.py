@@ -218,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     first, last = bursts[0]["rss_after_mb"], bursts[-1]["rss_after_mb"]
     result = {
         "machine": common.machine_info(env.get("PARAKEET_MODEL", "")), "env": extra, "malloc_arena_max": env.get("MALLOC_ARENA_MAX"),
+        "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_"),
         "job_take_max": env.get("JOB_TAKE_MAX", "default"), "idle_mb": idle,
         "burst_b64_mb": round(len(payload) / 1e6, 2), "bursts": bursts, "soak": soak, "job_dirs_left": left,
         "burst_growth": round(last / first - 1, 4), "max_burst_peak_mb": max(b["peak_mb"] for b in bursts),
