@@ -2412,7 +2412,7 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
 def _job_phrase_count(params: dict[str, Any]) -> int:
     """Boosting work a job asks for: the phrases of its own list and of each different item
     list (a list repeated on many items is built once). Each new list costs a tree build
-    (~2-3 ms per phrase on one CPU core here) and a tree in memory; see BOOST_MAX_JOB_PHRASES."""
+    (1,000 phrases: 0.14 s on a quiet CPU core, ~3 s on a loaded one) and a tree in memory; see BOOST_MAX_JOB_PHRASES."""
     lists = {tuple(map(repr, item["boost_phrases"])) for item in params["inputs"]
              if isinstance(item, dict) and isinstance(item.get("boost_phrases"), list)}  # fmt: skip
     return len(params["boost_phrases"]) + sum(len(phrases) for phrases in lists)
