@@ -825,7 +825,7 @@ def _decode_base64(value: str, dest: Path) -> Path:
     """Decode base64 (or a data: URL) to a file, with the MAX_BASE64_BYTES cap on the decoded
     size. The standard and the URL-safe alphabet are both accepted, padded or not, with
     whitespace anywhere. Streamed: the text is cleaned and decoded a chunk at a time straight
-    into the file, so a 15 MB string costs ~1 MB of copies, not four 15 MB ones (whitespace
+    into the file, so a 15 MB string costs a few MiB of copies, not four 15 MB ones (whitespace
     removed, padding stripped, alphabet translated, decoded bytes)."""
     start = 0
     if value.startswith("data:"):
@@ -2463,8 +2463,9 @@ _LAST_TRIM = [0.0]
 
 
 def _maybe_trim_malloc() -> None:
-    """At a job's end: trim the heap once no job is in flight (the end of a burst), and under
-    steady traffic, which is never idle, at most every MALLOC_TRIM_EVERY_SEC. One trim at a time."""
+    """After a job's end, beside its answer: trim the heap once no job is in flight (the end of
+    a burst), and under steady traffic, which is never idle, at most every MALLOC_TRIM_EVERY_SEC.
+    One trim at a time."""
     now = time.monotonic()
     if _JOBS_IN_FLIGHT[0] > 0 and now - _LAST_TRIM[0] < MALLOC_TRIM_EVERY_SEC:
         return
@@ -2595,9 +2596,10 @@ class _Job:
             _SCHEDULER.withdraw(self)
             _DISK.release_under(self.workdir)
             shutil.rmtree(self.workdir, ignore_errors=True)
-            _maybe_trim_malloc()
 
-        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, clean))
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(loop.run_in_executor(None, clean))
+        loop.run_in_executor(None, _maybe_trim_malloc)  # not awaited: the answer does not wait for it
 
 
 def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dict[str, Any], started: float) -> dict[str, Any]:
