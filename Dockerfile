@@ -62,7 +62,15 @@ RUN python /tmp/fetch_model.py && rm /tmp/fetch_model.py
 COPY handler.py server.py test_input.json ./
 COPY samples ./samples
 
-ENV RUNPOD_SERVERLESS=1
+# glibc malloc: two arenas instead of up to eight per CPU of the host (the worker's ~70 threads
+# could each get one, and freed memory stayed spread over them), and every block of 128 KiB or
+# more (request strings, audio rows, tensors) in its own mapping, given back to the OS when it is
+# freed: a fixed threshold, which glibc otherwise raises after each large free, until 15 MB
+# blocks land in the heap and stay there. The worker also calls malloc_trim after jobs.
+# Measured in README, "Memory over days" (bench/memory.py).
+ENV RUNPOD_SERVERLESS=1 \
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=131072
 # WORKER_MODE=http only: the worker's own HTTP server listens here (PORT).
 EXPOSE 80
 CMD ["python", "-u", "handler.py"]

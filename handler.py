@@ -19,6 +19,7 @@ import binascii
 import bisect
 import concurrent.futures as cf
 import contextlib
+import copy
 import dataclasses
 import errno
 import itertools
@@ -26,6 +27,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import shutil
 import socket
@@ -195,6 +197,9 @@ class Config:
     worker_api_key: str = ""
     max_upload_bytes: int = 1024**3
     shutdown_grace_sec: float = 120.0
+    boost_cache_bytes: int = 256 * 1024**2
+    boost_max_job_phrases: int = 5000
+    job_take_max: int = 8
 
     @classmethod
     def from_env(cls) -> Config:
@@ -240,6 +245,9 @@ class Config:
             worker_api_key=os.environ.get("WORKER_API_KEY", "").strip(),
             max_upload_bytes=_env_num("MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
             shutdown_grace_sec=_env_num("SHUTDOWN_GRACE_SEC", d.shutdown_grace_sec),
+            boost_cache_bytes=_env_num("BOOST_CACHE_BYTES", d.boost_cache_bytes, int),
+            boost_max_job_phrases=max(1, _env_num("BOOST_MAX_JOB_PHRASES", d.boost_max_job_phrases, int)),
+            job_take_max=_env_num("JOB_TAKE_MAX", d.job_take_max, int),
         )
 
 
@@ -567,9 +575,32 @@ def _configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None =
             cfg.greedy.enable_per_stream_biasing = CFG.boosting
     model.change_decoding_strategy(cfg, verbose=False)
     _STATE.timestamps = timestamps
+    decoders = model.__dict__.setdefault("_pw_decoders", {})  # see _use_decoding
+    if cuda_graphs is not None:  # a new set-up: the other setting's decoder is rebuilt on its first use
+        decoders.clear()
+    decoders[timestamps] = (model.decoding, model.wer)
     multi = _multi_model(model)
     if cuda_graphs and multi is not None and not multi.compatible_with_cuda_graphs():  # at load, on a GPU
         log.warning("boosting without Triton: NeMo decodes without CUDA graphs (install triton, or set BOOSTING=off)")
+
+
+def _use_decoding(model: Any, timestamps: bool) -> None:
+    """Switch decoding to `timestamps` on or off. Each setting's decoder is built once
+    (_configure_decoding) and kept on the model, so a switch swaps two references instead of
+    rebuilding: NeMo's decoders and their OmegaConf configs are reference cycles, and each
+    rebuilt one stayed in memory (~39 MB with boosting on) until a full garbage collection."""
+    from omegaconf import open_dict
+
+    cached = model.__dict__.get("_pw_decoders", {}).get(timestamps)
+    if cached is None:
+        _configure_decoding(model, timestamps)
+        return
+    model.decoding, model.wer = cached
+    if model.joint.fuse_loss_wer:
+        model.joint.set_wer(model.wer)
+    with open_dict(model.cfg.decoding):
+        model.cfg.decoding.compute_timestamps = timestamps
+    _STATE.timestamps = timestamps
 
 
 def _fix_tdt_durations() -> bool:
@@ -845,32 +876,59 @@ def _local_path(raw: str) -> Path:
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
+BASE64_CHUNK_CHARS = 1 << 20  # decoded and written 1 MiB of text at a time
+
+
 def _decode_base64(value: str, dest: Path) -> Path:
     """Decode base64 (or a data: URL) to a file, with the MAX_BASE64_BYTES cap on the decoded
-    size. The standard and the URL-safe alphabet are both accepted, padded or not."""
-    payload = value
+    size. The standard and the URL-safe alphabet are both accepted, padded or not, with
+    whitespace anywhere. Streamed: the text is cleaned and decoded a chunk at a time straight
+    into the file, so a 15 MB string costs a few MiB of copies, not four 15 MB ones (whitespace
+    removed, padding stripped, alphabet translated, decoded bytes)."""
+    start = 0
     if value.startswith("data:"):
-        header, comma, payload = value.partition(",")
-        if not comma:
+        comma = value.find(",")
+        if comma < 0:
             raise ItemError("invalid_source", "a data: URL needs a comma before its payload")
-        if ";base64" not in header.lower():
+        if ";base64" not in value[:comma].lower():
             raise ItemError("invalid_source", "data: URLs must be base64-encoded")
-    payload = re.sub(r"\s+", "", payload).rstrip("=")
-    if len(payload) * 3 // 4 > CFG.max_base64_bytes:  # exactly the decoded size, padding aside
-        raise ItemError("too_large", f"base64 audio is over the {CFG.max_base64_bytes}-byte cap")
-    payload = payload.translate(_URLSAFE_TO_STANDARD) + "=" * (-len(payload) % 4)
+        start = comma + 1
+    end = len(value)
+    while end > start and (value[end - 1] == "=" or value[end - 1].isspace()):
+        end -= 1  # trailing padding and whitespace: the padding is recomputed below
     try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ItemError("invalid_source", "audio_base64 is not valid base64") from None
-    try:
-        dest.write_bytes(data)
+        with open(dest, "wb") as out:
+            written, carry = 0, ""
+            for pos in range(start, end, BASE64_CHUNK_CHARS):
+                text = carry + re.sub(r"\s+", "", value[pos : min(pos + BASE64_CHUNK_CHARS, end)])
+                whole = len(text) - len(text) % 4
+                carry = text[whole:]
+                written += _write_base64(out, text[:whole], written)
+            if carry:
+                _write_base64(out, carry + "=" * (-len(carry) % 4), written)
+    except ItemError:
+        dest.unlink(missing_ok=True)
+        raise
     except OSError as exc:
         dest.unlink(missing_ok=True)
         if exc.errno in DISK_FULL_ERRNOS:
             raise _disk_full("writing the decoded base64 audio") from None
         raise
     return dest
+
+
+def _write_base64(out: Any, text: str, written: int) -> int:
+    """Decode one chunk of cleaned base64 text into `out`, within MAX_BASE64_BYTES in all
+    (`written` so far); the bytes written."""
+    decoded_size = len(text.rstrip("=")) * 3 // 4  # exactly the decoded size
+    if written + decoded_size > CFG.max_base64_bytes:
+        raise ItemError("too_large", f"base64 audio is over the {CFG.max_base64_bytes}-byte cap")
+    try:
+        data = base64.b64decode(text.translate(_URLSAFE_TO_STANDARD), validate=True)
+    except (binascii.Error, ValueError):
+        raise ItemError("invalid_source", "audio_base64 is not valid base64") from None
+    out.write(data)
+    return len(data)
 
 
 # --- Job temp dirs: made per job, removed at its end; what a failed write there means --------
@@ -2058,57 +2116,90 @@ def _build_tree(tokenizer: Any, phrases: tuple[str, ...]) -> Any:
     return GPUBoostingTreeModel.from_config(config, tokenizer=tokenizer).eval()
 
 
+def _tree_bytes(tree: Any) -> int:
+    """What a built tree holds: its tensors (NeMo keeps the whole trie in them; the Python
+    trie it was built from is gone once it is built)."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(tree.buffers(), tree.parameters()))
+
+
 class _TreeCache:
     """Built trees by (tokenizer, phrase list), least recently used out past BOOST_CACHE_SIZE
-    entries, so a client that sends the same list with every request builds it once (1,000
-    phrases take ~0.1-0.2 s on a CPU core). Safe from any thread; a list being built is built
-    once, however many items ask for it at the same time. The weight is not in the key: it is
-    applied when the tree is registered. An entry keeps its tokenizer alive, so the id in the
-    key cannot be reused by another tokenizer while the entry exists."""
+    entries or BOOST_CACHE_BYTES of trees, so a client that sends the same list with every
+    request builds it once. Safe from any thread; a list being built is built once, however
+    many items ask for it at the same time. The weight is not in the key: it is applied when the
+    tree is registered. An entry keeps its tokenizer alive, so the id in the key cannot be
+    reused by another tokenizer while the entry exists.
+
+    Trees are built one at a time on a thread of their own ("boost-build"), never on a job's
+    thread: NeMo's builder raises and catches OmegaConf exceptions, whose reference cycles hold
+    every frame up the stack, and a job's frames would keep that job (its request, base64 audio
+    included) alive until a full garbage collection (~2 s with NeMo loaded; see README)."""
 
     @dataclass(eq=False)
     class _Entry:
         tokenizer: Any
+        phrases: tuple[str, ...]
         done: threading.Event = field(default_factory=threading.Event)
         tree: Any = None
+        nbytes: int = 0
         error: BaseException | None = None
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.entries: dict[tuple[int, tuple[str, ...]], _TreeCache._Entry] = {}  # in use order, oldest first
         self.hits = self.misses = 0
+        self.todo: queue.SimpleQueue[_TreeCache._Entry] = queue.SimpleQueue()
+        self.builder: threading.Thread | None = None
 
     def get(self, tokenizer: Any, phrases: tuple[str, ...]) -> Any:
         key = (id(tokenizer), phrases)
         with self.lock:
             entry = self.entries.pop(key, None)
-            build = entry is None
-            if build:
-                entry = self._Entry(tokenizer)
+            if entry is None:
+                entry = self._Entry(tokenizer, phrases)
                 self.misses += 1
+                self.todo.put(entry)
+                if self.builder is None:
+                    self.builder = threading.Thread(target=self._build_loop, name="boost-build", daemon=True)
+                    self.builder.start()
             else:
                 self.hits += 1
             self.entries[key] = entry  # now the most recently used
-            while len(self.entries) > CFG.boost_cache_size:
-                del self.entries[next(iter(self.entries))]
-        if build:
-            try:
-                entry.tree = _build_tree(tokenizer, phrases)
-            except Exception as exc:  # noqa: BLE001 - raised below, in every thread that asked; not kept
-                entry.error = exc
-                with self.lock:
-                    if self.entries.get(key) is entry:
-                        del self.entries[key]
-            finally:
-                entry.done.set()
+            self._trim()
         entry.done.wait()
         if entry.error is not None:
-            raise entry.error
+            raise copy.copy(entry.error)  # a fresh one for each thread that asked, with no traceback
         return entry.tree
+
+    def _trim(self) -> None:
+        """Drop the least recently used trees past either bound (holding the lock). One tree over
+        BOOST_CACHE_BYTES alone is still used by the items that asked for it, then not kept."""
+        total = sum(e.nbytes for e in self.entries.values())
+        while self.entries and (len(self.entries) > CFG.boost_cache_size or total > CFG.boost_cache_bytes):
+            oldest = next(iter(self.entries))
+            total -= self.entries.pop(oldest).nbytes
+
+    def _build_loop(self) -> None:
+        while True:
+            self._build(self.todo.get())
+
+    def _build(self, entry: _TreeCache._Entry) -> None:
+        try:
+            entry.tree = _build_tree(entry.tokenizer, entry.phrases)
+            entry.nbytes = _tree_bytes(entry.tree)
+        except Exception as exc:  # noqa: BLE001 - raised in every thread that asked; not kept
+            entry.error = exc.with_traceback(None)
+        with self.lock:
+            key = (id(entry.tokenizer), entry.phrases)
+            if entry.error is not None and self.entries.get(key) is entry:
+                del self.entries[key]
+            self._trim()
+        entry.done.set()
 
     def info(self) -> dict[str, int]:
         with self.lock:
-            return {"hits": self.hits, "misses": self.misses, "size": len(self.entries), "limit": CFG.boost_cache_size}
+            return {"hits": self.hits, "misses": self.misses, "size": len(self.entries), "limit": CFG.boost_cache_size,
+                    "bytes": sum(e.nbytes for e in self.entries.values()), "limit_bytes": CFG.boost_cache_bytes}  # fmt: skip
 
 
 _TREES = _TreeCache()
@@ -2170,7 +2261,7 @@ def _registered(model: Any, boosts: Sequence[Boost | None] | None) -> Iterator[l
     weight), and yield one partial hypothesis per row (None for a row without boosting), or None
     when no row is boosted; the trees are removed again on the way out. Called holding
     _MODEL_LOCK, outside inference mode (the multi-model's buffers are updated in place). Per
-    batch, because the timestamps switch rebuilds the decoder; a registration costs a copy of
+    batch, because the timestamps switch swaps the decoder (each has its own); a registration costs a copy of
     the tree's arrays (~0.3 ms on a CPU for a short list)."""
     if not boosts or not any(boosts):
         yield None
@@ -2315,7 +2406,7 @@ def _run_model(
         if any(m.training for m in model.modules()):
             model.eval()  # see _maybe_set_local_attention
         if _STATE.timestamps != timestamps:
-            _configure_decoding(model, timestamps)
+            _use_decoding(model, timestamps)
         with _registered(model, boosts) as seeds:
             hyps = _forward_decode(model, audio, lengths, seeds)
     stride = model.encoder.subsampling_factor * float(model.cfg.preprocessor.window_stride)
@@ -2488,6 +2579,9 @@ class _Scheduler:
                     with self.cond:
                         self.reading = self.running = []
                         self.cond.notify_all()
+                    # Held while the thread waits for the next batch, the last units would keep
+                    # their jobs (requests, base64 audio, results) alive after those jobs end.
+                    batch = []
         except BaseException as exc:  # noqa: BLE001 - the thread ends here; _died says so, with the traceback
             self._died(exc, batch)
 
@@ -2714,7 +2808,9 @@ async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | Ite
         else:
             out = await _resplit_on_oom(job, prepared, await job.result_of(future, prepared), prepared)
     except ItemError as exc:
-        out = exc
+        # Kept as this item's result: without its traceback, whose frames (this one included,
+        # which holds it in `out`) would make a cycle that keeps the whole job alive.
+        out = exc.with_traceback(None)
     except Exception as exc:  # a bug in one item's path costs that item, not the job
         log.exception("item %d failed", index)
         out = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
@@ -2892,27 +2988,42 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
     weight_error = _check_weight(params["boost_weight"])
     if weight_error:
         return None, f"invalid input: {weight_error}"
+    phrases = _job_phrase_count(params)
+    if phrases > CFG.boost_max_job_phrases:
+        return None, (f"invalid input: the job's boost_phrases lists hold {phrases} phrases in all (each different "
+                      f"list counted once), more than BOOST_MAX_JOB_PHRASES={CFG.boost_max_job_phrases}")  # fmt: skip
     return params, None
+
+
+def _job_phrase_count(params: dict[str, Any]) -> int:
+    """Boosting work a job asks for: the phrases of its own list and of each different item
+    list (a list repeated on many items is built once). Each new list costs a tree build
+    (1,000 phrases: 0.14 s on a quiet CPU core, ~3 s on a loaded one) and a tree in memory; see BOOST_MAX_JOB_PHRASES."""
+    lists = {tuple(map(repr, item["boost_phrases"])) for item in params["inputs"]
+             if isinstance(item, dict) and isinstance(item.get("boost_phrases"), list)}  # fmt: skip
+    return len(params["boost_phrases"]) + sum(len(phrases) for phrases in lists)
 
 
 class _Progress:
     """Reports a job's progress (items and audio seconds done, batches) to the job's event sink
     (the queue handler posts it through the SDK's result channel) while the job runs. Each item
     awaits its own report, so no post can land after the job's final result; a report that says
-    nothing new, or that everything is done (the result says that), is not sent."""
+    nothing new, or that everything is done (the result says that), is not sent. It keeps no
+    reference to its job (the job is passed in): a _Job <-> _Progress cycle kept every finished
+    job, its request (base64 audio included) and its results alive until the garbage
+    collector's next full pass."""
 
-    def __init__(self, job: _Job):
-        self.job = job
+    def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.last: dict[str, Any] | None = None
 
-    async def report(self) -> None:
+    async def report(self, job: _Job) -> None:
         async with self.lock:
-            numbers = self.job.progress_numbers()
+            numbers = job.progress_numbers()
             if numbers is None or numbers == self.last:
                 return
             self.last = numbers
-            await self.job.emit("progress", numbers)
+            await job.emit("progress", numbers)
 
 
 async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
@@ -2937,6 +3048,49 @@ async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
 Events = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
+_JOBS_IN_FLIGHT = [0]  # changed on the event loop only
+MALLOC_TRIM_EVERY_SEC = 5.0
+_TRIM_LOCK = threading.Lock()
+_LAST_TRIM = [0.0]
+
+
+def _maybe_trim_malloc() -> None:
+    """After a job's end, beside its answer: trim the heap once no job is in flight (the end of
+    a burst), and under steady traffic, which is never idle, at most every MALLOC_TRIM_EVERY_SEC.
+    One trim at a time."""
+    now = time.monotonic()
+    if _JOBS_IN_FLIGHT[0] > 0 and now - _LAST_TRIM[0] < MALLOC_TRIM_EVERY_SEC:
+        return
+    if _TRIM_LOCK.acquire(blocking=False):
+        try:
+            _LAST_TRIM[0] = now
+            _trim_malloc()
+        finally:
+            _TRIM_LOCK.release()
+
+
+def _trim_malloc() -> None:
+    """Hand the heap memory that freed objects leave behind back to the OS (glibc's
+    malloc_trim). Without it a burst's peak stays resident: glibc keeps freed memory in its
+    arenas for reuse. Measured here: ~430 ms the first time after a burst freed ~400 MB, ~20 ms
+    when there is little to give back; a no-op where the C library is not glibc. See README,
+    "Memory over days"."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 class _Job:
     """One job on the worker: its inputs, temp dir, stop signal, the batches that carried its
     items, and its progress. Created and used on the event loop; the model thread only sets
@@ -2957,7 +3111,8 @@ class _Job:
         self.batches: dict[int, BatchInfo] = {}
         self.finished: set[int] = set()
         self.partial: dict[int, float] = {}  # seconds done inside split items still running
-        self.progress = _Progress(self)
+        self.progress = _Progress()
+        _JOBS_IN_FLIGHT[0] += 1
 
     def boost_of(self, item: Any) -> Boost | None:
         """How one input is boosted: its own boost_phrases when it has them (an empty list: not
@@ -2992,7 +3147,7 @@ class _Job:
             done_to = item.start + item.frames - whole.start
             if done_to < whole.frames:  # the item's end is reported when the item is settled
                 self.partial[whole.index] = max(self.partial.get(whole.index, 0.0), done_to / SAMPLE_RATE)
-                await self.progress.report()
+                await self.progress.report(self)
         return result.out
 
     async def emit(self, kind: str, payload: dict[str, Any]) -> None:
@@ -3006,7 +3161,7 @@ class _Job:
 
     async def settle(self, index: int) -> None:
         self.finished.add(index)
-        await self.progress.report()
+        await self.progress.report(self)
 
     def progress_numbers(self) -> dict[str, Any] | None:
         """What a progress post says now, or None while there is nothing to say or once
@@ -3044,16 +3199,19 @@ class _Job:
         self.stop.set()
         for waits in (_decoder(), _DISK, _download_slots()):
             waits.wake()
+        _JOBS_IN_FLIGHT[0] -= 1
 
         def clean() -> None:
             for future in self.threads:
                 future.cancel()
             cf.wait(self.threads)  # nothing may still write into workdir, or submit, once it goes
+            self.threads.clear()  # a failed one's exception holds frames that hold this job
             _SCHEDULER.withdraw(self)
             _DISK.release_under(self.workdir)
             _remove_job_dir(self.workdir)
 
         await asyncio.shield(_on_own_thread(clean, "job-close"))
+        asyncio.get_running_loop().run_in_executor(None, _maybe_trim_malloc)  # not awaited: the answer does not wait for it
 
 
 def _on_own_thread(fn: Callable[[], Any], name: str) -> asyncio.Future:
@@ -3596,6 +3754,26 @@ def _concurrency(current: int) -> int:
     return CFG.max_concurrent_jobs
 
 
+def _limit_job_takes() -> None:
+    """Ask Runpod for at most JOB_TAKE_MAX jobs per take. The SDK asks for as many jobs as it
+    has free slots (MAX_CONCURRENT_JOBS at first) in one request and parses the answer whole:
+    its bytes, their text and the parsed jobs are all in memory at once, three copies of every
+    request, so 64 jobs of 15 MB of base64 took 2.8 GB for a moment. Smaller takes, one after
+    the other, bring the same jobs in with a fraction of that peak. Off (0) or on an SDK
+    without this function, takes are left as they are."""
+    from runpod.serverless.modules import rp_scale
+
+    real = getattr(rp_scale, "get_job", None)
+    if CFG.job_take_max <= 0 or real is None or getattr(real, "_take_max", None):
+        return
+
+    async def take(session: Any, num_jobs: int = 1) -> Any:
+        return await real(session, max(1, min(num_jobs, CFG.job_take_max)))
+
+    take._take_max = True  # type: ignore[attr-defined]
+    rp_scale.get_job = take
+
+
 def main(argv: list[str]) -> None:
     """WORKER_MODE=http: the worker's own HTTP server (server.py, for load-balancing endpoints),
     which loads the model in the background once it listens. Otherwise RUNPOD_SERVERLESS=1: the
@@ -3612,6 +3790,7 @@ def main(argv: list[str]) -> None:
         sys.exit("nothing to run: set RUNPOD_SERVERLESS=1, pass --test_input '{...}' or --rp_serve_api")
     ensure_model()
     _finish_taken_jobs()
+    _limit_job_takes()
     runpod.serverless.start({"handler": handler, "concurrency_modifier": _concurrency})
 
 

@@ -265,3 +265,39 @@ def test_dry_run_checks_lists_without_nemo(tmp_path):
     assert ["dry run" in r.get("text", "") for r in first["results"]] == [True, False, True]
     assert first["results"][1]["code"] == "invalid_boost"
     assert "boost_weight must be a number from 0 to 10" in second["error"]
+
+
+def test_boosting_work_per_job_is_capped(worker, config):
+    """BOOST_MAX_JOB_PHRASES caps the phrases a job's lists hold in all (the job's list and each
+    different item list, a list repeated on many items counted once), before any work is done."""
+    clip = "samples/digits.wav"
+    four = ["one", "two", "three", "four"]
+    config(boost_max_job_phrases=6)
+    many = {"inputs": [{"source": clip, "boost_phrases": four}, {"source": clip, "boost_phrases": ["five", "six", "go"]}]}
+    out = call_handler(worker, {"id": "x", "input": many})
+    assert out == {"error": "invalid input: the job's boost_phrases lists hold 7 phrases in all (each different list "
+                            "counted once), more than BOOST_MAX_JOB_PHRASES=6"}, out  # fmt: skip
+    assert temp_leftovers() == []
+    repeated = {"inputs": [{"source": clip, "boost_phrases": four} for _ in range(5)], "boost_phrases": ["yes", "no"]}
+    out = run_job(worker, repeated["inputs"], boost_phrases=repeated["boost_phrases"])
+    assert all("text" in r for r in out["results"]), out
+
+
+def test_tree_cache_is_bounded_by_bytes(worker, config):
+    """Past BOOST_CACHE_BYTES the least recently used trees go, whatever BOOST_CACHE_SIZE allows;
+    the bytes counted are the tree's tensors, as measured on the built tree."""
+    trees = worker._TreeCache()
+    tokenizer = worker._MODEL.tokenizer
+    lists = [("one two",), ("three four", "five"), ("six seven eight",)]
+    one = worker._tree_bytes(trees.get(tokenizer, lists[0]))
+    assert one > 0 and trees.info()["bytes"] == one
+    config(boost_cache_size=64, boost_cache_bytes=one * 2 + worker._tree_bytes(worker._build_tree(tokenizer, lists[1])) - 1)
+    for phrases in lists[1:]:
+        trees.get(tokenizer, phrases)
+    info = trees.info()
+    assert info["size"] < 3 and info["bytes"] <= worker.CFG.boost_cache_bytes, info
+    assert (id(tokenizer), lists[2]) in trees.entries  # the newest stays
+    assert (id(tokenizer), lists[0]) not in trees.entries  # the oldest went first
+    with pytest.raises(ValueError, match="tokenizer does not know"):
+        trees.get(tokenizer, ("caf\u00e9 \u4e2d",))  # a failed build raises in the thread that asked
+    assert trees.info()["misses"] == 4 and (id(tokenizer), ("caf\u00e9 \u4e2d",)) not in trees.entries

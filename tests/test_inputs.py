@@ -520,3 +520,28 @@ def test_logs_keep_no_url_secrets_and_no_forged_lines(worker, config, http_serve
         assert not any(secret in m for m in messages), (secret, messages)
     forged = messages[-1]
     assert forged == "an item said x\\nFAKE 12:00:00 ERROR forged\\r\\x1b[31m", forged
+
+
+def test_base64_decoded_in_chunks(worker, config, monkeypatch):
+    """The payload is decoded a chunk at a time: whitespace, a quadruple, the padding or the cap
+    falling across a chunk boundary change nothing (chunks of 7 characters here, so every
+    boundary case occurs), and an invalid character in a later chunk still fails the item and
+    leaves no partial file behind."""
+    monkeypatch.setattr(worker, "BASE64_CHUNK_CHARS", 7)
+    data = speech_file(GOOD_TEXT, "wav", name="b64-exact").read_bytes()
+    text = base64.b64encode(data).decode()
+    mime = "\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\n"  # as `base64` prints it
+    spaced = " ".join(text[i : i + 5] for i in range(0, len(text), 5))
+    config(max_base64_bytes=len(data))
+    inputs = [
+        {"audio_base64": mime},
+        {"audio_base64": spaced + " \n"},
+        {"source": "data:audio/wav;base64," + mime.replace("+", "-").replace("/", "_")},
+        {"audio_base64": text[: len(text) // 2] + "*" + text[len(text) // 2 :]},  # bad in the middle
+        {"audio_base64": base64.b64encode(data + b"\0").decode()},  # one byte over, found in the last chunk
+    ]
+    results = run_job(worker, inputs)["results"]
+    for result in results[:3]:
+        assert_good(result)
+    assert_code(results[3], "invalid_source")
+    assert_code(results[4], "too_large")
