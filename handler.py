@@ -184,6 +184,7 @@ class Config:
     boost_max_phrases: int = 1000
     boost_max_phrase_chars: int = 100
     boost_cache_size: int = 64
+    vad: bool = False  # the `vad` field's default; README ("Voice activity") says why off
 
     @classmethod
     def from_env(cls) -> Config:
@@ -220,6 +221,7 @@ class Config:
             boost_max_phrases=max(1, _env_num("BOOST_MAX_PHRASES", d.boost_max_phrases, int)),
             boost_max_phrase_chars=max(1, _env_num("BOOST_MAX_PHRASE_CHARS", d.boost_max_phrase_chars, int)),
             boost_cache_size=_env_num("BOOST_CACHE_SIZE", d.boost_cache_size, int),
+            vad=_env_choice("VAD", "off", ("on", "off")) == "on",
         )
 
 
@@ -233,6 +235,7 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
     "output_format": {"type": str, "required": False, "default": "json"},
     "boost_phrases": {"type": list, "required": False, "default": []},
     "boost_weight": {"type": float, "required": False, "default": 1.0},
+    "vad": {"type": bool, "required": False, "default": None},  # None: CFG.vad
 }
 SOURCE_KEYS = ("source", "audio_base64")
 ITEM_KEYS = (*SOURCE_KEYS, "boost_phrases")
@@ -674,6 +677,9 @@ class Prepared:
     frames: int
     start: int = 0
     warning: str | None = None
+    # A speech-only clip (see Voice activity): these WAV frame ranges, read back to back, in
+    # place of [start, start+frames); `frames` is then their total.
+    regions: tuple[tuple[int, int], ...] = ()
 
     @property
     def duration(self) -> float:
@@ -1435,6 +1441,211 @@ def _decode_in_budget(
 
 
 # ---------------------------------------------------------------------------------------------
+# Voice activity: with `vad` on, silero-vad (its ONNX "sequence" model, from the installed wheel)
+# finds each decoded item's speech, and only that reaches the model: the padded regions are read
+# back to back as one speech-only clip (one unit, batched as any other), and the clip's words and
+# segments are mapped back to the item's own timeline. The same model finds the pauses where a
+# long item is cut. It runs in prepare threads, PREPARE_WORKERS at a time, never on the event
+# loop or the model thread; a failure costs the item nothing but a warning.
+# ---------------------------------------------------------------------------------------------
+
+VAD_THRESHOLD = 0.5  # silero's speech probability threshold (its default)
+VAD_MIN_SPEECH_MS = 100  # a shorter blip is not speech (silero's default, 250, can drop a short "no")
+VAD_MIN_SILENCE_MS = 100  # a shorter dip does not end a region (silero's default)
+# Each region grows this much either side: silero marks a word's onset up to ~0.1 s late where it
+# begins with a fricative ("seven", "six") and ends it early on a trailing one, and Parakeet needs
+# a little context around a word. 0.2 s clipped no word in the tests and the benchmark.
+VAD_PAD_SEC = 0.2
+VAD_BRIDGE_SEC = 0.6  # a gap this short between padded regions is kept, not cut out
+# Regions start and end on the encoder's 80 ms frame grid (8x subsampling of 10 ms features, in
+# Parakeet TDT and the demo model alike), so that the clip's frames are the item's frames and
+# word times come out as they would without VAD, not up to a frame off.
+VAD_GRID = 1280
+VAD_FRAME, VAD_CONTEXT = 512, 64  # silero's frame at 16 kHz, and the samples of context before it
+VAD_BLOCK_FRAMES = 512  # frames per ONNX call (~16 s): a stop is seen within one call
+VAD_MIN_PAUSE_SEC = 0.2  # the shortest stretch without speech that a long item may be cut in
+
+_VAD: Any = None
+_VAD_ERROR: str | None = None
+_VAD_LOCK = threading.Lock()
+_VAD_SLOTS: threading.BoundedSemaphore | None = None
+
+
+def ensure_vad() -> Any:
+    """silero-vad's ONNX sequence model, loaded once per process (thread-safe); None after a
+    failure, kept in _VAD_ERROR. Importing silero_vad sets torch's thread count to 1 for the
+    whole process (its model module does so at import): the worker's count is put back."""
+    global _VAD, _VAD_ERROR
+    with _VAD_LOCK:
+        if _VAD is None and _VAD_ERROR is None:
+            import torch
+
+            threads = torch.get_num_threads()
+            try:
+                from silero_vad import load_silero_vad
+
+                _VAD = load_silero_vad(onnx=True, sequence=True)
+            except Exception as exc:
+                _VAD_ERROR = f"{type(exc).__name__}: {_short(exc, 200)}"
+                log.exception("voice activity model load failed")
+            finally:
+                torch.set_num_threads(threads)
+    return _VAD
+
+
+def _vad_slots() -> threading.BoundedSemaphore:
+    """VAD is CPU-bound like ffmpeg (one core per run): PREPARE_WORKERS runs at a time."""
+    global _VAD_SLOTS
+    if _VAD_SLOTS is None:
+        _VAD_SLOTS = threading.BoundedSemaphore(CFG.prepare_workers)
+    return _VAD_SLOTS
+
+
+@contextlib.contextmanager
+def _vad_slot(stop: threading.Event | None = None) -> Iterator[None]:
+    """Hold one of the PREPARE_WORKERS VAD slots; the wait for one ends once `stop` is set."""
+    slots = _vad_slots()
+    while not slots.acquire(timeout=STOP_POLL_SEC):
+        if stop is not None and stop.is_set():
+            raise ItemError("cancelled", "the job was stopped")
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+def _vad_probs(samples: Callable[[int], np.ndarray], frames: int, stop: threading.Event | None = None) -> np.ndarray:
+    """Speech probability of every 32 ms frame of `frames` samples, which `samples(n)` hands
+    over in order (from a file or an array), one ONNX call per ~16 s block: what silero's
+    audio_forward computes, with a stop check between calls and one block in memory."""
+    model = ensure_vad()
+    if model is None:
+        raise RuntimeError(f"the voice activity model could not be loaded: {_VAD_ERROR}")
+    hidden = cell = np.zeros((1, 1, 128), np.float32)
+    context = np.zeros(VAD_CONTEXT, np.float32)
+    block = VAD_BLOCK_FRAMES * VAD_FRAME
+    probs: list[np.ndarray] = []
+    for done in range(0, frames, block):
+        if stop is not None and stop.is_set():
+            raise ItemError("cancelled", "the job was stopped")
+        chunk = samples(min(block, frames - done))
+        n = -(-len(chunk) // VAD_FRAME)
+        grid = np.zeros((n, VAD_FRAME), np.float32)
+        grid.reshape(-1)[: len(chunk)] = chunk
+        contexts = np.concatenate([context[None], grid[:-1, -VAD_CONTEXT:]])
+        context = grid[-1, -VAD_CONTEXT:].copy()
+        out, hidden, cell = model.session.run(
+            ["speech_probs", "hn", "cn"], {"input": np.concatenate([contexts, grid], axis=1), "h": hidden, "c": cell}
+        )
+        probs.append(out.reshape(-1))
+    return np.concatenate(probs) if probs else np.zeros(0, np.float32)
+
+
+def _raw_regions(probs: np.ndarray, frames: int) -> list[tuple[int, int]]:
+    """Silero's own state machine (threshold with hysteresis, minimum speech and silence),
+    unpadded: sample ranges of speech."""
+    from silero_vad import get_speech_timestamps_from_probs
+
+    found = get_speech_timestamps_from_probs(
+        probs, threshold=VAD_THRESHOLD, min_speech_duration_ms=VAD_MIN_SPEECH_MS,
+        min_silence_duration_ms=VAD_MIN_SILENCE_MS, speech_pad_ms=0, audio_length_samples=frames,
+    )  # fmt: skip
+    return [(int(r["start"]), int(r["end"])) for r in found]
+
+
+def _pad_and_bridge(regions: Sequence[tuple[int, int]], frames: int, pad: float | None = None,
+                    bridge: float | None = None) -> list[tuple[int, int]]:  # fmt: skip
+    """Grow each region by `pad` s either side (out to the VAD_GRID, within [0, frames)) and
+    join regions whose gap is then under `bridge` s, so that no word's edge is cut and no short
+    pause is."""
+    pad, bridge = VAD_PAD_SEC if pad is None else pad, VAD_BRIDGE_SEC if bridge is None else bridge
+    grow, join = int(pad * SAMPLE_RATE), int(bridge * SAMPLE_RATE)
+    out: list[tuple[int, int]] = []
+    for lo, hi in regions:
+        lo, hi = max(0, lo - grow) // VAD_GRID * VAD_GRID, min(frames, -(-(hi + grow) // VAD_GRID) * VAD_GRID)
+        if out and lo - out[-1][1] < join:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _reader(samples: np.ndarray) -> Callable[[int], np.ndarray]:
+    """`samples` handed over n at a time, as _vad_probs takes them."""
+    pos = 0
+
+    def read(n: int) -> np.ndarray:
+        nonlocal pos
+        pos += n
+        return samples[pos - n : pos]
+
+    return read
+
+
+def _speech_regions(item: Prepared, stop: threading.Event | None = None) -> list[tuple[int, int]]:
+    """The item's speech as padded, bridged frame ranges of its WAV, on a VAD slot (waiting for
+    one ends if `stop` is set). Raises ItemError("cancelled") once stopped; any other exception
+    means VAD failed."""
+    with _vad_slot(stop), sf.SoundFile(str(item.wav)) as f:
+        f.seek(item.start)
+        probs = _vad_probs(lambda n: f.read(n, dtype="float32"), item.frames, stop)
+    regions = _pad_and_bridge(_raw_regions(probs, item.frames), item.frames)
+    return [(item.start + lo, item.start + hi) for lo, hi in regions]
+
+
+def _speech_clip(item: Prepared, regions: Sequence[tuple[int, int]]) -> Prepared:
+    """The unit the model is given for a VAD'd item: its speech regions, back to back."""
+    return dataclasses.replace(item, regions=tuple(regions), frames=sum(hi - lo for lo, hi in regions))
+
+
+def _on_timeline(clip: Prepared, transcript: Transcript) -> Transcript:
+    """A speech-only clip's transcript with its times mapped back to the item's timeline: a
+    time in the k-th region moves by where that region starts in the item less where it
+    starts in the clip. A word ends in the region it starts in (the model often ends a word
+    where the next begins, past a join); a segment ends where its last word does."""
+    sizes = [hi - lo for lo, hi in clip.regions]
+    at = [float(x) / SAMPLE_RATE for x in np.cumsum([0, *sizes])]  # region k: [at[k], at[k+1]) in the clip
+    origin = [(lo - clip.start) / SAMPLE_RATE for lo, _ in clip.regions]  # ...and from origin[k] in the item
+
+    def region(t: float) -> int:
+        return min(max(bisect.bisect_right(at, t) - 1, 0), len(sizes) - 1)
+
+    def word(s: Span) -> Span:
+        k = region(s.start)
+        end = min(s.end, at[k + 1])
+        return Span(s.text, origin[k] + s.start - at[k], origin[k] + max(end, s.start) - at[k])
+
+    words = [word(w) for w in transcript.words]
+
+    def segment(s: Span) -> Span:
+        inside = [m for w, m in zip(transcript.words, words, strict=True) if s.start <= w.start < s.end]
+        start = word(s).start
+        return Span(s.text, start, inside[-1].end if inside else word(s).end)
+
+    return Transcript(transcript.text, words, [segment(s) for s in transcript.segments])
+
+
+def _pause_cut(samples: np.ndarray) -> int | None:
+    """The middle of the longest stretch without speech in `samples` (a window before a cut
+    boundary), as an index into it; None when VAD finds no pause of VAD_MIN_PAUSE_SEC or fails.
+    A 60 s window costs silero about 0.1 s of one core."""
+    try:
+        with _vad_slot():
+            probs = _vad_probs(_reader(samples), len(samples))
+        speech = _raw_regions(probs, len(samples))
+    except Exception as exc:  # noqa: BLE001 - the energy rule still cuts well enough
+        log.warning("voice activity detection failed on a cut window (%s); cutting by energy", _short(exc))
+        return None
+    edges = [0, *itertools.chain.from_iterable(speech), len(samples)]
+    gaps = zip(edges[::2], edges[1::2], strict=True)
+    pauses = [(hi - lo, lo, hi) for lo, hi in gaps if hi - lo >= VAD_MIN_PAUSE_SEC * SAMPLE_RATE]
+    if not pauses:
+        return None
+    _, lo, hi = max(pauses)
+    return (lo + hi) // 2
+
+
+# ---------------------------------------------------------------------------------------------
 # Batching: short items share batches, long ones run alone, and the longest switch the encoder
 # to local attention (or are split, past MAX_SINGLE_PASS_SEC). Pure functions: ready units in,
 # the next batch out; nothing here touches the model, the disk or a clock.
@@ -1842,8 +2053,11 @@ def _load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[i
     for row, p in enumerate(items):
         try:
             with sf.SoundFile(str(p.wav)) as f:
-                f.seek(p.start)
-                f.read(p.frames, dtype="float32", out=audio[row, : p.frames])
+                at = 0
+                for lo, hi in p.regions or ((p.start, p.start + p.frames),):
+                    f.seek(lo)
+                    f.read(hi - lo, dtype="float32", out=audio[row, at : at + hi - lo])
+                    at += hi - lo
         except (OSError, RuntimeError) as exc:
             failed[row] = ItemError("internal_error", f"could not read the decoded audio {p.wav.name}: {_short(exc)}")
     return audio, lengths, failed
@@ -2078,26 +2292,37 @@ def _deliver(unit: Unit, result: UnitResult) -> None:
 _SCHEDULER = _Scheduler()
 
 
-def _split_points(item: Prepared, piece_sec: float) -> list[int]:
-    """Frame offsets where a too-long item is cut: the quietest 200 ms near each boundary.
+def _split_points(item: Prepared, piece_sec: float, vad: bool = False) -> list[int]:
+    """Frame offsets where a too-long item is cut, each chosen by _cut_point in the window
+    before its boundary.
 
     The search looks back from each boundary over min(60 s, a quarter piece), reading only that
     window from disk, so a cut lands in a pause between words rather than inside one.
     """
     piece = int(piece_sec * SAMPLE_RATE)
     window = int(min(60.0, piece_sec / 4) * SAMPLE_RATE)
-    hop = SAMPLE_RATE // 100  # 10 ms energy frames
     cuts, pos = [0], 0
     while item.frames - pos > piece:
         lo = pos + piece - window
         with sf.SoundFile(str(item.wav)) as f:
             f.seek(item.start + lo)
             chunk = f.read(window, dtype="float32")
-        energy = np.add.reduceat(chunk**2, np.arange(0, len(chunk), hop))
-        smooth = np.convolve(energy, np.ones(20), mode="same")  # 200 ms
-        pos = lo + int(np.argmin(smooth[10:-10]) + 10) * hop
+        pos = lo + _cut_point(chunk, vad)
         cuts.append(pos)
     return cuts
+
+
+def _cut_point(window: np.ndarray, vad: bool = False) -> int:
+    """Where to cut in the samples before a boundary: with `vad`, the middle of the longest
+    pause VAD finds there (see _pause_cut); otherwise, or when it finds none, the quietest
+    200 ms (an energy rule, which cannot tell a pause from a quiet voice)."""
+    cut = _pause_cut(window) if vad else None
+    if cut is not None:
+        return cut
+    hop = SAMPLE_RATE // 100  # 10 ms energy frames
+    energy = np.add.reduceat(window**2, np.arange(0, len(window), hop))
+    smooth = np.convolve(energy, np.ones(20), mode="same")  # 200 ms
+    return int(np.argmin(smooth[10:-10]) + 10) * hop
 
 
 async def _in_pool(job: _Job, fn: Callable[..., Any], *args: Any) -> Any:
@@ -2135,7 +2360,13 @@ def _prepare_unit(job: _Job, index: int, item: Any) -> tuple[Prepared, cf.Future
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if prepared.duration > CFG.max_single_pass_sec:
             return prepared, None
-        return prepared, job.submit(prepared)
+        unit = job.speech_of(prepared)
+        if unit is None:  # VAD heard no speech: answered without the model
+            job.discard(prepared.wav)
+            done: cf.Future = cf.Future()
+            done.set_result(UnitResult(Transcript(""), None))
+            return prepared, done
+        return prepared, job.submit(unit)
     finally:
         arrival.done()
 
@@ -2150,6 +2381,8 @@ async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | Ite
             out = await _transcribe_split(job, prepared)
         else:
             out = await job.result_of(future)
+            if index in job.clips and isinstance(out, Transcript):
+                out = _on_timeline(job.clips[index], out)
     except ItemError as exc:
         out = exc
     except Exception as exc:  # a bug in one item's path costs that item, not the job
@@ -2163,7 +2396,7 @@ async def _transcribe_split(job: _Job, item: Prepared) -> Transcript | ItemError
     """Audio over MAX_SINGLE_PASS_SEC: pieces cut at pauses go to the scheduler one after the
     other (other jobs' short clips run in between), then the text is joined and each piece's
     timestamps shifted by where it starts. Only one piece is in memory at a time."""
-    cuts = [*await _in_pool(job, _split_points, item, CFG.max_single_pass_sec), item.frames]
+    cuts = [*await _in_pool(job, _split_points, item, CFG.max_single_pass_sec, job.vad), item.frames]
     joined = Transcript("")
     for lo, hi in itertools.pairwise(cuts):
         piece = dataclasses.replace(item, start=item.start + lo, frames=hi - lo)
@@ -2239,11 +2472,15 @@ def to_vtt(transcript: Transcript) -> str:
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
-def _item_result(index: int, source: str, out: Any, params: dict[str, Any], prepared: Prepared | None) -> dict[str, Any]:
+def _item_result(
+    index: int, source: str, out: Any, params: dict[str, Any], prepared: Prepared | None, speech_sec: float | None = None
+) -> dict[str, Any]:
     result: dict[str, Any] = {"index": index, "source": source}
     duration = prepared.duration if prepared is not None else getattr(out, "duration", None)
     if duration is not None:
         result["duration"] = round(duration, 3)
+    if speech_sec is not None:  # VAD ran: the seconds of speech the model was given
+        result["speech_sec"] = round(speech_sec, 3)
     if isinstance(out, ItemError):
         result.update(code=out.code, error=out.message)
         return result
@@ -2301,6 +2538,8 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
     weight_error = _check_weight(params["boost_weight"])
     if weight_error:
         return None, f"invalid input: {weight_error}"
+    if params["vad"] is None:  # not given (or null): the worker's VAD setting
+        params["vad"] = CFG.vad
     return params, None
 
 
@@ -2360,6 +2599,9 @@ class _Job:
         self.batches: dict[int, BatchInfo] = {}
         self.finished: set[int] = set()
         self.partial: dict[int, float] = {}  # seconds done inside split items still running
+        self.vad: bool = params["vad"] and not CFG.skip_model_load  # a dry run loads no VAD either
+        self.clips: dict[int, Prepared] = {}  # by input index: the speech-only clip the model got
+        self.speech_sec: dict[int, float] = {}  # by input index, where VAD ran: speech it found
         self.progress = _Progress(self)
 
     def boost_of(self, item: Any) -> Boost | None:
@@ -2371,6 +2613,28 @@ class _Job:
             return _resolve_boost(_clean_phrases(item["boost_phrases"]), self.weight)
         except ValueError as exc:
             raise ItemError("invalid_boost", str(exc)) from None
+
+    def speech_of(self, item: Prepared) -> Prepared | None:
+        """In a prepare thread: what of a decoded item the model is given. With VAD off, all
+        of it; on, its speech-only clip, or None when it holds no speech. A VAD failure costs
+        the item nothing: it is given whole, with a warning."""
+        if not self.vad:
+            return item
+        try:
+            regions = _speech_regions(item, self.stop)
+        except ItemError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transcribed without VAD instead
+            log.warning("voice activity detection failed on item %d: %s", item.index, _short(exc))
+            note = f"voice activity detection failed ({type(exc).__name__}: {_short(exc, 200)}); transcribed without it"
+            item.warning = f"{item.warning}; {note}" if item.warning else note
+            return item
+        clip = _speech_clip(item, regions)
+        self.speech_sec[item.index] = clip.duration
+        if not regions:
+            return None
+        self.clips[item.index] = clip
+        return clip
 
     def submit(self, item: Prepared, final: bool = True) -> cf.Future:
         """Hand one unit to the scheduler (from any thread); a piece of a split item carries its
@@ -2446,7 +2710,7 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
         source = _source_label(item)
         out = outputs.get(i) or ItemError("internal_error", "no result was produced for this item")
         try:
-            results.append(_item_result(i, source, out, params, job.prepared.get(i)))
+            results.append(_item_result(i, source, out, params, job.prepared.get(i), job.speech_sec.get(i)))
         except Exception as exc:  # a rendering bug costs this item, not the job
             log.exception("could not render the result of item %d", i)
             err = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
@@ -2461,6 +2725,7 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
         "items": len(job.inputs),
         "failed": sum(1 for r in results if "error" in r),
         "audio_sec": round(sum(p.duration for p in job.prepared.values()), 3),
+        "speech_sec": round(sum(job.speech_sec.get(i, p.duration) for i, p in job.prepared.items()), 3),
         "wall_sec": round(time.monotonic() - started, 3),
         "batches": len(batches),
         "batch_sizes": [b.size for b in batches],
@@ -2473,7 +2738,7 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
     """Runpod entry: {"input": {"inputs": [...], "timestamps": bool, "output_format": str,
-    "boost_phrases": [str], "boost_weight": float}}."""
+    "boost_phrases": [str], "boost_weight": float, "vad": bool}}."""
     started = time.monotonic()
     params, error = _check_input(job.get("input"))
     if error:
@@ -2543,6 +2808,8 @@ def main(argv: list[str]) -> None:
     if not _env_flag("RUNPOD_SERVERLESS") and not local_args and not Path("test_input.json").is_file():
         sys.exit("nothing to run: set RUNPOD_SERVERLESS=1, pass --test_input '{...}' or --rp_serve_api")
     ensure_model()
+    if CFG.vad and _MODEL is not None:  # VAD on by default: its model loads now, not on a job
+        ensure_vad()
     runpod.serverless.start({"handler": handler, "concurrency_modifier": _concurrency})
 
 
