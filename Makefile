@@ -43,6 +43,7 @@ lint: setup
 bench: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.throughput
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.concurrency
+	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.vad
 
 bench-long: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio
