@@ -217,9 +217,11 @@ def test_vad_default_comes_from_the_config(worker, config, not_speech):
 def test_pad_and_bridge(worker):
     regions = [(16000, 32000), (40000, 48000), (160000, 170000)]
     # 0.2 s (3200 samples) either side, out to the 1280-sample frame grid; the first two then
-    # touch and become one; the last stops at the end of the audio.
-    assert worker._pad_and_bridge(regions, 172000) == [(12800, 51200), (156160, 172000)]
+    # touch and become one; the last stops at the end of the audio. Without padding, a gap
+    # under 0.6 s is still bridged, and one over it not.
+    assert worker._pad_and_bridge(regions, 172000, pad=0.2, bridge=0.6) == [(12800, 51200), (156160, 172000)]
     assert worker._pad_and_bridge(regions, 400000, pad=0.0, bridge=0.0) == [(15360, 32000), (39680, 48640), (160000, 170240)]
+    assert worker._pad_and_bridge(regions, 400000, pad=0.0, bridge=0.6) == [(15360, 48640), (160000, 170240)]
     assert worker._pad_and_bridge([], 1000) == []
 
 
