@@ -586,6 +586,8 @@ def ensure_model() -> Any:
         if not _LOADED and not CFG.skip_model_load:
             try:
                 _MODEL = load_model(CFG.model)
+                with contextlib.suppress(Exception):  # a broken silero install fails on VAD's first use
+                    _import_silero()  # see there: not while model calls run
             except Exception as exc:
                 _MODEL_ERROR = f"model {CFG.model!r} could not be loaded: {type(exc).__name__}: {exc}"
                 log.exception("model load failed")
@@ -1474,24 +1476,34 @@ _VAD_SLOTS: threading.BoundedSemaphore | None = None
 
 def ensure_vad() -> Any:
     """silero-vad's ONNX sequence model, loaded once per process (thread-safe); None after a
-    failure, kept in _VAD_ERROR. Importing silero_vad sets torch's thread count to 1 for the
-    whole process (its model module does so at import): the worker's count is put back."""
+    failure, kept in _VAD_ERROR."""
     global _VAD, _VAD_ERROR
     with _VAD_LOCK:
         if _VAD is None and _VAD_ERROR is None:
-            import torch
-
-            threads = torch.get_num_threads()
             try:
+                _import_silero()
                 from silero_vad import load_silero_vad
 
                 _VAD = load_silero_vad(onnx=True, sequence=True)
             except Exception as exc:
                 _VAD_ERROR = f"{type(exc).__name__}: {_short(exc, 200)}"
                 log.exception("voice activity model load failed")
-            finally:
-                torch.set_num_threads(threads)
     return _VAD
+
+
+def _import_silero() -> None:
+    """Import silero_vad (0.01 s; onnxruntime comes later, with the model). Its import sets
+    torch's thread count to 1 for the whole process; the worker's count is put back. ensure_model
+    does this right after the ASR model loads, so no model call ever runs with one thread."""
+    if "silero_vad" in sys.modules:
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        import silero_vad  # noqa: F401
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _vad_slots() -> threading.BoundedSemaphore:
