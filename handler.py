@@ -1452,7 +1452,7 @@ def _decode_in_budget(
 # ---------------------------------------------------------------------------------------------
 
 VAD_THRESHOLD = 0.5  # silero's speech probability threshold (its default)
-VAD_MIN_SPEECH_MS = 100  # a shorter blip is not speech (silero's default, 250, can drop a short "no")
+VAD_MIN_SPEECH_MS = 100  # a shorter blip is not speech (silero's default is 250; 100 keeps short words)
 VAD_MIN_SILENCE_MS = 100  # a shorter dip does not end a region (silero's default)
 # Each region grows this much either side (then out to the frame grid: 0.15 to 0.23 s): silero
 # marks a word's onset up to ~0.1 s late where it begins with a fricative ("seven", "six").
@@ -1467,6 +1467,8 @@ VAD_GRID = 1280
 VAD_FRAME, VAD_CONTEXT = 512, 64  # silero's frame at 16 kHz, and the samples of context before it
 VAD_BLOCK_FRAMES = 512  # frames per ONNX call (~16 s): a stop is seen within one call
 VAD_MIN_PAUSE_SEC = 0.2  # the shortest stretch without speech that a long item may be cut in
+
+# --- The model: silero's ONNX sequence model, from the wheel, once per process ---
 
 _VAD: Any = None
 _VAD_ERROR: str | None = None
@@ -1504,6 +1506,9 @@ def _import_silero() -> None:
         import silero_vad  # noqa: F401
     finally:
         torch.set_num_threads(threads)
+
+
+# --- Finding speech: frame probabilities, silero's regions, padded and bridged ---
 
 
 def _vad_slots() -> threading.BoundedSemaphore:
@@ -1583,18 +1588,6 @@ def _pad_and_bridge(regions: Sequence[tuple[int, int]], frames: int, pad: float 
     return out
 
 
-def _reader(samples: np.ndarray) -> Callable[[int], np.ndarray]:
-    """`samples` handed over n at a time, as _vad_probs takes them."""
-    pos = 0
-
-    def read(n: int) -> np.ndarray:
-        nonlocal pos
-        pos += n
-        return samples[pos - n : pos]
-
-    return read
-
-
 def _speech_regions(item: Prepared, stop: threading.Event | None = None) -> list[tuple[int, int]]:
     """The item's speech as padded, bridged frame ranges of its WAV, on a VAD slot (waiting for
     one ends if `stop` is set). Raises ItemError("cancelled") once stopped; any other exception
@@ -1604,6 +1597,9 @@ def _speech_regions(item: Prepared, stop: threading.Event | None = None) -> list
         probs = _vad_probs(lambda n: f.read(n, dtype="float32"), item.frames, stop)
     regions = _pad_and_bridge(_raw_regions(probs, item.frames), item.frames)
     return [(item.start + lo, item.start + hi) for lo, hi in regions]
+
+
+# --- The speech-only clip, and its times back on the item's timeline ---
 
 
 def _speech_clip(item: Prepared, regions: Sequence[tuple[int, int]]) -> Prepared:
@@ -1636,6 +1632,21 @@ def _on_timeline(clip: Prepared, transcript: Transcript) -> Transcript:
         return Span(s.text, start, inside[-1].end if inside else word(s).end)
 
     return Transcript(transcript.text, words, [segment(s) for s in transcript.segments])
+
+
+# --- Pauses where a long item is cut ---
+
+
+def _reader(samples: np.ndarray) -> Callable[[int], np.ndarray]:
+    """`samples` handed over n at a time, as _vad_probs takes them."""
+    pos = 0
+
+    def read(n: int) -> np.ndarray:
+        nonlocal pos
+        pos += n
+        return samples[pos - n : pos]
+
+    return read
 
 
 def _pause_cut(samples: np.ndarray) -> int | None:
