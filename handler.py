@@ -1456,8 +1456,9 @@ VAD_MIN_SPEECH_MS = 100  # a shorter blip is not speech (silero's default is 250
 VAD_MIN_SILENCE_MS = 100  # a shorter dip does not end a region (silero's default)
 # Each region grows this much either side (then out to the frame grid: 0.15 to 0.23 s): silero
 # marks a word's onset up to ~0.1 s late where it begins with a fricative ("seven", "six").
-# bench/vad.py: pads of 0.1, 0.15 and 0.2 s gave the same WER (no word clipped) and gave the
-# model 1.08, 1.10 and 1.12 times the speech; 0.15 keeps a margin over silero's late onsets.
+# bench/vad.py, 10 minutes of calls: pads of 0.1, 0.15 and 0.2 s gave about the same word errors
+# (18 to 20 of 587) and the model 1.08, 1.10 and 1.12 times the speech (0.15 on the hour: 1.09);
+# 0.15 keeps a margin over silero's late onsets.
 VAD_PAD_SEC = 0.15
 VAD_BRIDGE_SEC = 0.6  # a gap this short between padded regions is kept, not cut out
 # Regions start and end on the encoder's 80 ms frame grid (8x subsampling of 10 ms features, in
