@@ -200,6 +200,7 @@ class Config:
     boost_cache_bytes: int = 256 * 1024**2
     boost_max_job_phrases: int = 5000
     job_take_max: int = 8
+    vad: bool = False  # the `vad` field's default; README ("Voice activity") says why off
 
     @classmethod
     def from_env(cls) -> Config:
@@ -248,6 +249,7 @@ class Config:
             boost_cache_bytes=_env_num("BOOST_CACHE_BYTES", d.boost_cache_bytes, int),
             boost_max_job_phrases=max(1, _env_num("BOOST_MAX_JOB_PHRASES", d.boost_max_job_phrases, int)),
             job_take_max=_env_num("JOB_TAKE_MAX", d.job_take_max, int),
+            vad=_env_choice("VAD", "off", ("on", "off")) == "on",
         )
 
 
@@ -261,6 +263,7 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
     "output_format": {"type": str, "required": False, "default": "json"},
     "boost_phrases": {"type": list, "required": False, "default": []},
     "boost_weight": {"type": float, "required": False, "default": 1.0},
+    "vad": {"type": bool, "required": False, "default": None},  # None: CFG.vad
 }
 SOURCE_KEYS = ("source", "audio_base64")
 ITEM_KEYS = (*SOURCE_KEYS, "boost_phrases")
@@ -658,6 +661,8 @@ def ensure_model() -> Any:
         if not _LOADED and not CFG.skip_model_load:
             try:
                 _MODEL = load_model(CFG.model)
+                with contextlib.suppress(Exception):  # a broken silero install fails on VAD's first use
+                    _import_silero()  # see there: not while model calls run
             except Exception as exc:
                 _MODEL_ERROR = f"model {CFG.model!r} could not be loaded: {type(exc).__name__}: {exc}"
                 log.exception("model load failed")
@@ -768,6 +773,9 @@ class Prepared:
     frames: int
     start: int = 0
     warning: str | None = None
+    # A speech-only clip (see Voice activity): these WAV frame ranges, read back to back, in
+    # place of [start, start+frames); `frames` is then their total.
+    regions: tuple[tuple[int, int], ...] = ()
 
     @property
     def duration(self) -> float:
@@ -1876,6 +1884,234 @@ def _decode_in_budget(
 
 
 # ---------------------------------------------------------------------------------------------
+# Voice activity: with `vad` on, silero-vad (its ONNX "sequence" model, from the installed wheel)
+# finds each decoded item's speech, and only that reaches the model: the padded regions are read
+# back to back as one speech-only clip (one unit, batched as any other), and the clip's words and
+# segments are mapped back to the item's own timeline. The same model finds the pauses where a
+# long item is cut. It runs in prepare threads, PREPARE_WORKERS at a time, never on the event
+# loop or the model thread; a failure costs the item nothing but a warning.
+# ---------------------------------------------------------------------------------------------
+
+VAD_THRESHOLD = 0.5  # silero's speech probability threshold (its default)
+VAD_MIN_SPEECH_MS = 100  # a shorter blip is not speech (silero's default is 250; 100 keeps short words)
+VAD_MIN_SILENCE_MS = 100  # a shorter dip does not end a region (silero's default)
+# Each region grows this much either side (then out to the frame grid: 0.15 to 0.23 s): silero
+# marks a word's onset up to ~0.1 s late where it begins with a fricative ("seven", "six").
+# bench/vad.py, 10 minutes of calls: pads of 0.1, 0.15 and 0.2 s gave about the same word errors
+# (18 to 20 of 587) and the model 1.08, 1.10 and 1.12 times the speech (0.15 on the hour: 1.09);
+# 0.15 keeps a margin over silero's late onsets.
+VAD_PAD_SEC = 0.15
+VAD_BRIDGE_SEC = 0.6  # a gap this short between padded regions is kept, not cut out
+# Regions start and end on the encoder's 80 ms frame grid (8x subsampling of 10 ms features, in
+# Parakeet TDT and the demo model alike), so that the clip's frames are the item's frames and
+# word times come out as they would without VAD, not up to a frame off.
+VAD_GRID = 1280
+VAD_FRAME, VAD_CONTEXT = 512, 64  # silero's frame at 16 kHz, and the samples of context before it
+VAD_BLOCK_FRAMES = 512  # frames per ONNX call (~16 s): a stop is seen within one call
+VAD_MIN_PAUSE_SEC = 0.2  # the shortest stretch without speech that a long item may be cut in
+
+# --- The model: silero's ONNX sequence model, from the wheel, once per process ---
+
+_VAD: Any = None
+_VAD_ERROR: str | None = None
+_VAD_LOCK = threading.Lock()
+_VAD_SLOTS: threading.BoundedSemaphore | None = None
+
+
+def ensure_vad() -> Any:
+    """silero-vad's ONNX sequence model, loaded once per process (thread-safe); None after a
+    failure, kept in _VAD_ERROR."""
+    global _VAD, _VAD_ERROR
+    with _VAD_LOCK:
+        if _VAD is None and _VAD_ERROR is None:
+            try:
+                _import_silero()
+                from silero_vad import load_silero_vad
+
+                _VAD = load_silero_vad(onnx=True, sequence=True)
+            except Exception as exc:
+                _VAD_ERROR = f"{type(exc).__name__}: {_short(exc, 200)}"
+                log.exception("voice activity model load failed")
+    return _VAD
+
+
+def _import_silero() -> None:
+    """Import silero_vad (0.01 s; onnxruntime comes later, with the model). Its import sets
+    torch's thread count to 1 for the whole process; the worker's count is put back. ensure_model
+    does this right after the ASR model loads, so no model call ever runs with one thread."""
+    if "silero_vad" in sys.modules:
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        import silero_vad  # noqa: F401
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- Finding speech: frame probabilities, silero's regions, padded and bridged ---
+
+
+def _vad_slots() -> threading.BoundedSemaphore:
+    """VAD is CPU-bound like ffmpeg (one core per run): PREPARE_WORKERS runs at a time."""
+    global _VAD_SLOTS
+    if _VAD_SLOTS is None:
+        _VAD_SLOTS = threading.BoundedSemaphore(CFG.prepare_workers)
+    return _VAD_SLOTS
+
+
+@contextlib.contextmanager
+def _vad_slot(stop: threading.Event | None = None) -> Iterator[None]:
+    """Hold one of the PREPARE_WORKERS VAD slots; the wait for one ends once `stop` is set."""
+    slots = _vad_slots()
+    while not slots.acquire(timeout=STOP_POLL_SEC):
+        if stop is not None and stop.is_set():
+            raise ItemError("cancelled", "the job was stopped")
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+def _vad_probs(samples: Callable[[int], np.ndarray], frames: int, stop: threading.Event | None = None) -> np.ndarray:
+    """Speech probability of every 32 ms frame of `frames` samples, which `samples(n)` hands
+    over in order (from a file or an array), one ONNX call per ~16 s block: what silero's
+    audio_forward computes, with a stop check between calls and one block in memory."""
+    model = ensure_vad()
+    if model is None:
+        raise RuntimeError(f"the voice activity model could not be loaded: {_VAD_ERROR}")
+    hidden = cell = np.zeros((1, 1, 128), np.float32)
+    context = np.zeros(VAD_CONTEXT, np.float32)
+    block = VAD_BLOCK_FRAMES * VAD_FRAME
+    probs: list[np.ndarray] = []
+    for done in range(0, frames, block):
+        if stop is not None and stop.is_set():
+            raise ItemError("cancelled", "the job was stopped")
+        chunk = samples(min(block, frames - done))
+        n = -(-len(chunk) // VAD_FRAME)
+        grid = np.zeros((n, VAD_FRAME), np.float32)
+        grid.reshape(-1)[: len(chunk)] = chunk
+        contexts = np.concatenate([context[None], grid[:-1, -VAD_CONTEXT:]])
+        context = grid[-1, -VAD_CONTEXT:].copy()
+        out, hidden, cell = model.session.run(
+            ["speech_probs", "hn", "cn"], {"input": np.concatenate([contexts, grid], axis=1), "h": hidden, "c": cell}
+        )
+        probs.append(out.reshape(-1))
+    return np.concatenate(probs) if probs else np.zeros(0, np.float32)
+
+
+def _raw_regions(probs: np.ndarray, frames: int) -> list[tuple[int, int]]:
+    """Silero's own state machine (threshold with hysteresis, minimum speech and silence),
+    unpadded: sample ranges of speech."""
+    from silero_vad import get_speech_timestamps_from_probs
+
+    found = get_speech_timestamps_from_probs(
+        probs, threshold=VAD_THRESHOLD, min_speech_duration_ms=VAD_MIN_SPEECH_MS,
+        min_silence_duration_ms=VAD_MIN_SILENCE_MS, speech_pad_ms=0, audio_length_samples=frames,
+    )  # fmt: skip
+    return [(int(r["start"]), int(r["end"])) for r in found]
+
+
+def _pad_and_bridge(regions: Sequence[tuple[int, int]], frames: int, pad: float | None = None,
+                    bridge: float | None = None) -> list[tuple[int, int]]:  # fmt: skip
+    """Grow each region by `pad` s either side (out to the VAD_GRID, within [0, frames)) and
+    join regions whose gap is then under `bridge` s, so that no word's edge is cut and no short
+    pause is."""
+    pad, bridge = VAD_PAD_SEC if pad is None else pad, VAD_BRIDGE_SEC if bridge is None else bridge
+    grow, join = int(pad * SAMPLE_RATE), int(bridge * SAMPLE_RATE)
+    out: list[tuple[int, int]] = []
+    for lo, hi in regions:
+        lo, hi = max(0, lo - grow) // VAD_GRID * VAD_GRID, min(frames, -(-(hi + grow) // VAD_GRID) * VAD_GRID)
+        if out and lo - out[-1][1] < join:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _speech_regions(item: Prepared, stop: threading.Event | None = None) -> list[tuple[int, int]]:
+    """The item's speech as padded, bridged frame ranges of its WAV, on a VAD slot (waiting for
+    one ends if `stop` is set). Raises ItemError("cancelled") once stopped; any other exception
+    means VAD failed."""
+    with _vad_slot(stop), sf.SoundFile(str(item.wav)) as f:
+        f.seek(item.start)
+        probs = _vad_probs(lambda n: f.read(n, dtype="float32"), item.frames, stop)
+    regions = _pad_and_bridge(_raw_regions(probs, item.frames), item.frames)
+    return [(item.start + lo, item.start + hi) for lo, hi in regions]
+
+
+# --- The speech-only clip, and its times back on the item's timeline ---
+
+
+def _speech_clip(item: Prepared, regions: Sequence[tuple[int, int]]) -> Prepared:
+    """The unit the model is given for a VAD'd item: its speech regions, back to back."""
+    return dataclasses.replace(item, regions=tuple(regions), frames=sum(hi - lo for lo, hi in regions))
+
+
+def _on_timeline(clip: Prepared, transcript: Transcript) -> Transcript:
+    """A speech-only clip's transcript with its times mapped back to the item's timeline: a
+    time in the k-th region moves by where that region starts in the item less where it
+    starts in the clip. A word ends in the region it starts in (the model often ends a word
+    where the next begins, past a join); a segment ends where its last word does."""
+    sizes = [hi - lo for lo, hi in clip.regions]
+    at = [float(x) / SAMPLE_RATE for x in np.cumsum([0, *sizes])]  # region k: [at[k], at[k+1]) in the clip
+    origin = [(lo - clip.start) / SAMPLE_RATE for lo, _ in clip.regions]  # ...and from origin[k] in the item
+
+    def region(t: float) -> int:
+        return min(max(bisect.bisect_right(at, t) - 1, 0), len(sizes) - 1)
+
+    def word(s: Span) -> Span:
+        k = region(s.start)
+        end = min(s.end, at[k + 1])
+        return Span(s.text, origin[k] + s.start - at[k], origin[k] + max(end, s.start) - at[k])
+
+    words = [word(w) for w in transcript.words]
+
+    def segment(s: Span) -> Span:
+        inside = [m for w, m in zip(transcript.words, words, strict=True) if s.start <= w.start < s.end]
+        start = word(s).start
+        return Span(s.text, start, inside[-1].end if inside else word(s).end)
+
+    return Transcript(transcript.text, words, [segment(s) for s in transcript.segments])
+
+
+# --- Pauses where a long item is cut ---
+
+
+def _reader(samples: np.ndarray) -> Callable[[int], np.ndarray]:
+    """`samples` handed over n at a time, as _vad_probs takes them."""
+    pos = 0
+
+    def read(n: int) -> np.ndarray:
+        nonlocal pos
+        pos += n
+        return samples[pos - n : pos]
+
+    return read
+
+
+def _pause_cut(samples: np.ndarray) -> int | None:
+    """The middle of the longest stretch without speech in `samples` (a window before a cut
+    boundary), as an index into it; None when VAD finds no pause of VAD_MIN_PAUSE_SEC or fails.
+    A 60 s window costs silero about 0.1 s of one core."""
+    try:
+        with _vad_slot():
+            probs = _vad_probs(_reader(samples), len(samples))
+        speech = _raw_regions(probs, len(samples))
+    except Exception as exc:  # noqa: BLE001 - the energy rule still cuts well enough
+        log.warning("voice activity detection failed on a cut window (%s); cutting by energy", _short(exc))
+        return None
+    edges = [0, *itertools.chain.from_iterable(speech), len(samples)]
+    gaps = zip(edges[::2], edges[1::2], strict=True)
+    pauses = [(hi - lo, lo, hi) for lo, hi in gaps if hi - lo >= VAD_MIN_PAUSE_SEC * SAMPLE_RATE]
+    if not pauses:
+        return None
+    _, lo, hi = max(pauses)
+    return (lo + hi) // 2
+
+
+# ---------------------------------------------------------------------------------------------
 # Batching: short items share batches, long ones run alone, and the longest switch the encoder
 # to local attention (pieces of items past MAX_SINGLE_PASS_SEC come one by one). Pure functions: ready units in,
 # the next batch out; nothing here touches the model, the disk or a clock.
@@ -2366,8 +2602,11 @@ def _load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[i
     for row, p in enumerate(items):
         try:
             with sf.SoundFile(str(p.wav)) as f:
-                f.seek(p.start)
-                f.read(p.frames, dtype="float32", out=audio[row, : p.frames])
+                at = 0
+                for lo, hi in p.regions or ((p.start, p.start + p.frames),):
+                    f.seek(lo)
+                    f.read(hi - lo, dtype="float32", out=audio[row, at : at + hi - lo])
+                    at += hi - lo
         except (OSError, RuntimeError) as exc:
             failed[row] = _tmp_problem(p.wav.parent) or ItemError(
                 "internal_error", f"could not read the decoded audio {p.wav.name}: {_short(exc)}"
@@ -2688,6 +2927,17 @@ def _split_points(item: Prepared, piece_sec: float, find_pause: PauseFinder = _q
     return cuts
 
 
+def _vad_pause(item: Prepared, boundary: int, window: int) -> int:
+    """A PauseFinder for jobs with VAD: the middle of the longest pause silero hears in the
+    `window` frames before `boundary` (see _pause_cut), or the energy rule where it hears none."""
+    lo = max(0, boundary - window)
+    with sf.SoundFile(str(item.wav)) as f:
+        f.seek(item.start + lo)
+        chunk = f.read(boundary - lo, dtype="float32")
+    cut = _pause_cut(chunk)
+    return lo + cut if cut is not None else _quietest_pause(item, boundary, window)
+
+
 class _Admission:
     """How many items of each job are in the prepare pool at once (fetching, decoding, or
     waiting for either), so that a job of hundreds of inputs cannot fill the pool's queue ahead
@@ -2787,9 +3037,15 @@ def _prepare_unit(job: _Job, index: int, item: Any) -> tuple[Prepared, cf.Future
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if prepared.duration > CFG.max_single_pass_sec:
             return prepared, None
+        unit = job.speech_of(prepared)
+        if unit is None:  # VAD heard no speech: answered without the model
+            job.discard(prepared.wav)
+            done: cf.Future = cf.Future()
+            done.set_result(UnitResult(Transcript(""), None))
+            return prepared, done
         # an item that may still be split (should it run out of memory) keeps its WAV until its
         # result is in; a shorter one's WAV goes as soon as the model has read it
-        return prepared, job.submit(prepared, final=prepared.duration <= CFG.piece_min_sec)
+        return prepared, job.submit(unit, final=prepared.duration <= CFG.piece_min_sec)
     finally:
         arrival.done()
 
@@ -2806,7 +3062,11 @@ async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | Ite
         if future is None:
             out = await _transcribe_split(job, prepared, CFG.max_single_pass_sec, prepared)
         else:
-            out = await _resplit_on_oom(job, prepared, await job.result_of(future, prepared), prepared)
+            out = await job.result_of(future, prepared)
+            if isinstance(out, ItemError) and out.code == "out_of_memory":  # the whole item in pieces (no clip)
+                out = await _resplit_on_oom(job, prepared, out, prepared)
+            elif index in job.clips and isinstance(out, Transcript):
+                out = _on_timeline(job.clips[index], out)
     except ItemError as exc:
         # Kept as this item's result: without its traceback, whose frames (this one included,
         # which holds it in `out`) would make a cycle that keeps the whole job alive.
@@ -2825,7 +3085,8 @@ async def _transcribe_split(job: _Job, item: Prepared, piece_sec: float, whole: 
     pauses, sent to the scheduler one after the other (other jobs' clips run in between); the
     text is joined and each piece's timestamps shifted by where it starts, so the result is on
     `item`'s timeline. Only one piece is in memory at a time."""
-    cuts = [*await _in_pool(job, _split_points, item, piece_sec), item.frames]
+    find_pause = _vad_pause if job.vad else _quietest_pause
+    cuts = [*await _in_pool(job, _split_points, item, piece_sec, find_pause), item.frames]
     joined = Transcript("")
     for lo, hi in itertools.pairwise(cuts):
         piece = dataclasses.replace(item, start=item.start + lo, frames=hi - lo)
@@ -2915,11 +3176,15 @@ def to_vtt(transcript: Transcript) -> str:
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
-def _item_result(index: int, source: str, out: Any, params: dict[str, Any], prepared: Prepared | None) -> dict[str, Any]:
+def _item_result(
+    index: int, source: str, out: Any, params: dict[str, Any], prepared: Prepared | None, speech_sec: float | None = None
+) -> dict[str, Any]:
     result: dict[str, Any] = {"index": index, "source": source}
     duration = prepared.duration if prepared is not None else getattr(out, "duration", None)
     if duration is not None:
         result["duration"] = round(duration, 3)
+    if speech_sec is not None:  # VAD ran: the seconds of speech the model was given
+        result["speech_sec"] = round(speech_sec, 3)
     if isinstance(out, ItemError):
         result.update(code=out.code, error=out.message)
         return result
@@ -2992,6 +3257,8 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
     if phrases > CFG.boost_max_job_phrases:
         return None, (f"invalid input: the job's boost_phrases lists hold {phrases} phrases in all (each different "
                       f"list counted once), more than BOOST_MAX_JOB_PHRASES={CFG.boost_max_job_phrases}")  # fmt: skip
+    if params["vad"] is None:  # not given (or null): the worker's VAD setting
+        params["vad"] = CFG.vad
     return params, None
 
 
@@ -3111,6 +3378,9 @@ class _Job:
         self.batches: dict[int, BatchInfo] = {}
         self.finished: set[int] = set()
         self.partial: dict[int, float] = {}  # seconds done inside split items still running
+        self.vad: bool = params["vad"] and not CFG.skip_model_load  # a dry run loads no VAD either
+        self.clips: dict[int, Prepared] = {}  # by input index: the speech-only clip the model got
+        self.speech_sec: dict[int, float] = {}  # by input index, where VAD ran: speech it found
         self.progress = _Progress()
         _JOBS_IN_FLIGHT[0] += 1
 
@@ -3123,6 +3393,28 @@ class _Job:
             return _resolve_boost(_clean_phrases(item["boost_phrases"]), self.weight)
         except ValueError as exc:
             raise ItemError("invalid_boost", str(exc)) from None
+
+    def speech_of(self, item: Prepared) -> Prepared | None:
+        """In a prepare thread: what of a decoded item the model is given. With VAD off, all
+        of it; on, its speech-only clip, or None when it holds no speech. A VAD failure costs
+        the item nothing: it is given whole, with a warning."""
+        if not self.vad:
+            return item
+        try:
+            regions = _speech_regions(item, self.stop)
+        except ItemError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transcribed without VAD instead
+            log.warning("voice activity detection failed on item %d: %s", item.index, _short(exc))
+            note = f"voice activity detection failed ({type(exc).__name__}: {_short(exc, 200)}); transcribed without it"
+            item.warning = f"{item.warning}; {note}" if item.warning else note
+            return item
+        clip = _speech_clip(item, regions)
+        self.speech_sec[item.index] = clip.duration
+        if not regions:
+            return None
+        self.clips[item.index] = clip
+        return clip
 
     def submit(self, item: Prepared, final: bool = True) -> cf.Future:
         """Hand one unit to the scheduler (from any thread); a piece of a split item carries its
@@ -3242,7 +3534,7 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
         source = _source_label(item)
         out = outputs.get(i) or ItemError("internal_error", "no result was produced for this item")
         try:
-            results.append(_item_result(i, source, out, params, job.prepared.get(i)))
+            results.append(_item_result(i, source, out, params, job.prepared.get(i), job.speech_sec.get(i)))
         except Exception as exc:  # a rendering bug costs this item, not the job
             log.exception("could not render the result of item %d", i)
             err = ItemError("internal_error", f"{type(exc).__name__}: {_short(exc)}")
@@ -3257,6 +3549,7 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
         "items": len(job.inputs),
         "failed": sum(1 for r in results if "error" in r),
         "audio_sec": round(sum(p.duration for p in job.prepared.values()), 3),
+        "speech_sec": round(sum(job.speech_sec.get(i, p.duration) for i, p in job.prepared.items()), 3),
         "wall_sec": round(time.monotonic() - started, 3),
         "batches": len(batches),
         "batch_sizes": [b.size for b in batches],
@@ -3791,6 +4084,8 @@ def main(argv: list[str]) -> None:
     ensure_model()
     _finish_taken_jobs()
     _limit_job_takes()
+    if CFG.vad and _MODEL is not None:  # VAD on by default: its model loads now, not on a job
+        ensure_vad()
     runpod.serverless.start({"handler": handler, "concurrency_modifier": _concurrency})
 
 

@@ -104,8 +104,8 @@ def record_split_points(worker: Any) -> list[int]:
     cuts: list[int] = []
     original = worker._split_points
 
-    def wrapped(item: Any, piece_sec: float) -> list[int]:
-        found = original(item, piece_sec)
+    def wrapped(item: Any, piece_sec: float, *rest: Any) -> list[int]:
+        found = original(item, piece_sec, *rest)
         cuts.extend(found)
         return found
 

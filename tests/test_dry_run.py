@@ -1,5 +1,5 @@
 """SKIP_MODEL_LOAD=1: the worker still fetches, decodes, measures and batches, and never imports
-torch, NeMo or librosa. Run in a fresh interpreter, since the test session has NeMo loaded."""
+torch, NeMo, librosa or silero-vad (not even with `vad` on). Run in a fresh interpreter, since the test session has NeMo loaded."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import asyncio, json, pathlib, sys, time
 t0 = time.perf_counter()
 import handler
 import_sec = time.perf_counter() - t0
-out = asyncio.run(handler.handler({"id": "dry", "input": {"inputs": json.loads(sys.argv[1])}}))
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nemo", "librosa", "lightning"))
+out = asyncio.run(handler.handler({"id": "dry", "input": {"inputs": json.loads(sys.argv[1]), "vad": True}}))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nemo", "librosa", "lightning", "silero_vad", "onnxruntime"))
 pathlib.Path(sys.argv[2]).write_text(json.dumps({"out": out, "heavy": heavy, "import_sec": import_sec}))
 """
 
