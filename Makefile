@@ -17,6 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt
 	$(PY) -c "import nemo.collections.asr, runpod, pytest"
+	test -f models/campplus.ts || $(PY) docker/fetch_speaker_model.py
 	touch $@
 
 # Debian's python3 needs python3-venv before `python3 -m venv` works.
