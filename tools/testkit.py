@@ -80,7 +80,7 @@ def attribution(truth: Sequence[tuple[int, float, float]], turns: Sequence[dict[
     best = 0
     slots = list(range(len(labels))) + [-2] * len(people)  # -2: this person got no label
     for mapping in itertools.permutations(slots, len(people)):
-        right = sum(np.sum((ref == p) & (hyp == m)) for p, m in zip(people, mapping) if m >= 0)
+        right = sum(np.sum((ref == p) & (hyp == m)) for p, m in zip(people, mapping, strict=True) if m >= 0)
         best = max(best, right)
     return float(best / max(1, speech.sum()))
 
