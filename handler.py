@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -597,7 +598,7 @@ def ensure_model() -> Any:
                 _MODEL_ERROR = f"model {CFG.model!r} could not be loaded: {type(exc).__name__}: {exc}"
                 log.exception("model load failed")
             if CFG.speaker_preload:  # else on the first diarized item
-                with contextlib.suppress(RuntimeError):  # kept in _SPEAKER; items say why
+                with contextlib.suppress(ItemError):  # kept in _SPEAKER; items say why
                     _speaker_model()
         _LOADED = True
     return _MODEL
@@ -2320,23 +2321,26 @@ _SPEAKER_LOCK = threading.Lock()
 
 
 def _speaker_model() -> tuple[Any, Any]:
-    """The CAM++ TorchScript and its device; a failed load is kept and raised again."""
+    """The CAM++ TorchScript and its device; a failed load is kept, and raised (as an ItemError
+    that costs an item its labels only) on every diarized item."""
     with _SPEAKER_LOCK:
         if _SPEAKER["model"] is None and _SPEAKER["error"] is None:
             try:
                 import torch
 
                 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-                model = torch.jit.load(CFG.speaker_model, map_location=device).eval()
-                if device.type == "cpu":  # conv+batchnorm folded: ~1.7x faster on this project's CPU
-                    model = torch.jit.optimize_for_inference(torch.jit.freeze(model))
+                with warnings.catch_warnings():  # torch 2.13 calls TorchScript deprecated; it still runs
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    model = torch.jit.load(CFG.speaker_model, map_location=device).eval()
+                    if device.type == "cpu":  # conv+batchnorm folded: ~1.7x faster on this project's CPU
+                        model = torch.jit.optimize_for_inference(torch.jit.freeze(model))
                 _SPEAKER.update(model=model, device=device)
                 log.info("speaker model %s on %s", CFG.speaker_model, device)
             except Exception as exc:  # kept, and every diarized item says why
                 _SPEAKER["error"] = f"speaker model {CFG.speaker_model!r} could not be loaded: {type(exc).__name__}: {_short(exc)}"
                 log.exception("speaker model load failed")
         if _SPEAKER["error"]:
-            raise RuntimeError(_SPEAKER["error"])
+            raise ItemError("diarize_failed", _SPEAKER["error"])
         return _SPEAKER["model"], _SPEAKER["device"]
 
 
@@ -2677,6 +2681,34 @@ def to_vtt(transcript: Transcript) -> str:
         for a, b, text, who in _subtitle_cues(transcript)
     ]
     return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def openai_diarized_json(result: dict[str, Any]) -> dict[str, Any]:
+    """One diarized item result (diarize and timestamps on) in OpenAI's diarized_json shape:
+    {"task": "transcribe", "duration", "text", "segments": [{"type": "transcript.text.segment",
+    "id", "start", "end", "text", "speaker"}]}. OpenAI names speakers "A", "B", ... in order of
+    appearance; SPEAKER_00 is "A". A segment without a speaker (diarization failed) is "A"."""
+
+    def letter(label: str | None) -> str:  # at most DIARIZE_MAX_SPEAKERS (20) letters
+        return chr(ord("A") + (int(label.rsplit("_", 1)[-1]) if label else 0))
+
+    segments = (result.get("timestamps") or {}).get("segment", [])
+    return {
+        "task": "transcribe",
+        "duration": result.get("duration", 0.0),
+        "text": " ".join(s["segment"] for s in segments) if segments else result.get("text", ""),
+        "segments": [
+            {
+                "type": "transcript.text.segment",
+                "id": f"seg_{i}",
+                "start": s["start"],
+                "end": s["end"],
+                "text": s["segment"],
+                "speaker": letter(s.get("speaker")),
+            }
+            for i, s in enumerate(segments)
+        ],
+    }
 
 
 def _item_result(index: int, source: str, out: Any, params: dict[str, Any], prepared: Prepared | None) -> dict[str, Any]:
