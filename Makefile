@@ -44,6 +44,7 @@ lint: setup
 bench: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.throughput
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.concurrency
+	$(PY) -m bench.diarize
 
 bench-long: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio

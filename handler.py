@@ -2,8 +2,8 @@
 
 Data flows top to bottom, and so does this file:
 
-    config -> model -> audio in (fetch + ffmpeg) -> batching -> transcription -> output
-    -> handler -> entry point
+    config -> model -> audio in (fetch + ffmpeg) -> batching -> transcription -> speakers
+    -> output -> handler -> entry point
 
 The GPU is billed per second, so everything around the model is built to keep it busy: sources
 are fetched and decoded in a thread pool while earlier batches run, each item is decoded by one
@@ -2610,6 +2610,9 @@ async def _labelled(job: _Job, out: Transcript | ItemError, speakers: cf.Future 
     """An item's transcript with its speakers; a failed diarization costs only the labels."""
     if speakers is None:
         return out
+    if isinstance(out, ItemError):  # no transcript to label: a diarization not yet begun is dropped
+        speakers.cancel()
+        return out
     try:
         turns = await asyncio.wrap_future(speakers)
     except ItemError as exc:
@@ -2617,8 +2620,6 @@ async def _labelled(job: _Job, out: Transcript | ItemError, speakers: cf.Future 
     except Exception as exc:  # the transcript stands without speakers
         log.exception("diarization failed")
         turns = ItemError("diarize_failed", f"{type(exc).__name__}: {_short(exc)}")
-    if isinstance(out, ItemError):
-        return out
     if isinstance(turns, ItemError):
         return dataclasses.replace(out, warning=f"no speaker labels: {turns.message}")
     return _with_speakers(out, turns)
