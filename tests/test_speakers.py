@@ -188,8 +188,8 @@ def test_other_jobs_run_while_an_item_is_diarized(worker, monkeypatch):
     async def main():
         slow = asyncio.ensure_future(worker.handler({"id": "d", "input": {"inputs": [{"source": path}], "diarize": True}}))
         try:
-            await until(entered.is_set, "the diarization")
-            other = await asyncio.wait_for(worker.handler(plain), 120)  # the model thread is free
+            await until(entered.is_set, "the diarization", timeout=300)
+            other = await asyncio.wait_for(worker.handler(plain), 300)  # the model thread is free
             assert not slow.done()
         finally:
             release.set()
@@ -217,12 +217,20 @@ def test_job_stopped_while_diarizing(worker, monkeypatch):
             raise
 
     monkeypatch.setattr(worker, "_diarize_unit", watched)
+    jobs: list = []
+
+    class Recorded(worker._Job):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            jobs.append(self)
+
+    monkeypatch.setattr(worker, "_Job", Recorded)
 
     async def main():
         task = asyncio.ensure_future(worker.handler({"id": "stop", "input": {"inputs": [{"source": path}], "diarize": True}}))
-        await until(entered.is_set, "the diarization")
+        await until(entered.is_set, "the diarization", timeout=300)
         task.cancel()
-        await asyncio.sleep(0.2)
+        await until(lambda: jobs[0].stop.is_set(), "the job's close() to set its stop")
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
