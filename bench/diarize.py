@@ -8,13 +8,15 @@ attribution scores of the tests' conversations, and peak memory for an hour.
 Every measurement runs handler.diarize() in a child process (the model loaded and warmed up on
 a short clip first), so the peak RSS it reports is the diarization's own, and so is its CPU time.
 The conversations are tools/testkit.conversation (the tests' voices and seeds); the long file is
-a 2-minute two-voice conversation repeated, written as a 16 kHz WAV. Prints a table and writes
+2-minute two-voice conversations (one seed each, never a repeat: exact copies of windows would
+fool the nearest-neighbour pruning of the clustering), written as a 16 kHz WAV. Prints a table and writes
 bench/out/diarize.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -97,22 +99,24 @@ def main(argv: list[str]) -> None:
             clustering(report)
             save(out_file, report)
 
-        if args.hour_min > 0:
-            reps = int(np.ceil(args.hour_min * 60 / len(audio) * 16000))
-            long = tmp / "hour.wav"
+        if args.hour_min > 0:  # 2-minute conversations of the same two voices, each of its own seed
             import soundfile as sf
 
+            long, at, long_truth = tmp / "hour.wav", 0.0, []
             with sf.SoundFile(str(long), "w", 16000, 1, "PCM_16") as f:
-                for _ in range(reps):
-                    f.write(audio)
+                for seed in itertools.count(100):
+                    if at >= args.hour_min * 60:
+                        break
+                    part, part_truth, _ = conversation([i % 2 for i in range(turns)], seed)
+                    f.write(part)
+                    long_truth += [(w, a + at, b + at) for w, a, b in part_truth]
+                    at += len(part) / 16000
             got = run_child(long, tmp)
             report["hour"] = {
                 "audio_sec": round(got["audio_sec"], 1), "wall_sec": round(got["wall_sec"], 1), "cpu_sec": round(got["cpu_sec"], 1),
                 "rss_before_mb": round(got["rss_before_mb"]), "rss_peak_mb": round(got["rss_peak_mb"]),
                 "speakers_found": len({t["speaker"] for t in got["turns"]}), "turns": len(got["turns"]),
-                "attribution": round(attribution(
-                    [(w, a + k * len(audio) / 16000, b + k * len(audio) / 16000) for k in range(reps) for w, a, b in truth],
-                    got["turns"]), 4),
+                "attribution": round(attribution(long_truth, got["turns"]), 4),
             }  # fmt: skip
             print(f"long file: {got['audio_sec'] / 60:.0f} min in {got['wall_sec']:.0f} s wall; peak RSS "
                   f"{got['rss_peak_mb']:.0f} MB (after model load and warm-up {got['rss_before_mb']:.0f} MB); "
