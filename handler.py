@@ -2463,6 +2463,7 @@ def _spectral(x: np.ndarray, k: int | None, count: SpeakerCount) -> np.ndarray:
         hi = max(lo, min(count.hi, n // CLUSTER_MIN_SIZE, n - 1))
         gaps = np.diff(values[lo - 1 : hi + 1])
         k = int(np.argmax(gaps)) + lo if len(gaps) else lo
+    k = min(k, n)  # num_speakers may exceed the windows of a short item
     if k <= 1:
         return np.zeros(n, dtype=int)
     _, labels = kmeans2(vectors[:, :k], k, minit="++", seed=0)

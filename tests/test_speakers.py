@@ -107,6 +107,13 @@ def test_speaker_counts_obeyed(worker):
     assert speakers_of(one) == ["SPEAKER_00"]
 
 
+def test_more_speakers_asked_than_a_short_item_has_windows(worker):
+    path, _, _ = talk((0, 1, 0, 1), 41)  # about a dozen windows
+    (result,) = run_job(worker, [{"source": path}], diarize=True, num_speakers=20)["results"]
+    assert "warning" not in result, result
+    assert 2 <= len(speakers_of(result)) <= 20 and result["text"]
+
+
 def test_text_srt_and_vtt_show_speakers(worker):
     path, _, _ = talk((0, 1, 0, 1), 41)
     text = run_job(worker, [{"source": path}], diarize=True, output_format="text")
