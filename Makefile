@@ -17,6 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt
 	$(PY) -c "import nemo.collections.asr, runpod, pytest"
+	test -f models/campplus.ts || $(PY) docker/fetch_speaker_model.py
 	touch $@
 
 # Debian's python3 needs python3-venv before `python3 -m venv` works.
@@ -47,6 +48,7 @@ bench: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.fairness
 	PARAKEET_MODEL=$(DEMO_MODEL) MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench.memory
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.vad
+	$(PY) -m bench.diarize
 
 bench-long: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio

