@@ -17,7 +17,7 @@ import pytest
 import requests
 from conftest import DATA_ROOT, TMP_ROOT, call_handler, hold_model, speech_file, temp_leftovers, words_of
 
-from tools import synth
+from tools import synth, testkit
 from tools.testkit import UvicornThread, multipart
 
 PLACED = ["one", "hello", "seven", "stop", "three", "world"]
@@ -109,6 +109,41 @@ def test_boost_phrases_as_form_fields(client):
 
 
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the client marks translations deprecated
+def test_diarized_json_names_speakers_in_openai_shape(client):
+    """response_format=diarized_json: OpenAI's shape (segments typed transcript.text.segment,
+    speakers "A", "B" in order of appearance), on a conversation of two voices; speaker counts
+    come as extra form fields, refused without diarization as on the native API."""
+    audio, truth, said = testkit.conversation([0, 1, 0, 1], seed=3)
+    path = synth.write(DATA_ROOT / "openai-two-voices.wav", audio)
+    out = transcribe(client, path, response_format="diarized_json", extra_body={"num_speakers": "2"})
+    body = out.model_dump() if hasattr(out, "model_dump") else out
+    assert body["task"] == "transcribe" and body["segments"], body
+    assert all(seg["type"] == "transcript.text.segment" for seg in body["segments"])
+    assert body["segments"][0]["speaker"] == "A"
+    assert {seg["speaker"] for seg in body["segments"]} == {"A", "B"}
+    turns = [{"speaker": f"SPEAKER_{ord(seg['speaker']) - 65:02d}", "start": seg["start"], "end": seg["end"]}
+             for seg in body["segments"]]  # fmt: skip
+    assert testkit.attribution(truth, turns) >= 0.8
+    spoken = [w for turn in said for w in turn]
+    assert testkit.word_errors(spoken, words_of(body["text"])) <= len(spoken) // 10  # the demo model's few slips
+    text = transcribe(client, path, response_format="text", extra_body={"diarize": "true", "num_speakers": 2})
+    assert [line.split(":")[0] for line in text.strip().splitlines()][:2] == ["SPEAKER_00", "SPEAKER_01"], text
+    with pytest.raises(openai.BadRequestError, match="diarize"):
+        transcribe(client, path, extra_body={"num_speakers": "2"})
+
+
+def test_vad_and_chunking_strategy_turn_voice_activity_on(client):
+    """White noise: the demo model writes words on it; with `vad` (or OpenAI's own
+    chunking_strategy=auto) the model is given nothing and the text is empty."""
+    rng = np.random.default_rng(5)
+    path = synth.write(DATA_ROOT / "openai-noise.wav", (0.1 * rng.standard_normal(6 * 16000)).astype(np.float32))
+    assert words_of(transcribe(client, path).text)  # without VAD, noise gets words
+    assert transcribe(client, path, extra_body={"vad": "true"}).text == ""
+    assert transcribe(client, path, extra_body={"chunking_strategy": "auto"}).text == ""
+    with pytest.raises(openai.BadRequestError, match="chunking_strategy"):
+        transcribe(client, path, extra_body={"chunking_strategy": "sometimes"})
+
+
 def test_bad_requests_are_openai_errors(client, api):
     clip = speech_file("yes", "wav")
     with pytest.raises(openai.BadRequestError) as fmt:

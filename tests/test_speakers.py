@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 from conftest import DATA_ROOT, REPO, call_handler, run_job, temp_leftovers, until
 
@@ -275,3 +276,18 @@ def test_dry_run_diarize_loads_nothing(tmp_path):
     (result,) = got["out"]["results"]
     assert "dry run" in result["text"] and "turns" not in result
     assert result["warning"] == "no speaker labels: SKIP_MODEL_LOAD=1, no speaker model loaded"
+
+
+def test_with_vad_speakers_come_from_vad_regions_and_noise_is_no_speaker(worker):
+    """A job with `vad`: diarization looks for voices where VAD hears speech, so a stretch of
+    loud hiss added before the talk becomes no turn (the loudness rule would take it for talk)."""
+    audio, truth, _ = conversation([0, 1, 0, 1], seed=3)
+    rng = np.random.default_rng(9)
+    hiss = (0.05 * rng.standard_normal(3 * 16000)).astype(np.float32)
+    path = synth.write(DATA_ROOT / "talk-after-hiss.wav", np.concatenate([hiss, audio]))
+    shifted = [(who, a + 3.0, b + 3.0) for who, a, b in truth]
+    (result,) = run_job(worker, [{"source": str(path)}], diarize=True, vad=True, timestamps=True)["results"]
+    assert "warning" not in result, result
+    assert speakers_of(result) == ["SPEAKER_00", "SPEAKER_01"]
+    assert all(t["start"] >= 2.8 for t in result["turns"]), result["turns"]  # none in the hiss
+    assert attribution(shifted, result["turns"]) >= 0.8, result["turns"]
