@@ -26,7 +26,7 @@ def test_a_planning_bug_costs_no_item(worker, monkeypatch):
     real = worker._plan_next
     calls = []
 
-    def buggy(ready, local_mode):
+    def buggy(*args):
         calls.append(len(ready))
         if len(calls) <= 2:
             raise RuntimeError("planner bug")
@@ -46,7 +46,7 @@ class ThreadKiller(BaseException):
 def test_a_dead_model_thread_answers_every_job_and_asks_for_a_new_worker(worker, monkeypatch):
     monkeypatch.setattr(worker._STATE, "model_thread_died", None)  # restored (healthy) after the test
 
-    def killer(ready, local_mode):
+    def killer(*args):
         raise ThreadKiller("injected into planning")
 
     monkeypatch.setattr(worker, "_plan_next", killer)
