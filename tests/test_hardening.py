@@ -26,11 +26,11 @@ def test_a_planning_bug_costs_no_item(worker, monkeypatch):
     real = worker._plan_next
     calls = []
 
-    def buggy(*args):
+    def buggy(ready, *rest):
         calls.append(len(ready))
         if len(calls) <= 2:
             raise RuntimeError("planner bug")
-        return real(ready, local_mode)
+        return real(ready, *rest)
 
     monkeypatch.setattr(worker, "_plan_next", buggy)
     out = asyncio.run(asyncio.wait_for(worker.handler(clip_job("planned", *TEXTS)), 120))  # a dead thread: no answer
