@@ -3870,7 +3870,8 @@ class _Job:
     futures and calls discard()."""
 
     def __init__(self, params: dict[str, Any], boost: Boost | None = None, events: Events | None = None,
-                 workdir: Path | None = None):  # fmt: skip
+                 workdir: Path | None = None, job_id: str = ""):  # fmt: skip
+        self.id = job_id  # Runpod's job id (empty over HTTP): for logs and fault-injecting tests
         self.events = events
         self.inputs: list[Any] = params["inputs"]
         self.speakers: SpeakerCount | None = params.get("speakers")  # None: not diarized
@@ -4101,7 +4102,9 @@ def _response(job: _Job, outputs: dict[int, Transcript | ItemError], params: dic
 # -- the job runner: one for every transport ------------------------------------------------
 
 
-async def run_job(job_input: Any, events: Events | None = None, uploads: Uploads | None = None) -> dict[str, Any]:
+async def run_job(
+    job_input: Any, events: Events | None = None, uploads: Uploads | None = None, job_id: str = ""
+) -> dict[str, Any]:
     """One native job, whatever brought it (Runpod's queue, the OpenAI route, the HTTP server):
     {"inputs": [...], "timestamps": bool, "output_format": str, "boost_phrases": [str],
     "boost_weight": float} in, {"results": [...], "stats": {...}} or {"error": str} out.
@@ -4129,7 +4132,7 @@ async def run_job(job_input: Any, events: Events | None = None, uploads: Uploads
         except ValueError as exc:
             return {"error": f"invalid input: {exc}"}
         try:
-            run = _Job(params, boost, events, uploads.take() if uploads is not None else None)
+            run = _Job(params, boost, events, uploads.take() if uploads is not None else None, job_id)
         except JobError as exc:
             return {"error": str(exc)}
     finally:
@@ -4245,7 +4248,7 @@ async def handler(job: dict[str, Any]) -> dict[str, Any] | str:
 
     if isinstance(job_input, dict) and "openai_route" in job_input:
         return await openai_queue_job(job_input, post_progress)
-    return await run_job(job_input, post_progress)
+    return await run_job(job_input, post_progress, job_id=str(job.get("id", "")))
 
 
 async def _job_boost(params: dict[str, Any]) -> Boost | None:

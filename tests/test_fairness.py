@@ -29,14 +29,14 @@ def _wait(condition):
 
 def _scripted(model, audio, lengths, *rest):
     if threading.current_thread().name == "model":
-        ids = {u.job.raw["id"] for u in handler._SCHEDULER.running if u.job is not None}
+        ids = {u.job.id for u in handler._SCHEDULER.running if u.job is not None}
         if len(ids) == 1 and next(iter(ids)).startswith("hold-"):
             job = next(iter(ids))
             if job not in _started:
                 _started.add(job)
                 (_flags / f"{job}.running").touch()
                 want = int(job.split("-")[1])
-                _wait(lambda: len({u.job.raw["id"] for u in list(handler._SCHEDULER.ready)} - {job}) >= want)
+                _wait(lambda: len({u.job.id for u in list(handler._SCHEDULER.ready)} - {job}) >= want)
             else:
                 _wait(lambda: (_flags / f"{job}.release").exists())
         if any(i.startswith("oom") for i in ids) and max(lengths) > 12 * 16000:

@@ -26,11 +26,11 @@ def test_a_planning_bug_costs_no_item(worker, monkeypatch):
     real = worker._plan_next
     calls = []
 
-    def buggy(ready, local_mode):
+    def buggy(ready, *rest):
         calls.append(len(ready))
         if len(calls) <= 2:
             raise RuntimeError("planner bug")
-        return real(ready, local_mode)
+        return real(ready, *rest)
 
     monkeypatch.setattr(worker, "_plan_next", buggy)
     out = asyncio.run(asyncio.wait_for(worker.handler(clip_job("planned", *TEXTS)), 120))  # a dead thread: no answer
@@ -46,7 +46,7 @@ class ThreadKiller(BaseException):
 def test_a_dead_model_thread_answers_every_job_and_asks_for_a_new_worker(worker, monkeypatch):
     monkeypatch.setattr(worker._STATE, "model_thread_died", None)  # restored (healthy) after the test
 
-    def killer(ready, local_mode):
+    def killer(*args):
         raise ThreadKiller("injected into planning")
 
     monkeypatch.setattr(worker, "_plan_next", killer)

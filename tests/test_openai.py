@@ -311,8 +311,8 @@ def test_16_requests_at_once_share_batches_and_get_their_own_words(client, worke
     sizes: list[int] = []
     plan = worker._plan_next
 
-    def recorded(ready, local_mode):
-        batch = plan(ready, local_mode)
+    def recorded(*args):
+        batch = plan(*args)
         sizes.append(len(batch))
         return batch
 
