@@ -16,6 +16,7 @@ import openai
 import pytest
 import requests
 from conftest import DATA_ROOT, TMP_ROOT, call_handler, hold_model, speech_file, temp_leftovers, words_of
+from test_concurrency import FAULTS
 
 from tools import synth, testkit
 from tools.testkit import UvicornThread, multipart
@@ -429,23 +430,6 @@ def test_run_job_reports_text_events_and_is_stopped_by_cancel(worker, monkeypatc
 
 # --- Runpod's OpenAI route on a queue endpoint: the SDK's real worker loop -------------------
 
-HOLD = """
-import os, threading, time
-_real, _held = handler._forward_decode, [False]
-
-def _hold(model, audio, lengths, *rest):
-    # The model thread's first batch says so (the file PW_HELD) and waits until PW_HOLD units
-    # are ready, so that the next batch holds all of them: jobs sharing a batch for certain.
-    if threading.current_thread().name == "model" and not _held[0]:
-        _held[0] = True
-        open(os.environ["PW_HELD"], "w").close()
-        deadline = time.monotonic() + 120
-        while len(handler._SCHEDULER.ready) < int(os.environ["PW_HOLD"]) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return _real(model, audio, lengths, *rest)
-
-handler._forward_decode = _hold
-"""
 
 
 def test_queue_route_through_the_sdk_shares_batches_with_native_jobs(tmp_path, http_server):
@@ -457,8 +441,8 @@ def test_queue_route_through_the_sdk_shares_batches_with_native_jobs(tmp_path, h
     queue = FakeRunpodQueue()
     held = tmp_path / "held"
     env = loopback_only_env()
-    env.update(WORKER_TMP_DIR=str(tmp_path / "tmp"), PW_HOLD="6", PW_HELD=str(held))
-    proc = start_worker(queue, env, tmp_path / "worker.log", HOLD)
+    env.update(WORKER_TMP_DIR=str(tmp_path / "tmp"), PW_HOLD="6", PW_HELD=str(held), PW_POISON="{}")
+    proc = start_worker(queue, env, tmp_path / "worker.log", FAULTS)  # holds the first batch; fails nothing
 
     def route(path, **body):
         return {"openai_route": path, "openai_input": body}
