@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PARAKEET_MODEL": str(DEMO_MODEL), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PARAKEET_MODEL": str(DEMO_MODEL), "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO"}
     env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
     return {**env, **extra}
 

@@ -80,12 +80,17 @@ def test_sigterm_loses_no_taken_job(sdk_worker):
     queue.wait_open_take()
     sdk_worker.proc.send_signal(signal.SIGTERM)
     sdk_worker.wait_log("Received shutdown signal")
-    late = [queue.add({"inputs": [clips[n % len(clips)]]}, f"late-{n}") for n in range(10)]
-    outs = [r["output"] for r in queue.wait_done([running, *late], timeout=300)]
-    assert [words_of(r["text"]) for r in outs[0]["results"]] == [t.split() for t in texts]
-    for n, out in enumerate(outs[1:]):
-        assert words_of(out["results"][0]["text"]) == texts[n % len(texts)].split(), out
-    assert sdk_worker.proc.wait(timeout=120) == 0
+    with queue.cond:  # all at once: the open take hands out as many as it asked for (JOB_TAKE_MAX)
+        late = [queue.add({"inputs": [clips[n % len(clips)]]}, f"late-{n}") for n in range(10)]
+    (first,) = queue.wait_done([running], timeout=300)
+    assert [words_of(r["text"]) for r in first["output"]["results"]] == [t.split() for t in texts]
+    assert sdk_worker.proc.wait(timeout=300) == 0  # every take is over once the worker has exited
+    taken = [n for n, job in enumerate(late) if job in queue.taken_at]
+    assert taken, "the take that was open at SIGTERM handed out none of the late jobs"
+    for n, out in zip(taken, queue.wait_done([late[n] for n in taken], timeout=10), strict=True):
+        assert words_of(out["output"]["results"][0]["text"]) == texts[n % len(texts)].split(), out
+    # the worker asked for no more after SIGTERM: the rest stay queued for another worker
+    assert all(late[n] not in queue.taken_at for n in range(10) if n not in taken)
     assert not any(sdk_worker.tmp.rglob("job-*")), "a job's temp dir stayed behind"
     leaked = [line for line in sdk_worker.text().splitlines() if any(s in line for s in SECRETS)]
     assert leaked == [], leaked[:5]
