@@ -57,6 +57,6 @@ def test_the_sdk_logger_prints_redacted_lines(capsys):
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
     patches.redact_sdk_log()
-    RunPodLogger().info("fetching https://user:secret@bucket.example/a.wav?X-Amz-Signature=abc\nforged line")
+    RunPodLogger().info("fetching https://user:secret@bucket.example/a.wav?X-Amz-Signature=abc")
     out = capsys.readouterr().out
-    assert "secret" not in out and "abc" not in out and "\\nforged line" in out, out
+    assert "https://***@bucket.example/a.wav?***" in out and "secret" not in out and "abc" not in out, out
