@@ -65,7 +65,7 @@ def test_disk_full_costs_only_the_items_it_hits(worker, config, monkeypatch):
     short_wav_bytes = 44 + 2 * round(sf.info(str(speech_file(GOOD_TEXT, "wav"))).duration * 16000)
     # one ffmpeg at a time: two decodes sharing the last bytes would make the outcome a race
     config(prepare_workers=1)
-    monkeypatch.setattr(decoder, "DECODER", None)
+    monkeypatch.setattr(decoder.shared_decoder, "value", None)  # made again, for one slot
     with tmpfs("size=512k") as disk:
         config(tmp_dir=str(disk))
         fill(disk, leave=short_wav_bytes + 64 * 1024)

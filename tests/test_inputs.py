@@ -124,7 +124,7 @@ def test_the_download_clock_starts_with_the_download_not_the_wait_for_a_slot(wor
     """Two download slots, a 3 s limit, two trickling URLs and three good ones in one job: the
     good ones wait for a slot, then get their own full 3 s, and keep their text."""
     config(download_workers=2, download_total_sec=3.0, download_read_timeout=1.0)
-    monkeypatch.setattr(download, "_DOWNLOAD_SLOTS", None)  # made again, for DOWNLOAD_WORKERS=2
+    monkeypatch.setattr(download.shared_slots, "value", None)  # made again, for DOWNLOAD_WORKERS=2
     trickle = [{"source": f"{http_server.url}/trickle/slot{n}.mp3"} for n in range(2)]
     fine = [{"source": http_server.add(good, f"slot-good{n}.mp3")} for n in range(3)]
     results = run_job(worker, trickle + fine)["results"]

@@ -85,8 +85,8 @@ def test_test_input_argument_and_failed_model_exit_codes(tmp_path):
 def test_model_load_failure_answers_every_job(worker, config, monkeypatch):
     """In-process, with the session's model set aside: a model that cannot load is tried once,
     and every job gets its cause, the worker staying up."""
-    for name, value in (("_MODEL", None), ("_MODEL_ERROR", None), ("_LOADED", False)):
-        monkeypatch.setattr(worker, name, value)  # restored (the demo model back) after the test
+    for name, value in (("value", None), ("error", None), ("loaded", False)):
+        monkeypatch.setattr(asr.MODEL, name, value)  # restored (the demo model back) after the test
     config(model="/nonexistent/model.nemo")
     job = {"id": "j", "input": {"inputs": [{"source": "samples/x.wav"}]}}
     outputs = [call_handler(worker, job) for _ in range(2)]

@@ -167,7 +167,8 @@ def test_malformed_fields_refused(worker, fields, message):
 
 def test_failed_diarization_costs_only_the_labels(worker, config, monkeypatch):
     """A speaker model that cannot load: the transcript comes back, with a warning and no turns."""
-    monkeypatch.setattr(speakers, "_SPEAKER", {"model": None, "device": None, "error": None})
+    for name, value in (("value", None), ("error", None), ("loaded", False)):  # loaded again, from the path below
+        monkeypatch.setattr(speakers.CAMPPLUS, name, value)
     config(speaker_model=str(DATA_ROOT / "no-such-model.ts"))
     path, _, said = talk((0, 1, 0, 1), 41)
     (result,) = run_job(worker, [{"source": path}], diarize=True, timestamps=True)["results"]

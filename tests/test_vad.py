@@ -196,8 +196,8 @@ def test_a_job_stopped_while_vad_runs(worker, monkeypatch):
 
 
 def test_vad_failure_costs_the_item_nothing(worker, monkeypatch, spaced):
-    monkeypatch.setattr(vad, "VAD", None)
-    monkeypatch.setattr(vad, "_VAD_ERROR", "OSError: silero_vad.onnx: no such file")
+    for name, value in (("value", None), ("error", "OSError: silero_vad.onnx: no such file"), ("loaded", True)):
+        monkeypatch.setattr(vad.SILERO, name, value)  # a load that failed
     out = run_job(worker, [{"source": spaced}], vad=True)
     result = out["results"][0]
     assert words_of(result["text"]) == WORDS
