@@ -131,7 +131,7 @@ class Progress:
     (the queue handler posts it through the SDK's result channel) while the job runs. Each item
     awaits its own report, so no post can land after the job's final result; a report that says
     nothing new, or that everything is done (the result says that), is not sent. It keeps no
-    reference to its job (the job is passed in): a _Job <-> _Progress cycle kept every finished
+    reference to its job (the job is passed in): a Job <-> Progress cycle kept every finished
     job, its request (base64 audio included) and its results alive until the garbage
     collector's next full pass."""
 
@@ -327,7 +327,7 @@ class Job:
     def discard(self, wav: Path) -> None:
         """An item's decoded audio is no longer needed: delete it and give back its disk (once
         its diarization, if any, is done with it too; a read-only temp dir keeps it until the
-        job's dir is removed, see _remove_job_dir)."""
+        job's dir is removed, see remove_job_dir)."""
         with self.kept_lock:
             if wav in self.kept:
                 self.kept[wav] = True

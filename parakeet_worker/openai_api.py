@@ -98,7 +98,7 @@ def _as_bool(value: Any, name: str) -> bool:
 
 def _as_count(value: Any, name: str) -> int | None:
     """A whole number (a JSON number or a form string); None when absent. Its range is the native
-    job's check (_check_speakers)."""
+    job's check (check_speakers)."""
     if value is None or value == "":
         return None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -141,7 +141,7 @@ def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
     """Check an OpenAI transcription request (a JSON body, or form fields as strings) and turn it
     into one native job. `file` is a URL, a data: URL or base64 (the queue route's JSON), or an
     Upload (the HTTP server's multipart). `model` may be anything (clients send whisper-1);
-    `language`, `prompt` and `temperature` are checked and otherwise unused (README)."""
+    `language`, `prompt` and `temperature` are checked and otherwise unused (docs/openai.md)."""
     base = {k[:-2] if k.endswith("[]") else k for k in fields}
     unknown = sorted(base - set(OPENAI_OWN_FIELDS) - set(OPENAI_IGNORED_FIELDS))
     if unknown:

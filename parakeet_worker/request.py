@@ -21,7 +21,7 @@ log = logging.getLogger("parakeet-worker")
 OUTPUT_FORMATS = ("json", "text", "srt", "vtt")
 
 # The job schema, checked by the Runpod SDK's rp_validator. The validator skips `constraints`
-# when a default exists, so enums and ranges are also checked in _check_input().
+# when a default exists, so enums and ranges are also checked in check_input().
 INPUT_SCHEMA: dict[str, dict[str, Any]] = {
     "inputs": {"type": list, "required": True},
     "timestamps": {"type": bool, "required": False, "default": False},
