@@ -39,6 +39,7 @@ import numpy as np
 from bench import common
 from bench.common import OUT, REPO
 from parakeet_worker import memory
+from parakeet_worker import model as asr
 from parakeet_worker.memory import FULL, LOCAL, GiB, MiB
 from tools import testkit
 
@@ -53,27 +54,26 @@ BUDGETS_GB = (2.0, 4.0, 8.0, 16.0, 24.0, 40.0, 80.0)
 
 
 class Worker:
-    """The worker's own model path in this process: its model load, decoding config and model
-    call (handler._run_model), with the attention mode forced per pass."""
+    """The worker's own model path in this process: its model load and decoding config
+    (testkit.load_worker) and its model call (model.run_model), the attention mode forced per
+    pass (model.set_attention)."""
 
     def __init__(self) -> None:
-        self.handler = testkit.load_worker()
-        self.model = self.handler._MODEL
-        self.device = str(self.handler._STATE.device)
+        testkit.load_worker()
+        self.model = asr.loaded_model()
+        self.device = str(asr.state().device)
 
     def set_mode(self, mode: str) -> None:
-        h = self.handler
-        h.CFG = dataclasses.replace(h.CFG, local_attention_after_sec=0.0 if mode == LOCAL else 1e12)
-        h._maybe_set_local_attention(self.model, 1.0)
+        asr.set_attention(self.model, mode == LOCAL)
 
     def run(self, audio: np.ndarray, lengths: list[int], mode: str) -> list[str]:
         """One pass as the scheduler runs it: encoder and greedy decoding, texts out."""
         self.set_mode(mode)
-        return [t.text for t in self.handler._run_model(self.model, audio, lengths, False)]
+        return [t.text for t in asr.run_model(self.model, audio, lengths, False)]
 
     def probe(self) -> memory.PassRunner:
         """The start-up probe: noise through the encoder (parakeet_worker.memory.encoder_pass)."""
-        return memory.encoder_pass(self.model, self.device, self.set_mode, self.handler._STATE.autocast)
+        return memory.encoder_pass(self.model, self.device, self.set_mode, asr.state().autocast)
 
 
 def child_fit(request: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def child_fit(request: dict[str, Any]) -> dict[str, Any]:
     memory.trim_heap()
     base = memory.process_rss() or 0
     started = time.perf_counter()
-    cost, probes = memory.calibrate(w.probe(), w.device, margin=request["margin"])
+    cost, probes = memory.calibrate(w.probe(), w.device, margin=request["margin"])  # measured here, never the cache
     return {"device": w.device, "load_sec": load_sec, "fit_sec": time.perf_counter() - started,
             "base_rss": base, "cost": cost.to_dict(), "probes": [dataclasses.asdict(p) for p in probes],
             "vm_hwm": memory.process_rss(key="VmHWM:")}  # fmt: skip

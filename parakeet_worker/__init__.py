@@ -10,11 +10,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # base: settings, the error-code table, safe logging, the shared shapes, fair sharing, state
     ("state", "config", "logsafe", "errors", "transcript", "fairshare", "patches"),
     # audio in: every source to a 16 kHz mono WAV
-    ("audio.headers", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads"),
+    ("audio.headers", "audio.jobdirs", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads"),
     # analysis: each a model got once, and pure functions around it
     ("analysis.vad", "analysis.speakers", "analysis.boosting"),
     # the model and the scheduler that runs it
-    ("model", "engine", "scheduler", "pieces"),
+    ("memory", "model", "engine", "scheduler", "pieces"),
     # one job: its request, its state, its answer
     ("request", "job", "output"),
     # transports: OpenAI's shapes, the HTTP server

@@ -34,9 +34,12 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from parakeet_worker import config
+from parakeet_worker.state import shared
 
 log = logging.getLogger("parakeet-worker")
 
@@ -480,6 +483,9 @@ def store_cost(folder: Path, key: str, cost: PassCost) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+_CONFIG_ONLY = "no memory model: the config's limits only"
+
+
 @dataclass(frozen=True)
 class PassPlan:
     """How a batch runs: in `mode`, its `rows` shortest rows (the rest wait for a later batch),
@@ -513,7 +519,7 @@ def plan_pass(cost: PassCost | None, durations: Sequence[float], free: int | Non
     n, longest = len(ordered), ordered[-1]
     if cost is None or free is None:
         mode = LOCAL if longest > local_after_sec else FULL
-        return PassPlan(mode, n, longest, None, free, True, "no memory model: the config's limits only")
+        return PassPlan(mode, n, longest, None, free, True, _CONFIG_ONLY)
     full_ok = longest <= local_after_sec
     k_full = _rows_that_fit(cost, ordered, free, FULL) if full_ok else 0
     if k_full:
@@ -577,63 +583,105 @@ def _gb(n: float) -> str:
 
 
 class MemoryPlanner:
-    """One per worker. Holds the fitted cost (None until calibrated, or for a dry run: plans then
-    follow the config alone) and reads the headroom, at most every `max_age` seconds (a reading
-    is a few small file reads, and the planner asks for one per batch)."""
+    """The worker's memory planning: the cost fitted for its model on its device (None until
+    fitted, in a dry run, or with MEMORY_PLANNING=off: plans then follow the config alone), and
+    headroom readings, reused for at most `max_age` seconds (a reading is a few small file
+    reads, and the planner asks for one per batch). The settings (WORKER_MEMORY_BUDGET_BYTES,
+    MEMORY_MARGIN, MEMORY_WAIT_SEC and the config's caps) are read at each call, so a test that
+    swaps the config is seen at once."""
 
-    def __init__(self, device: str = "cpu", budget: int | None = None, margin: float = DEFAULT_MARGIN,
-                 cost: PassCost | None = None, max_age: float = 0.25):  # fmt: skip
-        self.device = device
-        self.budget = budget or None
-        self.margin = margin
-        self.cost = cost
+    def __init__(self, max_age: float = 0.25) -> None:
+        self.device = "cpu"
+        self.fitted: PassCost | None = None
         self.max_age = max_age
-        self._room: tuple[float, Headroom] | None = None
+        self._room: tuple[float, int | None, Headroom] | None = None
         self._lock = threading.Lock()
 
-    def calibrate(self, run_pass: PassRunner, probes: Sequence[tuple[float, int, str]] = DEFAULT_PROBES) -> PassCost:
-        """Fit the cost with a few measured passes (at start-up, model loaded, no job yet)."""
+    def cost(self) -> PassCost | None:
+        """The fitted cost with the margin in force; None where plans follow the config alone."""
+        cfg = config.CFG
+        if self.fitted is None or not cfg.memory_planning:
+            return None
+        return replace(self.fitted, margin=cfg.memory_margin)
+
+    def fit(self, device: str, run_pass: PassRunner, key: str, cache: Path | None = None) -> PassCost | None:
+        """At start-up (model loaded, no job yet): the cost kept under `key` in `cache` by an
+        earlier start, or fitted now from the probes (and kept). A probe that fails (a GPU too
+        small for it) leaves the planner without a cost: plans follow the config alone."""
+        self.device = device
         started = time.perf_counter()
-        cost, measured = calibrate(run_pass, self.device, probes, self.margin)
-        self.cost = cost
-        log.info("memory model fitted in %.1f s from %s; %s", time.perf_counter() - started,
-                 ", ".join(f"{p.mode} {p.seconds:g} s x{p.rows}: {_gb(p.peak)}" for p in measured),
-                 self.limits(math.inf, math.inf, 1.0).line())  # fmt: skip
+        cost = load_cost(cache, key) if cache is not None else None
+        how = "kept from an earlier start"
+        if cost is None:
+            try:
+                cost, measured = calibrate(run_pass, device, DEFAULT_PROBES, config.CFG.memory_margin)
+            except Exception as exc:  # noqa: BLE001 - the worker runs on without a memory model
+                log.warning("memory model not fitted (%s: %s); the config's limits alone decide", type(exc).__name__, exc)
+                return None
+            how = "measured: " + ", ".join(f"{p.mode} {p.seconds:g} s x{p.rows} {_gb(p.peak)}" for p in measured)
+            if cache is not None:
+                store_cost(cache, key, cost)
+        self.fitted = cost
+        log.info("memory model in %.1f s (%s); %s", time.perf_counter() - started, how, self.limits().line())
         return cost
 
     def room(self, fresh: bool = False) -> Headroom:
+        """What a pass may add now (a reading at most max_age old, unless `fresh`)."""
+        budget = config.CFG.memory_budget_bytes or None
         now = time.monotonic()
         with self._lock:
-            if not fresh and self._room is not None and now - self._room[0] < self.max_age:
-                return self._room[1]
-        room = headroom(self.device, self.budget)
+            kept = self._room
+        if not fresh and kept is not None and now - kept[0] < self.max_age and kept[1] == budget:
+            return kept[2]
+        room = headroom(self.device, budget)
         with self._lock:
-            self._room = (now, room)
+            self._room = (now, budget, room)
         return room
 
-    def limits(self, local_after_sec: float, max_single_pass_sec: float, piece_min_sec: float) -> Limits:
-        return limits(self.cost, self.room(), local_after_sec, max_single_pass_sec, piece_min_sec)
+    def limits(self, room: Headroom | None = None) -> Limits:
+        """The longest full-attention pass and the piece length that fit in `room` (a reading
+        now if not given), within the caps."""
+        cfg = config.CFG
+        return limits(self.cost(), room or self.room(), cfg.local_attention_after_sec, cfg.max_single_pass_sec,
+                      cfg.piece_min_sec)  # fmt: skip
 
-    def plan(self, durations: Sequence[float], local_after_sec: float, fresh: bool = False) -> PassPlan:
-        return plan_pass(self.cost, durations, self.room(fresh).free, local_after_sec)
+    def plan(self, durations: Sequence[float], fresh: bool = False) -> PassPlan:
+        return plan_pass(self.cost(), durations, self.room(fresh).free, config.CFG.local_attention_after_sec)
 
-    def admit(self, durations: Sequence[float], local_after_sec: float, wait_sec: float = 0.0,
-              stop: threading.Event | None = None, poll_sec: float = 0.25) -> PassPlan:  # fmt: skip
+    def admit(self, durations: Sequence[float], stop: threading.Event | None = None, poll_sec: float = 0.25) -> PassPlan:
         """The plan to run a batch with, right before it runs. When not even one row fits: trim
-        the heap and read again, then wait up to `wait_sec` for memory to free up (another
-        process, a diarization, a finished pass); a plan that still does not fit is returned as
-        such (fits False), for the caller to cut the work smaller. The decision is logged."""
-        plan = self.plan(durations, local_after_sec, fresh=True)
+        the heap and read again, then wait up to MEMORY_WAIT_SEC for memory to free up (another
+        process, a diarization, the page cache); a plan that still does not fit comes back as
+        such (fits False), for the caller to cut the work smaller. The decision is logged (at
+        INFO when memory changed it or the pass is long, else DEBUG)."""
+        plan = self.plan(durations, fresh=True)
         if not plan.fits:
             trim_heap()
-            plan = self.plan(durations, local_after_sec, fresh=True)
+            plan = self.plan(durations, fresh=True)
+        wait_sec = config.CFG.memory_wait_sec
         deadline = time.monotonic() + wait_sec
         if not plan.fits and wait_sec > 0:
             log.warning("%s; waiting up to %.0f s for memory", plan.line(), wait_sec)
         while not plan.fits and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             time.sleep(poll_sec)
-            plan = self.plan(durations, local_after_sec, fresh=True)
-        level = logging.INFO if (not plan.fits or plan.rows < len(durations) or plan.why != "fits"
-                                 or plan.seconds > 600) else logging.DEBUG  # fmt: skip
-        log.log(level, "%s", plan.line())
+            plan = self.plan(durations, fresh=True)
+        changed = not plan.fits or plan.rows < len(durations) or plan.why not in ("fits", _CONFIG_ONLY)
+        log.log(logging.INFO if changed or plan.seconds > LOG_PASSES_OVER_SEC else logging.DEBUG, "%s", plan.line())
         return plan
+
+
+LOG_PASSES_OVER_SEC = 600.0  # a pass this long is logged with its plan at INFO
+
+
+@shared
+def planner() -> MemoryPlanner:
+    """This process's MemoryPlanner (its cost is fitted when the model loads: model.fit_memory)."""
+    return MemoryPlanner()
+
+
+def default_cache() -> Path:
+    """Where fitted costs are kept between starts of a worker on this machine (a container
+    restarted after a crash skips the probes)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "parakeet-worker-memory"

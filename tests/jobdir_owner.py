@@ -17,7 +17,7 @@ from pathlib import Path
 
 def main(root: str, name: str | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from parakeet_worker.jobdirs import LOCK_NAME, JobDirs
+    from parakeet_worker.audio.jobdirs import LOCK_NAME, JobDirs
 
     if name is None:
         folder = JobDirs().make(Path(root))

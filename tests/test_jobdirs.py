@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from parakeet_worker import jobdirs
-from parakeet_worker.jobdirs import LOCK_NAME, JobDirs, Owner, sweep, this_process
+from parakeet_worker.audio import jobdirs
+from parakeet_worker.audio.jobdirs import LOCK_NAME, JobDirs, Owner, sweep, this_process
 
 REPO = Path(__file__).resolve().parent.parent
 OWNER_SCRIPT = str(REPO / "tests" / "jobdir_owner.py")
