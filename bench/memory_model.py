@@ -6,7 +6,8 @@
 
 1. Fit: a child process loads the model and runs the start-up probes (parakeet_worker.memory's
    DEFAULT_PROBES: short passes of noise in both attention modes), each measured, and fits the
-   PassCost. Written to bench/out/memory_model.fit.json and reused by later runs (--refit).
+   PassCost. Written to bench/out/memory_model.fit.json (memory_model-<model>.fit.json with
+   --model) and reused by later runs (--refit).
 2. Points: one child process per (attention mode, minutes): it loads the model, reads speech of
    that length (espeak-ng in the demo vocabulary, with pauses; cached under bench/out/), runs
    one pass of it in that mode as the worker does (measured like a probe: the rows read from the
@@ -17,7 +18,7 @@
    worker would choose at each length: attention mode and piece length, with the predicted peak,
    and the WER measured for that mode and length where it was run.
 
-Prints tables and writes bench/out/memory_model.json. On a GPU machine the same run measures
+Prints tables and writes bench/out/memory_model.json (-<model>.json). On a GPU machine the same run measures
 torch's allocator peak instead of RSS (parakeet_worker.memory.measure).
 """
 
@@ -44,7 +45,11 @@ from parakeet_worker.memory import FULL, LOCAL, GiB, MiB
 from tools import testkit
 
 SPEC_VERSION = 1
-FIT_FILE = OUT / "memory_model.fit.json"
+
+
+def stem(args: argparse.Namespace) -> str:
+    """memory_model, or memory_model-<model file> for another model than the demo's."""
+    return f"memory_model-{Path(args.model).stem}" if args.model else "memory_model"
 DEFAULT_POINTS = [(FULL, m) for m in (2, 3, 4, 5, 7, 10, 15, 20, 30)] + [(LOCAL, m) for m in (2, 5, 10, 15, 20, 30)]
 BUDGETS_GB = (2.0, 4.0, 8.0, 16.0, 24.0, 40.0, 80.0)
 
@@ -145,11 +150,12 @@ def speech(minutes: float) -> tuple[Path, Path]:
 
 
 def the_fit(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
-    if FIT_FILE.is_file() and not args.refit:
-        return json.loads(FIT_FILE.read_text())
+    fit_file = OUT / f"{stem(args)}.fit.json"
+    if fit_file.is_file() and not args.refit:
+        return json.loads(fit_file.read_text())
     print("fitting: the start-up probes in a child ...", flush=True)
     fit = run_child("fit", {"margin": args.margin}, env)
-    FIT_FILE.write_text(json.dumps(fit, indent=2) + "\n")
+    fit_file.write_text(json.dumps(fit, indent=2) + "\n")
     return fit
 
 
@@ -263,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if args.margin != cost.margin:
             cost = dataclasses.replace(cost, margin=args.margin)
         previous = {}
-        if (OUT / "memory_model.json").is_file():  # points run before (another --points) stay in the table
-            old = json.loads((OUT / "memory_model.json").read_text())
+        if (OUT / f"{stem(args)}.json").is_file():  # points run before (another --points) stay in the table
+            old = json.loads((OUT / f"{stem(args)}.json").read_text())
             previous = {(r["mode"], r["minutes"]): r for r in old.get("points", []) if old.get("fit") == fit}
         for mode, minutes in parse_points(args.points):
             previous[(mode, minutes)] = point(mode, minutes, cost, fit["base_rss"], args, env)
@@ -273,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     result = {"machine": machine, "wait_quiet": waited, "other_processes": load.summary(), "cap_gb": args.cap_gb,
               "fit": fit, "points": rows, "config_caps": cfg, "plans": plans(cost, fit["base_rss"], rows, cfg)}  # fmt: skip
     print(report(result))
-    print(f"\nraw numbers in {common.write_json('memory_model.json', result)}")
+    print(f"\nraw numbers in {common.write_json(f'{stem(args)}.json', result)}")
     return result
 
 

@@ -13,15 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from parakeet_worker import memory
-from parakeet_worker import model as asr
-
 
 def main(request_file: str) -> None:
     request = json.loads(Path(request_file).read_text())
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
+    from parakeet_worker import memory
+    from parakeet_worker import model as asr
     from tools.testkit import answer, load_worker
 
     handler = load_worker()
