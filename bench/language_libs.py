@@ -120,7 +120,7 @@ def measure_one(name: str) -> dict:
         for text in texts:
             got, prob = detect(text)
             short.append({"want": lang, "got": got, "p": round(float(prob), 3)})
-    mixed = [dict(zip(("got", "p"), detect(t))) for t in data["mixed"]]
+    mixed = [dict(zip(("got", "p"), detect(t), strict=True)) for t in data["mixed"]]
     texts = [t for _, t in long_items]
     reps = 5
     t0 = time.perf_counter()
@@ -136,8 +136,7 @@ def measure_one(name: str) -> dict:
         "min_prob_when_right": round(min(probs_right), 3) if probs_right else None,
         "short_n": len(short),
         "short_right": sum(1 for s in short if s["got"] == s["want"]),
-        "short_prob_max_when_wrong": max(
-            (s["p"] for s in short if s["got"] != s["want"]), default=None),
+        "short_prob_max_when_wrong": max((s["p"] for s in short if s["got"] != s["want"]), default=None),
         "short": short,
         "mixed": [{"got": m["got"], "p": round(float(m["p"]), 3)} for m in mixed],
         "per_call_us": round(per_call_us, 1),
@@ -151,24 +150,27 @@ def main() -> None:
         return
     results = []
     for name in LIBS:
-        proc = subprocess.run([sys.executable, __file__, "--one", name],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             results.append({"library": name, "error": proc.stderr.strip()[-500:]})
             continue
         results.append(json.loads(proc.stdout))
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"results": results, "note": "2 shared CPU cores; noisy"},
-                              ensure_ascii=False, indent=1), encoding="utf-8")
+    OUT.write_text(
+        json.dumps({"results": results, "note": "2 shared CPU cores; noisy"}, ensure_ascii=False, indent=1),
+        encoding="utf-8",
+    )
     for r in results:
         if "error" in r:
             print(f"{r['library']:22s} ERROR {r['error'][-200:]}")
             continue
-        print(f"{r['library']:22s} acc>=20ch {r['long_accuracy']:.3f} ({len(r['wrong'])} wrong) "
-              f"short right {r['short_right']}/{r['short_n']} "
-              f"min p right {r['min_prob_when_right']} "
-              f"max p short-wrong {r['short_prob_max_when_wrong']} "
-              f"{r['per_call_us']:.0f} us/call load {r['import_and_load_s']:.2f}s")
+        print(
+            f"{r['library']:22s} acc>=20ch {r['long_accuracy']:.3f} ({len(r['wrong'])} wrong) "
+            f"short right {r['short_right']}/{r['short_n']} "
+            f"min p right {r['min_prob_when_right']} "
+            f"max p short-wrong {r['short_prob_max_when_wrong']} "
+            f"{r['per_call_us']:.0f} us/call load {r['import_and_load_s']:.2f}s"
+        )
 
 
 if __name__ == "__main__":
