@@ -59,7 +59,7 @@ def best_of(repeat: int, fn) -> float:
 
 
 def detection_cost(repeat: int) -> dict:
-    from parakeet_worker import language
+    from parakeet_worker.analysis import language
 
     before = rss_mb()
     t0 = time.perf_counter()

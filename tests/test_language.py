@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from conftest import REPO
 
-from parakeet_worker import language as lang
+from parakeet_worker.analysis import language as lang
 
 DATA = json.loads((REPO / "tests" / "data" / "language_sentences.json").read_text(encoding="utf-8"))
 

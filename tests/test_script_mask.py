@@ -15,7 +15,7 @@ import torch
 from conftest import REPO
 from omegaconf import OmegaConf
 
-from parakeet_worker import script_mask
+from parakeet_worker.analysis import script_mask
 from tools import train_demo_model
 
 FIXTURES = REPO / "tests" / "data" / "language_sentences.json"

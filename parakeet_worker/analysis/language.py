@@ -16,11 +16,14 @@ nothing: py3langid (and numpy) load on the first detection, or on `warm_up()`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
+
+from parakeet_worker import config
 
 # Parakeet TDT 0.6B v3's languages (its model card), in code order.
 V3_LANGUAGES = ("bg", "cs", "da", "de", "el", "en", "es", "et", "fi", "fr", "hr", "hu", "it",
@@ -87,7 +90,35 @@ class Detection:
 UNKNOWN = Detection(None, None)
 
 
+@dataclass(frozen=True)
+class ItemLanguage:
+    """An item's language, each of its segments' (in segment order), and the hint it had."""
+
+    item: Detection
+    segments: tuple[Detection, ...] = ()
+    hint: tuple[str, ...] | None = None
+
+    def codes(self) -> list[dict[str, str]]:
+        """OpenAI's `languages`: the item's language first, then any other a segment was in."""
+        found = summarize([self.item, *self.segments]) if self.item.code is None else [{"code": self.item.code}]
+        if self.item.code is not None:
+            found += [c for c in summarize(self.segments) if c["code"] != self.item.code]
+        return found
+
+
+def label(text: str, segments: Sequence[str], hint: tuple[str, ...] | None, allowed: Sequence[str]) -> ItemLanguage:
+    """Detect an item's language and each segment's (off the model thread: ~0.1 ms a segment)."""
+    return ItemLanguage(detect(text, allowed), tuple(detect_many(segments, allowed)), hint)
+
+
 # -- which languages a model speaks ---------------------------------------------------------------
+
+
+def spoken() -> tuple[str, ...]:
+    """The worker's model's languages: MODEL_LANGUAGES when set, else the table entry of
+    PARAKEET_MODEL; () when unknown."""
+    return model_languages(config.CFG.model, config.CFG.model_languages)
+
 
 
 def model_languages(model: str, override: str | Sequence[str] | None = None) -> tuple[str, ...]:
@@ -220,9 +251,23 @@ class _Identifiers:
 _IDENTIFIERS = _Identifiers()
 
 
-def warm_up(allowed: Sequence[str] = V3_LANGUAGES) -> None:
-    """Load the library and the restricted model now (~1 s), so the first job does not wait."""
-    detect("warm up the language model", allowed)
+def warm_up(allowed: Sequence[str] | None = None) -> None:
+    """Load the library and the restricted model now (~1 s), so the first job does not wait
+    (default: the worker's model's languages)."""
+    detect("warm up the language model", spoken() if allowed is None else allowed)
+
+
+def preload() -> threading.Thread:
+    """warm_up() on a thread of its own, beside the model's load (a failure is logged by the
+    first detection, which tries again)."""
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            warm_up()
+
+    thread = threading.Thread(target=run, name="language-load", daemon=True)
+    thread.start()
+    return thread
 
 
 def _letters(text: str) -> int:
