@@ -489,7 +489,8 @@ def test_queue_route_through_the_sdk_shares_batches_with_native_jobs(tmp_path, h
     assert verbose["output"]["task"] == "transcribe" and "segments" not in verbose["output"]
     assert words_of(text["output"]) == ["five", "six"]
     assert re.fullmatch(r"1\n00:00:\d\d,\d{3} --> 00:00:\d\d,\d{3}\nup down\n", srt["output"])
-    assert words_of(plain["output"]["text"]) == ["stop", "go"] and set(plain["output"]) == {"text", "usage"}
+    assert words_of(plain["output"]["text"]) == ["stop", "go"] and set(plain["output"]) == {"text", "languages", "usage"}
+    assert plain["output"]["languages"] == []  # "stop go": too short to tell
 
     assert models["output"]["data"][0]["object"] == "model"
     assert "/v1/embeddings" in unknown["error"] and "output" not in unknown
