@@ -158,7 +158,9 @@ def test_languages_on_openai_routes(client, api, config):
         transcribe(client, clip, languages=["en", "fr"])
     assert "'fr'" in unknown.value.message and "it transcribes: en, de" in unknown.value.message
     form, ctype = multipart({"model": "whisper-1", "languages[]": ["de", "en"], "response_format": "json"}, clip)
-    answer = requests.post(f"{api.url}/v1/audio/transcriptions", data=form, headers={"Content-Type": ctype}, timeout=120)
+    answer = requests.post(
+        f"{api.url}/v1/audio/transcriptions", data=form, headers={"Content-Type": ctype}, timeout=120
+    )
     assert answer.status_code == 200 and answer.json()["languages"] == [{"code": "en"}], answer.text
     assert temp_leftovers() == []
 

@@ -120,7 +120,6 @@ def spoken() -> tuple[str, ...]:
     return model_languages(config.CFG.model, config.CFG.model_languages)
 
 
-
 def model_languages(model: str, override: str | Sequence[str] | None = None) -> tuple[str, ...]:
     """The languages `model` (PARAKEET_MODEL: a hub id or a .nemo path) speaks: `override`
     (MODEL_LANGUAGES, "en,de" or a list) when given, else the table; () when unknown."""

@@ -112,7 +112,8 @@ def can_mask(model: Any) -> bool:
 @contextlib.contextmanager
 def masked_decoding(model: Any, rows: Sequence[frozenset[str] | None] | None) -> Iterator[None]:
     """For one model call on a batch: rows whose entry is a set of scripts decode without the
-    tokens of other scripts; rows with None decode as they always do. With no masked row this
+    tokens of other scripts; rows with None decode as they always do. With no masked row, or
+    when the model has no piece of another script (an English hint on an English model), this
     does nothing at all. Call it holding the model lock, around the encoder+decoder call."""
     if not rows or not any(r is not None for r in rows):
         yield
@@ -124,6 +125,9 @@ def masked_decoding(model: Any, rows: Sequence[frozenset[str] | None] | None) ->
         raise RuntimeError("this model's decoder cannot mask scripts (needs greedy_batch label-looping decoding)")
     joint = model.joint
     masks = [_banned_tensor(model, allowed) if allowed is not None else None for allowed in rows]
+    if not any(m is not None and bool(m.any()) for m in masks):  # e.g. English on an English model
+        yield
+        return
     width = next(m for m in masks if m is not None).shape[0]
     batch = torch.zeros((len(rows), width), dtype=torch.bool)
     for row, mask in enumerate(masks):
