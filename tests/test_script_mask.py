@@ -165,3 +165,6 @@ def test_piece_scripts():
     assert script_mask.piece_scripts("<0xE2>") == set()  # byte fallback serves every script
     assert script_mask.piece_scripts("<unk>") == set()
     assert script_mask.piece_scripts("αβ") == {"GREEK"}
+    assert script_mask.piece_scripts("\u2581\u02bc") == set()  # Ukrainian's modifier-letter apostrophe
+    assert script_mask.piece_scripts("\u00b5") == set()  # micro sign: a letter of no script
+    assert script_mask.piece_scripts("ħa") == {"LATIN"}  # Maltese

@@ -54,13 +54,23 @@ def hint_scripts(hint: Sequence[str] | None) -> frozenset[str] | None:
     return frozenset(scripts)
 
 
+# Scripts by the first word of their letters' Unicode names. A letter of none of these (MODIFIER
+# LETTER APOSTROPHE, which Ukrainian writes; MICRO SIGN; the ordinal indicators) is no script's.
+SCRIPTS = frozenset({
+    "LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "GEORGIAN", "HEBREW", "ARABIC", "SYRIAC", "THAANA",
+    "DEVANAGARI", "BENGALI", "GURMUKHI", "GUJARATI", "ORIYA", "TAMIL", "TELUGU", "KANNADA", "MALAYALAM",
+    "SINHALA", "THAI", "LAO", "TIBETAN", "MYANMAR", "KHMER", "MONGOLIAN", "ETHIOPIC", "CHEROKEE",
+    "HANGUL", "HIRAGANA", "KATAKANA", "CJK", "BOPOMOFO", "YI",
+})  # fmt: skip
+
+
 def char_script(ch: str) -> str | None:
     """'LATIN', 'CYRILLIC', 'GREEK', ... for a letter (the first word of its Unicode name); None
-    for anything that is not a letter."""
+    for anything else: digits, punctuation, and letters of no script in SCRIPTS."""
     if not ch.isalpha():
         return None
-    name = unicodedata.name(ch, "")
-    return name.split(" ", 1)[0] if name else "UNKNOWN"
+    script = unicodedata.name(ch, "").split(" ", 1)[0]
+    return script if script in SCRIPTS else None
 
 
 def piece_scripts(piece: str) -> frozenset[str]:
