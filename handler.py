@@ -38,7 +38,7 @@ import runpod
 from parakeet_worker import config, engine, errors, memory, openai_api, output, patches, pieces, request, scheduler
 from parakeet_worker import job as jobs
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import vad
+from parakeet_worker.analysis import language, vad
 from parakeet_worker.audio import decoder, disk, download, sources
 from parakeet_worker.audio.uploads import Uploads
 from parakeet_worker.config import SAMPLE_RATE
@@ -268,12 +268,15 @@ def _maybe_set_local_attention(model: Any, duration: float, rows: int = 1) -> No
     asr.set_attention(model, plan.mode == memory.LOCAL)
 
 
-def _run_batch(model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any]) -> list[Any]:
+def _run_batch(
+    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scripts: list[Any] | None = None
+) -> list[Any]:
     """One planned batch through the model, admitted by memory first (memory.MemoryPlanner.admit):
     rows that do not fit now wait for a pass of their own after the shorter ones; a row that
     does not fit even alone, after a wait for memory, gets out_of_memory, which cuts its item
     smaller (_resplit_on_oom): the kernel's OOM killer never has to. The encoder is set up for
-    each pass's longest row; a failing pass is retried in halves (engine.run_resilient)."""
+    each pass's longest row; a failing pass is retried in halves (engine.run_resilient).
+    `scripts`: each row's language hint's scripts (None: decoded as always)."""
     order = sorted(range(len(lengths)), key=lambda r: lengths[r])
     outs: dict[int, Any] = {}
     while len(outs) < len(order):
@@ -284,7 +287,8 @@ def _run_batch(model: Any, audio: Any, lengths: list[int], timestamps: bool, boo
             continue
         rows = rest[: plan.rows]
         ran = engine.run_resilient(model, audio[rows, : max(lengths[r] for r in rows)], [lengths[r] for r in rows],
-                                   timestamps, [boosts[r] for r in rows], prepare=_maybe_set_local_attention)  # fmt: skip
+                                   timestamps, [boosts[r] for r in rows], prepare=_maybe_set_local_attention,
+                                   scripts=None if scripts is None else [scripts[r] for r in rows])  # fmt: skip
         outs.update(zip(rows, ran, strict=True))
     return [outs[r] for r in range(len(lengths))]
 
@@ -303,6 +307,7 @@ def _prepare_unit(job: Job, index: int, item: Any) -> tuple[Prepared, cf.Future 
     arrival = Arrival(job.scheduler)
     try:
         job.boosts[index] = job.boost_of(item)  # before the fetch: a bad list costs no download
+        job.hints[index] = job.hint_of(item)  # so does a bad language hint
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if job.speakers is not None:
             job.keep(prepared.wav)  # before the scheduler may read it and let it go
@@ -340,6 +345,7 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
             elif index in job.clips and isinstance(out, Transcript):
                 out = vad.on_timeline(job.clips[index], out)
         out = await jobs.labelled(job, out, labels)
+        await job.detect_language(index, out)  # off the model thread, on the final text and segments
     except ItemError as exc:
         # Kept as this item's result: without its traceback, whose frames (this one included,
         # which holds it in `out`) would make a cycle that keeps the whole job alive.
@@ -433,7 +439,10 @@ def ensure_model() -> Any:
     run in-process without main() calls it on its way in."""
     patches.configure_logging()
     _started()
-    return asr.ensure_model()
+    model = asr.ensure_model()
+    if model is not None:
+        language.preload()  # py3langid (~1 s), on a thread of its own: the first item need not wait
+    return model
 
 
 @shared
@@ -447,7 +456,8 @@ async def run_job(
 ) -> dict[str, Any]:
     """One native job, whatever brought it (Runpod's queue, the OpenAI route, the HTTP server):
     {"inputs": [...], "timestamps", "output_format", "boost_phrases", "boost_weight", "vad",
-    "diarize", "num_speakers", "min_speakers", "max_speakers"} in (request.INPUT_SCHEMA),
+    "diarize", "num_speakers", "min_speakers", "max_speakers", "language", "languages"} in
+    (request.INPUT_SCHEMA),
     {"results": [...], "stats": {...}} out; raises errors.JobError (its code, its message) when
     the job cannot run at all: invalid input, no model, a sick worker, no temp dir.
 
