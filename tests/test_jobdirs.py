@@ -16,6 +16,7 @@ import pytest
 
 from parakeet_worker.audio import jobdirs
 from parakeet_worker.audio.jobdirs import LOCK_NAME, JobDirs, Owner, sweep, this_process
+from tools.testkit import FakeRunpodQueue, LocalServer, loopback_only_env, start_worker, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 OWNER_SCRIPT = str(REPO / "tests" / "jobdir_owner.py")
@@ -176,3 +177,62 @@ def test_a_dir_that_cannot_be_removed_keeps_its_lock(tmp_path):
 
 def test_a_missing_root_is_no_error(tmp_path):
     assert sweep(tmp_path / "never-made") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Through real workers: `python handler.py` on the SDK's loop, killed as the OOM killer kills
+# ---------------------------------------------------------------------------------------------
+
+
+class QueueWorker:
+    """A dry-run worker (SKIP_MODEL_LOAD=1: no model, the rest real) polling its own fake queue."""
+
+    def __init__(self, tmp: Path, root: Path, name: str):
+        self.queue = FakeRunpodQueue()
+        env = {**loopback_only_env(), "WORKER_TMP_DIR": str(root), "SKIP_MODEL_LOAD": "1", "LOG_LEVEL": "INFO"}
+        self.proc = start_worker(self.queue, env, tmp / f"{name}.log")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.queue.close()
+
+
+def job_dirs(root: Path) -> set[Path]:
+    return {p for p in root.glob("job-*") if p.is_dir()} if root.exists() else set()
+
+
+@NEEDS_PROC
+def test_a_worker_killed_mid_job_leaves_a_dir_the_next_start_removes(tmp_path):
+    """Worker B runs a job (its download trickles). Worker A starts (B's dir stays), takes a job
+    and is killed (SIGKILL) in the middle of it: its job dir stays behind. Worker C starts: by
+    the time it asks for jobs, A's dir is gone and B's is still there, B still running."""
+    root = tmp_path / "worker-tmp"
+    workers: list[QueueWorker] = []
+    with LocalServer() as server:
+        trickle = {"inputs": [{"source": f"{server.url}/trickle-forever/long.wav"}]}
+        try:
+            b = QueueWorker(tmp_path, root, "b")
+            workers.append(b)
+            b.queue.wait_taken([b.queue.add(trickle)])
+            wait_for(lambda: len(job_dirs(root)) == 1, 60, "worker B's job dir")
+            (live,) = job_dirs(root)
+
+            a = QueueWorker(tmp_path, root, "a")
+            workers.append(a)
+            a.queue.wait_taken([a.queue.add(trickle)])
+            wait_for(lambda: len(job_dirs(root)) == 2, 60, "worker A's job dir")
+            (killed,) = job_dirs(root) - {live}
+            a.proc.kill()
+            a.proc.wait()
+            assert killed.is_dir()  # what the OOM killer leaves behind
+
+            c = QueueWorker(tmp_path, root, "c")
+            workers.append(c)
+            c.queue.wait_open_take()  # C has started: dead workers' dirs are swept before the SDK polls
+            assert job_dirs(root) == {live}
+            assert (live / LOCK_NAME).is_file() and b.proc.poll() is None
+        finally:
+            for w in workers:
+                w.close()
