@@ -29,15 +29,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
 import secrets
 import shutil
-import socket
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,20 +113,34 @@ def owner_alive(owner: Owner, folder: Path | None = None, me: Owner | None = Non
     return folder is None or not _lock_is_free(folder / LOCK_NAME)
 
 
+def _locked(path: Path) -> int | None:
+    """An open file on `path` holding an exclusive flock (not waiting), or None where it cannot
+    be taken: held by another process, or a filesystem without locks. Read-only where it can be
+    (a file open for writing keeps its filesystem from being remounted read-only); NFS emulates
+    flock with POSIX locks, which want write access (EBADF read-only): then read-write."""
+    for flags in (os.O_RDONLY, os.O_RDWR):
+        try:
+            fd = os.open(path, flags | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno != errno.EBADF:
+                return None
+    return None
+
+
 def _lock_is_free(lock: Path) -> bool:
     """Whether no process holds the lock file `lock` (tried without waiting, then let go). A
-    missing or unopenable lock proves nothing: False."""
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
-    except OSError:
+    missing or unlockable lock file proves nothing: False."""
+    fd = _locked(lock)
+    if fd is None:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing drops the lock, if it was taken
+    os.close(fd)  # closing drops the lock
+    return True
 
 
 class JobDirs:
@@ -159,18 +170,19 @@ class JobDirs:
                 break
             except FileExistsError:
                 continue
-        fd = -1
-        try:  # locked under another name first: a sweeper never sees an unlocked .owner
-            fd = os.open(folder / f"{LOCK_NAME}.new", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(folder / f"{LOCK_NAME}.new", folder / LOCK_NAME)
+        staged = folder / f"{LOCK_NAME}.new"  # locked under another name first: a sweeper never sees an unlocked .owner
+        fd: int | None = None
+        try:
+            os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))  # empty: no block on a full disk
+            fd = _locked(staged)  # None on a filesystem without locks: the name still says who owns it
+            staged.rename(folder / LOCK_NAME)
         except OSError:
-            if fd >= 0:
+            if fd is not None:
                 os.close(fd)
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        with contextlib.suppress(OSError):  # for a person reading the dir; the proof is the lock
-            os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "created": time.time()}).encode())
+        if fd is None:
+            return folder
         with self._lock:
             self._locks[folder] = fd
         return folder
