@@ -42,13 +42,13 @@ from parakeet_worker.realtime_events import (
     failed_event,
     new_id,
 )
-from parakeet_worker.realtime_vad import SpeechProbs, Started, Stopped, TurnDetector
+from parakeet_worker.realtime_vad import SpeechProbs, Started, Stopped, TurnDetector, quietest_pause
 
 log = logging.getLogger("parakeet-worker.realtime")
 
 MIN_COMMIT_MS = 100  # OpenAI's floor for a commit
 PARTIAL_GROWTH = 8  # a partial re-decodes the whole turn: past PARTIAL_MS x 8 they come every 1/8 of its length
-QUIET_SEARCH_SEC = 2.0  # a turn cut at REALTIME_MAX_TURN_SEC is cut at the quietest frame of its last 2 s
+QUIET_SEARCH_SEC = 2.0  # a turn cut at REALTIME_MAX_TURN_SEC is cut in the quietest 200 ms of its last 2 s
 
 
 class Word(Protocol):
@@ -203,8 +203,10 @@ class Session:
             if (after is not None and n >= after) or (after is None and not record.delivered):
                 self._send(record.event, record)
 
-    def detach(self) -> None:
-        self.sink, self.detached_at = None, time.monotonic()
+    def detach(self, sink: Sink) -> None:
+        """`sink`'s connection ended (if it is still the one attached)."""
+        if self.sink is sink:
+            self.sink, self.detached_at = None, time.monotonic()
 
     def _send(self, ev: dict[str, Any], record: _Record | None = None) -> None:
         if self.sink is None:
@@ -344,15 +346,14 @@ class Session:
         self._send(event("input_audio_buffer.speech_started", audio_start_ms=_ms(start), item_id=self.item.id))
 
     def _cut_long_turn(self) -> None:
-        """A turn that has not paused for REALTIME_MAX_TURN_SEC is committed at its quietest frame
-        in the last QUIET_SEARCH_SEC, and the next turn starts there."""
-        assert self.item is not None and self.turns is not None
+        """A turn that has not paused for REALTIME_MAX_TURN_SEC is committed in the quietest 200 ms
+        of its last QUIET_SEARCH_SEC (a pause between words), and the next turn starts there."""
+        assert self.item is not None
         end = self.audio.end
-        lo = max(self.item.start + SAMPLE_RATE, end - int(QUIET_SEARCH_SEC * SAMPLE_RATE))
-        cut = self.turns.quietest(lo, end)
+        lo = max(self.item.start + SAMPLE_RATE // 2, end - int(QUIET_SEARCH_SEC * SAMPLE_RATE))
+        cut = lo + quietest_pause(self.audio.slice(lo, end))
         self._send(event("input_audio_buffer.speech_stopped", audio_end_ms=_ms(cut), item_id=self.item.id))
         self._commit(cut)
-        self.turns.cut(cut)
         self._open_turn(cut)
 
     def _commit_by_client(self) -> None:

@@ -135,11 +135,12 @@ class Connection:
                 self.request_close(CLOSE_GOING_AWAY, f"REALTIME_MAX_CONNECTION_SEC={limit:g} reached: reconnect with "
                                    f"session_id={self.session.id} to resume")  # fmt: skip
             self.reader.cancel()
+            self.session.detach(self)  # from here its events wait for a resume (a close may block on a client that reads nothing)
             await self._close(sender)
         finally:
             sender.cancel()
             self.reader.cancel()
-            self.session.detach()
+            self.session.detach(self)
             self.finished.set()
 
     def _reader_done(self, task: asyncio.Task[None]) -> None:

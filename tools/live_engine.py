@@ -55,9 +55,23 @@ class ThreadEngine:
         self.thread: threading.Thread | None = None
         self.stats = {"batches": 0, "rows": 0, "finals": 0, "partials": 0, "dropped": 0, "busy_sec": 0.0}
         self.batch_sizes: list[int] = []
+        self.open = 0  # transcribe() calls not yet returned to their session
+
+    def idle(self) -> bool:
+        """Every transcribe() call has returned to its session (and the session has acted on it
+        in the same step of its event loop): tests wait for this between chunks, so that which
+        partials run does not depend on timing."""
+        return self.open == 0
 
     async def transcribe(self, samples: np.ndarray, *, final: bool, boost: tuple[str, ...] | None,
                          stream: object) -> Any:  # fmt: skip
+        self.open += 1
+        try:
+            return await self._transcribe(samples, final, boost, stream)
+        finally:
+            self.open -= 1
+
+    async def _transcribe(self, samples: np.ndarray, final: bool, boost: tuple[str, ...] | None, stream: object) -> Any:
         loop = asyncio.get_running_loop()
         request = _Request(samples, final, boost, stream, loop.create_future(), loop)
         with self.cond:
