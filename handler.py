@@ -209,6 +209,11 @@ def _plan_next(ready: Sequence[Unit], local_mode: bool, served: Mapping[Any, flo
     job with ready units, one batch more than it takes that job to pass this job's service; a job
     that just arrived starts level with the job running now, so a one-clip job waits for at most
     two batches (one piece of a long item at most each), however big any other job's backlog is.
+
+    A live session's committed turn (a unit with live_final) is not fair-queued: the oldest one
+    leads the next batch, with the other live finals packed first, so that a speaker's text waits
+    for the batch running now and no more. Live audio comes at most as fast as people speak, so
+    this cannot starve file jobs; a live partial is an ordinary unit of its session.
     """
     if not ready:
         return []
@@ -217,6 +222,9 @@ def _plan_next(ready: Sequence[Unit], local_mode: bool, served: Mapping[Any, flo
     for unit in sorted(ready, key=lambda u: u.seq):
         by_job.setdefault(unit.job, []).append(unit)
     order = sorted(by_job, key=lambda j: (served.get(j, 0.0), by_job[j][0].seq))
+    live = [u for u in sorted(ready, key=lambda u: u.seq) if u.live_final]
+    if live:
+        return _pack_short(live[0], live, [by_job[job] for job in order])
     lead = by_job[order[0]]
     first = lead[0]
     lead_buckets = _bucketize_by_duration(lead)
@@ -225,11 +233,21 @@ def _plan_next(ready: Sequence[Unit], local_mode: bool, served: Mapping[Any, flo
         alone = sorted((u for u in lead_buckets[LONG] + lead_buckets[LOCAL] if u.seq < oldest_short), key=lambda u: u.seq)
         same_mode = [u for u in alone if (u in lead_buckets[LOCAL]) == local_mode]
         return [(same_mode or alone)[0]]
-    pool: list[Unit] = []
-    for job in order:
-        pool += _bucketize_by_duration(by_job[job])[SHORT]
+    return _pack_short(first, [], [by_job[job] for job in order])
+
+
+def _pack_short(first: Unit, ahead: list[Unit], jobs_in_order: list[list[Unit]]) -> list[Unit]:
+    """The batch _make_batches puts `first` in, packed from the short units of `ahead` and then
+    of each job in turn, until there are two batches' worth to choose from (`first` runs alone
+    if it is not short)."""
+    if _bucket_of(first.duration) != SHORT:
+        return [first]
+    pool: list[Unit] = [u for u in ahead if _bucket_of(u.duration) == SHORT]
+    taken = set(map(id, pool))
+    for units in jobs_in_order:
         if len(pool) >= 2 * config.CFG.batch_max_items:
             break
+        pool += [u for u in _bucketize_by_duration(units)[SHORT] if id(u) not in taken]
     return next(batch for batch in _make_batches(pool) if first in batch)
 
 
@@ -479,11 +497,34 @@ def worker_health() -> str:
 
 
 def http_app(load_model: bool = True) -> Any:
-    """The worker's HTTP API (FastAPI; docs/openai.md), wired to this file's job runner and health;
-    with `load_model`, the model loads in the background once it listens."""
+    """The worker's HTTP API (FastAPI; docs/openai.md, docs/realtime.md), wired to this file's job
+    runner, health and scheduler; with `load_model`, the model loads in the background once it
+    listens."""
     from parakeet_worker import http_server  # only here: the queue worker never imports the HTTP layer
 
-    return http_server.create_app(run_job, worker_health, ensure_model if load_model else None)
+    return http_server.create_app(run_job, worker_health, ensure_model if load_model else None, realtime_sessions())
+
+
+def realtime_sessions() -> Any:
+    """Live sessions (GET /v1/realtime) on this process's scheduler: their turns batch with every
+    job's items (realtime_engine), their turn detection is the worker's silero model."""
+    from parakeet_worker import realtime_engine, realtime_ws
+
+    settings = realtime_ws.RealtimeSettings.from_config(config.CFG)
+    return realtime_ws.SessionManager(settings, realtime_engine.SchedulerEngine(model_thread), vad.ensure_vad,
+                                      _realtime_refusal)  # fmt: skip
+
+
+def _realtime_refusal() -> tuple[int, str, str] | None:
+    """Why a live session cannot start now (HTTP status, message, code), or None."""
+    health = worker_health()
+    if health == "loading":
+        return 503, "the model is still loading; retry in a few seconds", "model_loading"
+    if asr.MODEL.error:
+        return 503, f"the model could not be loaded on this worker: {asr.MODEL.error}", "model_unavailable"
+    if health == "unhealthy":
+        return 503, "this worker is unhealthy (a GPU fault); retry on another", "unavailable"
+    return None
 
 
 def _concurrency(current: int) -> int:
@@ -501,7 +542,7 @@ def main(argv: list[str]) -> None:
     if config.CFG.worker_mode == "http":
         from parakeet_worker import http_server
 
-        http_server.serve(run_job, worker_health, ensure_model)
+        http_server.serve(run_job, worker_health, ensure_model, realtime_sessions())
         return
     local_args = any(a.startswith(("--test_input", "--rp_")) for a in argv)
     if not config.CFG.runpod_serverless and not local_args and not Path("test_input.json").is_file():

@@ -400,12 +400,16 @@ DRY_RUN_TEXT = "[dry run: SKIP_MODEL_LOAD=1, no model loaded]"
 
 
 def load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[int, ItemError]]:
-    """Read each item's WAV frames straight into its row of one zero-padded float32 matrix (one
-    copy). An item whose audio cannot be read gets an error and an empty row."""
+    """Read each item's WAV frames (or a live turn's samples) straight into its row of one
+    zero-padded float32 matrix (one copy). An item whose audio cannot be read gets an error and
+    an empty row."""
     lengths = [p.frames for p in items]
     audio = np.zeros((len(items), max(lengths)), dtype=np.float32)
     failed: dict[int, ItemError] = {}
     for row, p in enumerate(items):
+        if p.samples is not None:  # a live turn: in memory already
+            audio[row, : p.frames] = p.samples
+            continue
         try:
             with sf.SoundFile(str(p.wav)) as f:
                 at = 0

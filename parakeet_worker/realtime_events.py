@@ -14,8 +14,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from parakeet_worker.realtime_audio import AudioFormat, FormatError, parse_format
-from parakeet_worker.realtime_vad import VadParams
+from parakeet_worker.analysis.live_vad import VadParams
+from parakeet_worker.audio.live import AudioFormat, FormatError, parse_format
 
 MAX_PHRASES = 200  # key phrases from one session's prompt and keywords
 MAX_PHRASE_CHARS = 100

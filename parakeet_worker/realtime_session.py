@@ -31,7 +31,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from parakeet_worker.realtime_audio import SAMPLE_RATE, InputDecoder
+from parakeet_worker.analysis.live_vad import SpeechProbs, Started, Stopped, TurnDetector
+from parakeet_worker.audio.live import InputDecoder
+from parakeet_worker.config import SAMPLE_RATE
+from parakeet_worker.pieces import quietest
 from parakeet_worker.realtime_events import (
     ProtocolError,
     SessionConfig,
@@ -42,7 +45,6 @@ from parakeet_worker.realtime_events import (
     failed_event,
     new_id,
 )
-from parakeet_worker.realtime_vad import SpeechProbs, Started, Stopped, TurnDetector, quietest_pause
 
 log = logging.getLogger("parakeet-worker.realtime")
 
@@ -65,11 +67,22 @@ class TranscriptLike(Protocol):
 
 
 class Engine(Protocol):
+    """The model as a session sees it (realtime_engine.SchedulerEngine is the worker's)."""
+
     async def transcribe(self, samples: np.ndarray, *, final: bool, boost: tuple[str, ...] | None,
                          stream: object) -> TranscriptLike | None:  # fmt: skip
         """Transcribe 16 kHz mono float32 `samples`, boosting the key phrases `boost`. A partial
         (final=False) that the model has not started when another request of the same `stream`
-        arrives is dropped: it returns None. A final is never dropped; it raises on failure."""
+        arrives is dropped: it returns None. A final is never dropped; it raises on failure (an
+        exception with a `code` names it)."""
+        ...
+
+    def check(self, phrases: tuple[str, ...]) -> str | None:
+        """Why these key phrases cannot be boosted, or None."""
+        ...
+
+    def close(self, stream: object) -> None:
+        """`stream` ended: drop whatever of it still waits."""
         ...
 
 
@@ -263,6 +276,12 @@ class Session:
 
     def _update(self, session: Any) -> None:
         new = apply_update(self.config, session, self.limits.model_name)
+        phrases = new.transcription.phrases if new.transcription else ()
+        if phrases and phrases != (self.config.transcription.phrases if self.config.transcription else ()):
+            refused = self.engine.check(phrases)
+            if refused:
+                raise ProtocolError(f"these key phrases cannot be used: {refused}", "invalid_value",
+                                    "session.audio.input.transcription.keywords")  # fmt: skip
         if new.turn_detection != self.config.turn_detection:
             self._set_turn_detection(new)  # first: it may refuse (no VAD model), and then nothing changed
         if new.format != self.config.format:
@@ -351,7 +370,7 @@ class Session:
         assert self.item is not None
         end = self.audio.end
         lo = max(self.item.start + SAMPLE_RATE // 2, end - int(QUIET_SEARCH_SEC * SAMPLE_RATE))
-        cut = lo + quietest_pause(self.audio.slice(lo, end))
+        cut = lo + quietest(self.audio.slice(lo, end))
         self._send(event("input_audio_buffer.speech_stopped", audio_end_ms=_ms(cut), item_id=self.item.id))
         self._commit(cut)
         self._open_turn(cut)
@@ -441,7 +460,8 @@ class Session:
             raise
         except Exception as exc:  # noqa: BLE001 - the client gets `failed` for this turn; the session goes on
             log.warning("a turn could not be transcribed: %s", exc)
-            result = failed_event(item.id, f"the turn could not be transcribed: {type(exc).__name__}: {exc}")
+            result = failed_event(item.id, f"the turn could not be transcribed: {exc}",
+                                  getattr(exc, "code", "transcription_failed"))  # fmt: skip
         if result is None:
             result = failed_event(item.id, "the model did not take the turn", "dropped")
         if before is not None:
@@ -470,6 +490,7 @@ class Session:
         self.closed = True
         for task in list(self.tasks):
             task.cancel()
+        self.engine.close(self)
 
 
 def _ms(sample: int) -> int:

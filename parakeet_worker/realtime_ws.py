@@ -64,6 +64,17 @@ class RealtimeSettings:
     shutdown_grace_sec: float = 30.0  # SHUTDOWN_GRACE_SEC
     live: LiveLimits = field(default_factory=LiveLimits)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> RealtimeSettings:
+        """From the worker's Config (config.CFG): each REALTIME_* variable, WORKER_API_KEY and
+        SHUTDOWN_GRACE_SEC."""
+        live = LiveLimits(partial_ms=cfg.realtime_partial_ms, max_turn_sec=cfg.realtime_max_turn_sec,
+                          max_buffer_sec=cfg.realtime_max_buffer_sec, model_name=cfg.model)  # fmt: skip
+        return cls(api_key=cfg.worker_api_key or None, max_sessions=cfg.realtime_max_sessions,
+                   idle_sec=cfg.realtime_idle_sec, resume_sec=cfg.realtime_resume_sec,
+                   max_connection_sec=cfg.realtime_max_connection_sec, max_message_bytes=cfg.realtime_max_message_bytes,
+                   send_queue=cfg.realtime_send_queue, shutdown_grace_sec=cfg.shutdown_grace_sec, live=live)  # fmt: skip
+
 
 class _Refused(Exception):
     def __init__(self, status: int, message: str, code: str):
@@ -205,8 +216,11 @@ class SessionManager:
     """The sessions of this worker: at most max_sessions (attached or waiting to be resumed), each
     reachable by its id for resume_sec after its connection ends."""
 
-    def __init__(self, settings: RealtimeSettings, engine: Engine, vad_model: Callable[[], Any]):
-        self.settings, self.engine, self.vad_model = settings, engine, vad_model
+    def __init__(self, settings: RealtimeSettings, engine: Engine, vad_model: Callable[[], Any],
+                 refuse: Callable[[], tuple[int, str, str] | None] | None = None):  # fmt: skip
+        """`refuse` says why the worker cannot take a session now, as (HTTP status, message,
+        code): the model still loading, or failed, or the worker unhealthy."""
+        self.settings, self.engine, self.vad_model, self.refuse = settings, engine, vad_model, refuse
         self.sessions: dict[str, Session] = {}
         self.connections: dict[str, Connection] = {}
         self.expiry: dict[str, asyncio.TimerHandle] = {}
@@ -216,6 +230,9 @@ class SessionManager:
         """The session a connection gets: a new one, or (resume) the one named. _Refused if none."""
         if self.stopping:
             raise _Refused(503, "this worker is shutting down; connect again (to another worker)", "unavailable")
+        refusal = self.refuse() if self.refuse is not None else None
+        if refusal is not None:
+            raise _Refused(*refusal)
         if session_id:
             session = self.sessions.get(session_id)
             if session is None:

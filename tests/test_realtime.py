@@ -1,12 +1,12 @@
-"""Live transcription over OpenAI's Realtime protocol (GET /v1/realtime?intent=transcription): real
-servers on 127.0.0.1, the official `openai` client and a raw `websockets` client, espeak-ng speech
-streamed in 20-40 ms frames, the real demo model (through tools.live_engine until the route is
-wired to the worker's scheduler).
+"""Live transcription over OpenAI's Realtime protocol (GET /v1/realtime?intent=transcription): the
+worker's own HTTP app on 127.0.0.1 (wired as handler.http_app wires it: the one scheduler, the
+worker's silero model), the official `openai` client and a raw `websockets` client, espeak-ng
+speech streamed in 20-40 ms frames, the real demo model.
 
 No assertion depends on timing: where the words of the partials matter, the client waits (a
-session.update round trip, then the engine idle) between 500 ms blocks, so which partials run is
-fixed; elsewhere only what must hold whatever the timing is asserted (completed text, event
-order, each word once).
+session.update round trip, then no session waiting for the model) between 500 ms blocks, so
+which partials run is fixed; elsewhere only what must hold whatever the timing is asserted
+(completed text, event order, each word once, which units share a batch while the model is held).
 """
 
 from __future__ import annotations
@@ -14,24 +14,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import itertools
 import json
+import signal
 import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import DATA_ROOT, run_job, synth, until
-from fastapi import FastAPI, Response
+import soundfile as sf
+from conftest import DATA_ROOT, hold_model, run_job, speech_file, synth, until
+from fastapi import Response
 
-from parakeet_worker.realtime_session import LiveLimits
-from parakeet_worker.realtime_ws import RealtimeSettings, SessionManager, realtime_router
+from parakeet_worker import config, http_server
+from parakeet_worker.realtime_ws import SessionManager
 from tools.live_client import FORMATS, LiveClient, append, encode_input, frames, session_update
 from tools.live_client import words_of as completed_words
-from tools.live_engine import ThreadEngine, handler_batches
-from tools.testkit import UvicornThread
+from tools.testkit import REPO, UvicornThread, loopback_only_env
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"
@@ -55,37 +59,37 @@ def utterances(*texts: str, gap: float = 1.2) -> tuple[np.ndarray, list[float]]:
     return np.concatenate(parts), starts
 
 
-@pytest.fixture(scope="module")
-def engine(worker):
-    return ThreadEngine(handler_batches(worker))
-
-
 @contextlib.contextmanager
-def serve(engine: ThreadEngine, worker: Any, **settings: Any) -> Iterator[tuple[UvicornThread, SessionManager]]:
-    """A real server on 127.0.0.1 with the realtime route (settings: RealtimeSettings' and
-    LiveLimits' fields), /ping, and /test/drain (what SIGTERM runs)."""
-    live = {k: settings.pop(k) for k in list(settings) if k in LiveLimits.__dataclass_fields__}
-    manager = SessionManager(RealtimeSettings(**settings, live=LiveLimits(**live)), engine, worker.ensure_vad)
-    app = FastAPI()
-    app.include_router(realtime_router(manager))
+def serve(worker: Any, **changes: Any) -> Iterator[tuple[UvicornThread, SessionManager]]:
+    """The worker's HTTP app (http_server.create_app with handler.realtime_sessions(), as
+    handler.http_app builds it) on 127.0.0.1, with Config fields `changes` applied while it runs,
+    and /test/drain added: what SIGTERM runs before uvicorn's own shutdown."""
+    before = config.CFG
+    config.CFG = dataclasses.replace(before, **changes)
+    try:
+        manager = worker.realtime_sessions()
+        app = http_server.create_app(worker.run_job, worker.worker_health, None, manager)
 
-    @app.get("/ping")
-    async def ping() -> Response:
-        return Response(status_code=200)
+        async def drain() -> Response:
+            await manager.drain()
+            return Response(status_code=200)
 
-    @app.post("/test/drain")
-    async def drain() -> Response:
-        await manager.drain()
-        return Response(status_code=200)
-
-    with UvicornThread(app) as api:
-        yield api, manager
+        app.add_api_route("/test/drain", drain, methods=["POST"])
+        with UvicornThread(app) as api:
+            yield api, manager
+    finally:
+        config.CFG = before
 
 
 @pytest.fixture(scope="module")
-def server(engine, worker):
-    with serve(engine, worker) as (api, _):
-        yield api
+def live(worker):
+    with serve(worker) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(live):
+    return live[0]
 
 
 def offline(worker, audio: np.ndarray, name: str) -> dict[str, Any]:
@@ -184,9 +188,10 @@ def test_official_client_parses_every_event_and_completed_is_the_offline_transcr
             assert done.start <= live["start"] <= live["end"] <= done.end + 0.01
 
 
-def test_partials_send_the_words_two_decodes_agree_on(server, engine):
+def test_partials_send_the_words_two_decodes_agree_on(live):
     """Paced so that every partial runs (no timing): each item gets deltas, which only append,
     and which the final transcript begins with."""
+    server, manager = live
     audio, _ = utterances(U1, U2)
     data = encode_input(audio, "pcm24")
 
@@ -197,7 +202,7 @@ def test_partials_send_the_words_two_decodes_agree_on(server, engine):
                 await c.send(append(chunk))
                 if n % 25 == 24:
                     await c.barrier()
-                    await until(engine.idle, "the partials")
+                    await until(manager.engine.idle, "the partials")
             await c.wait_for(COMPLETED, 2)
             return c.events
 
@@ -227,12 +232,12 @@ def test_four_formats_give_the_same_words(server, pace):
     assert run(main()) == [[U1, PHONE]] * len(FORMATS)
 
 
-def test_server_vad_splits_two_utterances_and_a_long_turn_is_cut_between_words(engine, worker):
+def test_a_turn_that_never_pauses_is_cut_between_words(worker):
     """A turn that never pauses for REALTIME_MAX_TURN_SEC is committed at its quietest frame: nine
     digits spoken without a pause come back in more than one item, each word once, in order."""
     digits = "one two three four five six seven eight nine"
     audio = np.concatenate([silence(0.5), synth.speak(digits), silence(1.0)])
-    with serve(engine, worker, max_turn_sec=2.0) as (api, _):
+    with serve(worker, realtime_max_turn_sec=2.0) as (api, _):
 
         async def main() -> list[dict[str, Any]]:
             async with LiveClient(api.url) as c:
@@ -322,12 +327,12 @@ def test_keywords_boost_the_session(server):
 # --- Auth ----------------------------------------------------------------------------------------------
 
 
-def test_auth_by_bearer_header_and_by_browser_subprotocol(engine, worker):
+def test_auth_by_bearer_header_and_by_browser_subprotocol(worker):
     from openai import AsyncOpenAI
     from websockets.exceptions import InvalidStatus
 
     speech = encode_input(synth.speak(U1), "pcm16")
-    with serve(engine, worker, api_key="sekrit") as (api, manager):
+    with serve(worker, worker_api_key="sekrit") as (api, manager):
         base = api.url.replace("http", "ws") + "/v1"
 
         async def refused(**connect: Any) -> tuple[int, str]:
@@ -384,6 +389,7 @@ def test_bad_input_gets_an_error_event_and_the_session_goes_on(server):
             await c.send(update({"turn_detection": {"type": "server_vad", "threshold": 3}}))
             await c.send({"type": "session.update", "session": {"type": "realtime"}})
             await c.send(update({"transcription": {"keywords": "not a list"}}))
+            await c.send(update({"transcription": {"keywords": ["h\u00e9llo \u4e16\u754c"]}}))  # the model cannot spell it
             await c.send(session_update("pcm16", turn_detection=None))
             await c.send({"type": "input_audio_buffer.append", "audio": "not base64!", "event_id": "b64"})
             await c.send({"type": "input_audio_buffer.append"})
@@ -407,6 +413,7 @@ def test_bad_input_gets_an_error_event_and_the_session_goes_on(server):
         ("invalid_value", None, "session.audio.input.turn_detection.threshold"),
         ("invalid_request", None, "session.type"),
         ("invalid_value", None, "session.audio.input.transcription.keywords"),
+        ("invalid_value", None, "session.audio.input.transcription.keywords"),
         ("invalid_base64", "b64", "audio"),
         ("invalid_value", None, "audio"),
     ]
@@ -418,11 +425,11 @@ def test_bad_input_gets_an_error_event_and_the_session_goes_on(server):
     assert done.transcript == U1
 
 
-def test_frames_the_protocol_does_not_allow_close_the_socket_with_a_clear_code(engine, worker):
+def test_frames_the_protocol_does_not_allow_close_the_socket_with_a_clear_code(worker):
     from websockets.exceptions import InvalidStatus
 
     speech = encode_input(np.concatenate([synth.speak(U2)] * 3), "pcm16")
-    with serve(engine, worker, max_buffer_sec=2.0) as (api, _):
+    with serve(worker, realtime_max_buffer_sec=2.0) as (api, _):
 
         async def closed_by(*messages: Any, manual: bool = False) -> tuple[int | None, str]:
             async with LiveClient(api.url) as c:
@@ -455,10 +462,10 @@ def test_frames_the_protocol_does_not_allow_close_the_socket_with_a_clear_code(e
     assert unknown == (404, "session_not_found")
 
 
-def test_session_limit_and_idle_close(engine, worker):
+def test_session_limit_and_idle_close(worker):
     from websockets.exceptions import InvalidStatus
 
-    with serve(engine, worker, max_sessions=1, idle_sec=1.0, resume_sec=0.2) as (api, manager):
+    with serve(worker, realtime_max_sessions=1, realtime_idle_sec=1.0, realtime_resume_sec=0.2) as (api, manager):
 
         async def main() -> tuple[Any, ...]:
             async with LiveClient(api.url) as first:
@@ -478,15 +485,15 @@ def test_session_limit_and_idle_close(engine, worker):
     assert idle.close_code == 1000 and "REALTIME_IDLE_SEC=1" in idle.close_reason
 
 
-def test_a_client_that_reads_nothing_is_cut_off_and_blocks_nobody(engine, worker):
+def test_a_client_that_reads_nothing_is_cut_off_and_blocks_nobody(worker):
     """The session's outgoing queue is bounded: a client that sends but never reads is closed
     (1008) once REALTIME_SEND_QUEUE events wait, and meanwhile the server answers others."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
     big = {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
-        "transcription": {"keywords": [f"phrase number {n:03d}" for n in range(200)]}}}}}  # fmt: skip
-    with serve(engine, worker, send_queue=16) as (api, _):
+        "transcription": {"keywords": [" ".join(w) for w in itertools.islice(itertools.permutations(synth.VOCAB, 3), 200)]}}}}}  # fmt: skip
+    with serve(worker, realtime_send_queue=16, realtime_idle_sec=30) as (api, _):
 
         async def main() -> tuple[Any, ...]:
             url = api.url.replace("http", "ws") + "/v1/realtime?intent=transcription"
@@ -495,7 +502,7 @@ def test_a_client_that_reads_nothing_is_cut_off_and_blocks_nobody(engine, worker
             sock.connect(("127.0.0.1", api.port))
             sock.setblocking(False)
             async with connect(url, sock=sock, proxy=None, max_queue=1, max_size=None, compression=None) as ws:
-                for _ in range(3000):  # each answered by a session.updated of ~5 KB: ~14 MB unread
+                for _ in range(3000):  # each answered by a session.updated of ~4 KB: ~12 MB unread
                     try:
                         await ws.send(json.dumps(big))
                     except ConnectionClosed:
@@ -551,10 +558,10 @@ async def stream_resuming(url: str, data: bytes, fmt: str, items: int) -> tuple[
     return events, closes
 
 
-def test_resume_after_forced_cuts_gives_each_word_exactly_once(engine, worker):
+def test_resume_after_forced_cuts_gives_each_word_exactly_once(worker):
     audio, _ = utterances(U1, U2, U3, gap=0.8)
     data = encode_input(audio, "pcm24")
-    with serve(engine, worker, max_connection_sec=1.5) as (api, manager):
+    with serve(worker, realtime_max_connection_sec=1.5) as (api, manager):
         events, closes = run(stream_resuming(api.url, data, "pcm24", items=3))
         await_end = until(lambda: not manager.sessions, "the session to end with the client's own close")
         run(await_end)
@@ -569,14 +576,14 @@ def test_resume_after_forced_cuts_gives_each_word_exactly_once(engine, worker):
     assert len(committed) == len(set(committed)) == 3
 
 
-def test_drain_answers_every_buffered_turn_then_closes(engine, worker):
+def test_drain_answers_every_buffered_turn_then_closes(worker):
     """What SIGTERM runs: a server_vad turn still being spoken and a manual buffer never committed
     both get their `completed`, then the socket closes with 1001; new sessions are refused (503)."""
     from websockets.exceptions import InvalidStatus
 
     speaking = encode_input(np.concatenate([silence(0.4), synth.speak(U2)[:-1600]]), "pcm24")  # no pause after
     held = encode_input(synth.speak(U1), "pcm16")
-    with serve(engine, worker) as (api, _):
+    with serve(worker) as (api, _):
 
         async def main() -> tuple[Any, ...]:
             async with LiveClient(api.url) as vad, LiveClient(api.url) as manual:
@@ -602,3 +609,88 @@ def test_drain_answers_every_buffered_turn_then_closes(engine, worker):
     assert manual.types()[-2:] == ["input_audio_buffer.committed", COMPLETED]
     assert completed_words(vad.events) == U2.split() and completed_words(manual.events) == U1.split()
     assert (vad.close_code, manual.close_code) == (1001, 1001)
+
+
+# --- One model for everyone --------------------------------------------------------------------------------
+
+
+def test_eight_sessions_and_a_file_job_share_one_model_batch(worker, live, monkeypatch):
+    """While the model is busy, 8 sessions commit a turn each and a file job arrives: the next
+    batch holds all nine (live turns go through the same scheduler as files); the partials that
+    waited behind the busy model were dropped when each turn's final superseded them."""
+    server, manager = live
+    wav = speech_file(U1)
+    samples, _ = sf.read(str(wav), dtype="float32")
+    data = encode_input(samples, "pcm16")  # the same audio, the same length, as the file
+    scheduler = worker.model_thread()
+    entered, release = hold_model(worker, monkeypatch)
+
+    async def main() -> tuple[Any, ...]:
+        blocker = asyncio.ensure_future(worker.handler({"id": "blocker", "input": {"inputs": [{"source": str(wav)}]}}))
+        await until(entered.is_set, "the model to be busy")
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(LiveClient(server.url)) for _ in range(8)]
+            for c in clients:
+                await c.send(session_update("pcm16", turn_detection=None))
+                await stream(c, data, "pcm16", pace=None)  # partials are asked for on the way
+                await c.send({"type": "input_audio_buffer.commit"})
+            file_job = asyncio.ensure_future(worker.handler({"id": "file", "input": {"inputs": [{"source": str(wav)}]}}))
+            try:
+                await until(lambda: len(scheduler.ready) >= 9, "8 turns and the file's clip to wait for the model")
+                waiting = list(scheduler.ready)
+            finally:
+                release.set()
+            texts = [(await c.wait_for(COMPLETED))[0]["transcript"] for c in clients]
+            return await blocker, await file_job, texts, waiting, list(manager.engine.batches)[-8:]
+
+    blocked, out, texts, waiting, live_batches = run(main())
+    assert "error" not in blocked and out["results"][0]["text"] == U1
+    assert sum(u.live_final for u in waiting) == 8 and not any(u.partial for u in waiting)
+    assert texts == [U1] * 8
+    assert out["stats"]["batch_sizes"] == [9]  # the file's clip ran with the 8 turns
+    assert len({batch for batch, _ in live_batches}) == 1 and live_batches[0][1] == 9
+
+
+def test_sigterm_mid_turn_answers_the_turn_then_closes(tmp_path):
+    """`WORKER_MODE=http python handler.py`, a session speaking (no pause yet) when SIGTERM comes:
+    it gets speech_stopped, committed and the `completed` of its turn, then a 1001 close; the
+    process exits 0 and leaves no temp files."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = loopback_only_env()
+    env.update(WORKER_MODE="http", HOST="127.0.0.1", PORT=str(port), WORKER_TMP_DIR=str(tmp_path / "tmp"))
+    log = tmp_path / "server.log"
+    speaking = encode_input(np.concatenate([silence(0.4), synth.speak(U2)[:-1600]]), "pcm24")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "handler.py"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+
+        def ready() -> bool:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5).status == 200
+            except OSError:
+                return False
+
+        async def main() -> LiveClient:
+            await until(lambda: ready() or proc.poll() is not None, "the worker's model", 180)
+            assert proc.poll() is None, log.read_text()
+            async with LiveClient(f"http://127.0.0.1:{port}") as c:
+                await c.send(session_update("pcm24"))
+                await stream(c, speaking, "pcm24", pace=None)
+                await c.barrier()
+                assert "input_audio_buffer.speech_started" in c.types()
+                proc.send_signal(signal.SIGTERM)
+                await c.wait_closed()
+                return c
+
+        c = run(main())
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert c.types()[-3:] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed", COMPLETED]
+    assert completed_words(c.events) == U2.split()
+    assert c.close_code == 1001
+    assert list((tmp_path / "tmp").rglob("*")) == []

@@ -9,7 +9,9 @@ import pytest
 from conftest import synth
 from scipy.signal import resample_poly
 
-from parakeet_worker.realtime_audio import (
+from parakeet_worker.analysis import vad
+from parakeet_worker.analysis.live_vad import FRAME, SpeechProbs, Started, Stopped, TurnDetector, VadParams
+from parakeet_worker.audio.live import (
     FILTER_HALF_WIDTH,
     PCMA,
     PCMU,
@@ -20,7 +22,6 @@ from parakeet_worker.realtime_audio import (
     g711_table,
     parse_format,
 )
-from parakeet_worker.realtime_vad import FRAME, SpeechProbs, Started, Stopped, TurnDetector, VadParams
 from tools.live_client import encode_input
 
 
@@ -108,12 +109,12 @@ def test_turn_detector_rules():
     assert not det.in_speech
 
 
-def test_live_vad_equals_the_file_vad(worker):
+def test_live_vad_equals_the_file_vad():
     """The live stream's probabilities, fed in 20 ms chunks, are the worker's file VAD's on the
     whole array (same model, same context handling)."""
     audio = np.concatenate([np.zeros(8000, np.float32), synth.speak("one two three"), np.zeros(8000, np.float32)])
-    live = chunked(SpeechProbs(worker.ensure_vad()).push, audio, most=321)
-    whole = worker._vad_probs(worker._reader(audio), len(audio))
+    live = chunked(SpeechProbs(vad.ensure_vad()).push, audio, most=321)
+    whole = vad.vad_probs(vad.reader(audio), len(audio))
     n = len(audio) // FRAME
     assert len(live) == n
     assert np.allclose(live, whole[:n], atol=1e-5)

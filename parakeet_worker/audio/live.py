@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-SAMPLE_RATE = 16_000  # what the model and the VAD take
+from parakeet_worker.config import SAMPLE_RATE
+
 PCM, PCMU, PCMA = "audio/pcm", "audio/pcmu", "audio/pcma"
 PCM_RATES = (24_000, 16_000)  # 24 kHz is OpenAI's; 16 kHz is this worker's extension
 G711_RATE = 8_000

@@ -1,9 +1,10 @@
 """Turn detection for a live stream: silero's speech probabilities frame by frame, and OpenAI's
 `server_vad` rules (threshold, prefix_padding_ms, silence_duration_ms) over them.
 
-The model is the silero-vad ONNX sequence model the worker already loads for files (handed in,
-never loaded here); a live stream keeps its own LSTM state and 64-sample context between chunks,
-so its probabilities are those of the whole stream run at once. The turn rules are a pure state
+The model is the silero-vad ONNX sequence model the worker already loads for files (vad.ensure_vad,
+handed in); a live stream keeps its own LSTM state and 64-sample context between chunks, and is
+scored by the same code as a file (vad.score_frames), so its probabilities are those of the whole
+stream run at once. The turn rules are a pure state
 machine over (frame, probability): no clock, no I/O, testable with any probabilities.
 """
 
@@ -14,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
-FRAME, CONTEXT = 512, 64  # silero's frame at 16 kHz (32 ms) and the samples of context it sees before it
+from parakeet_worker.analysis.vad import VAD_CONTEXT, VAD_FRAME, score_frames
+from parakeet_worker.config import SAMPLE_RATE
+
+FRAME = VAD_FRAME  # silero's frame at 16 kHz (32 ms)
 HYSTERESIS = 0.15  # speech goes on until the probability falls this far under the threshold (silero's rule)
 MIN_SPEECH_FRAMES = 2  # one loud 32 ms frame (a click, a breath) does not start a turn
 
@@ -28,7 +31,7 @@ class SpeechProbs:
         self.model = model  # silero's OnnxWrapper, loaded with sequence=True
         self.hidden = np.zeros((1, 1, 128), np.float32)
         self.cell = np.zeros((1, 1, 128), np.float32)
-        self.context = np.zeros(CONTEXT, np.float32)
+        self.context = np.zeros(VAD_CONTEXT, np.float32)
         self.pending = np.zeros(0, np.float32)
 
     def push(self, samples: np.ndarray) -> np.ndarray:
@@ -39,13 +42,8 @@ class SpeechProbs:
             return np.zeros(0, np.float32)
         grid = self.pending[: n * FRAME].reshape(n, FRAME)
         self.pending = self.pending[n * FRAME :].copy()
-        contexts = np.concatenate([self.context[None], grid[:-1, -CONTEXT:]])
-        self.context = grid[-1, -CONTEXT:].copy()
-        out, self.hidden, self.cell = self.model.session.run(
-            ["speech_probs", "hn", "cn"],
-            {"input": np.concatenate([contexts, grid], axis=1), "h": self.hidden, "c": self.cell},
-        )
-        return np.asarray(out, np.float32).reshape(-1)
+        probs, self.context, self.hidden, self.cell = score_frames(self.model, grid, self.context, self.hidden, self.cell)
+        return probs
 
 
 @dataclass(frozen=True)
@@ -117,14 +115,3 @@ class TurnDetector:
         """Where the next frame starts: a detector that replaces this one starts there."""
         return self.origin + self.frame * FRAME
 
-
-def quietest_pause(samples: np.ndarray) -> int:
-    """The middle of the quietest 200 ms of `samples` (energy in 10 ms frames, smoothed), as an
-    index into it: a pause between words rather than inside one. The rule the worker cuts long
-    files by; here it cuts a live turn that will not pause."""
-    hop = SAMPLE_RATE // 100
-    energy = np.add.reduceat(samples.astype(np.float64) ** 2, np.arange(0, len(samples), hop)) if len(samples) else []
-    if len(energy) <= 20:
-        return len(samples)
-    smooth = np.convolve(energy, np.ones(20), mode="same")
-    return int(np.argmin(smooth[10:-10]) + 10) * hop
