@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import subprocess
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +68,7 @@ class LiveClient:
         self.url = f"{base.replace('http://', 'ws://')}/v1/realtime?{query}"
         self.connect_args = {"proxy": None, "max_size": None, **connect}
         self.events: list[dict[str, Any]] = []
+        self.times: list[float] = []  # when each event arrived (time.time())
         self.arrived = asyncio.Condition()
         self.ws: Any = None
         self.reader: asyncio.Task[None] | None = None
@@ -94,6 +96,7 @@ class LiveClient:
         try:
             async for message in self.ws:
                 async with self.arrived:
+                    self.times.append(time.time())
                     self.events.append(json.loads(message))
                     self.arrived.notify_all()
         except ConnectionClosed:
