@@ -515,6 +515,14 @@ def realtime_sessions() -> Any:
                                       _realtime_refusal)  # fmt: skip
 
 
+def _start_http() -> None:
+    """The HTTP server's start, in a background thread once it listens: the model, then silero
+    (live sessions' turn detection; loaded now, not on the event loop by the first session)."""
+    ensure_model()
+    if asr.loaded_model() is not None:
+        vad.ensure_vad()
+
+
 def _realtime_refusal() -> tuple[int, str, str] | None:
     """Why a live session cannot start now (HTTP status, message, code), or None."""
     health = worker_health()
@@ -542,7 +550,7 @@ def main(argv: list[str]) -> None:
     if config.CFG.worker_mode == "http":
         from parakeet_worker import http_server
 
-        http_server.serve(run_job, worker_health, ensure_model, realtime_sessions())
+        http_server.serve(run_job, worker_health, _start_http, realtime_sessions())
         return
     local_args = any(a.startswith(("--test_input", "--rp_")) for a in argv)
     if not config.CFG.runpod_serverless and not local_args and not Path("test_input.json").is_file():

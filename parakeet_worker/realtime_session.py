@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -186,8 +185,6 @@ class Session:
         self.sink: Sink | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.last_final: asyncio.Task[Any] | None = None
-        self.detached_at: float | None = time.monotonic()
-        self.closed = False
         self.bytes_before = 0  # audio bytes taken by earlier decoders (before a format change)
 
     # --- connection ------------------------------------------------------------------------------
@@ -201,7 +198,7 @@ class Session:
         """A connection took this session: session.created, then (on a resume) every completed or
         failed event it may have missed: those after `last_item_id` if the client names the last
         item it has, else those not yet written to a socket."""
-        self.sink, self.detached_at = sink, None
+        self.sink = sink
         created = event("session.created", session=self.config.as_session(self.id))
         if resume:
             created["resumed"] = {"audio_bytes_received": self.received_bytes,
@@ -219,7 +216,7 @@ class Session:
     def detach(self, sink: Sink) -> None:
         """`sink`'s connection ended (if it is still the one attached)."""
         if self.sink is sink:
-            self.sink, self.detached_at = None, time.monotonic()
+            self.sink = None
 
     def _send(self, ev: dict[str, Any], record: _Record | None = None) -> None:
         if self.sink is None:
@@ -487,7 +484,6 @@ class Session:
     def close(self) -> None:
         """The session ends: its model calls are cancelled (a waiting partial or final is then
         withdrawn by the engine)."""
-        self.closed = True
         for task in list(self.tasks):
             task.cancel()
         self.engine.close(self)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
@@ -331,7 +330,3 @@ async def _deny(ws: WebSocket, exc: _Refused) -> None:
     except RuntimeError:  # a server without the denial extension: a close before accept is a 403
         await ws.close(CLOSE_POLICY, exc.message[:120])
 
-
-def settings_with(settings: RealtimeSettings, **live: Any) -> RealtimeSettings:
-    """`settings` with some of its session limits changed (for tests and benchmarks)."""
-    return dataclasses.replace(settings, live=dataclasses.replace(settings.live, **live))
