@@ -59,6 +59,20 @@ def _env_pair(name: str, default: str) -> tuple[int, int]:
     return left, right
 
 
+def _env_languages(name: str) -> tuple[str, ...]:
+    """A comma-separated list of ISO 639-1 codes ("en,de"), lower-cased, duplicates dropped."""
+    codes: list[str] = []
+    for part in _env(name, "").split(","):
+        code = part.strip().lower()
+        if not code:
+            continue
+        if len(code) != 2 or not (code.isascii() and code.isalpha()):
+            raise SystemExit(f"{name}: {part.strip()!r} is not an ISO 639-1 language code such as 'en'")
+        if code not in codes:
+            codes.append(code)
+    return tuple(codes)
+
+
 def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup"),
                affinity: int | None = None) -> int:  # fmt: skip
     """How many CPUs this process may keep busy: its affinity mask, capped by any cgroup CPU quota
@@ -178,6 +192,7 @@ class Config:
     realtime_max_connection_sec: float = 0.0  # 0: no limit
     realtime_max_message_bytes: int = 1024**2
     realtime_send_queue: int = 256
+    model_languages: tuple[str, ...] = ()  # (): the table by model name (analysis/language.py)
 
     @classmethod
     def from_env(cls) -> Config:
@@ -243,6 +258,7 @@ class Config:
             realtime_max_connection_sec=_env_num("REALTIME_MAX_CONNECTION_SEC", d.realtime_max_connection_sec),
             realtime_max_message_bytes=max(1024, _env_num("REALTIME_MAX_MESSAGE_BYTES", d.realtime_max_message_bytes, int)),
             realtime_send_queue=max(1, _env_num("REALTIME_SEND_QUEUE", d.realtime_send_queue, int)),
+            model_languages=_env_languages("MODEL_LANGUAGES"),
         )
 
 
