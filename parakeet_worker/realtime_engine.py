@@ -5,7 +5,8 @@ This is the Engine realtime_session asks (see its docstring): samples in memory 
 Prepared without a WAV; a partial carries its session as `stream`, so that the scheduler drops
 it while it waits if the same session asks again (a newer partial, or the turn's final); a final
 is planned into the next batch (handler._plan_next). The session's key phrases go through the
-worker's own boosting (checked and built once per list, cached like a job's).
+worker's own boosting (checked and built once per list, cached like a job's), and its language
+hint keeps decoding to the hinted languages' scripts, as a job's does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import boosting
+from parakeet_worker.analysis import boosting, script_mask
 from parakeet_worker.errors import ItemError
 from parakeet_worker.scheduler import Scheduler, Unit, UnitResult
 from parakeet_worker.transcript import Prepared, Transcript
@@ -63,9 +64,10 @@ class SchedulerEngine:
         return boosting.resolve_boost(asr.loaded_model(), cleaned, self.weight)
 
     async def transcribe(self, samples: np.ndarray, *, final: bool, boost: tuple[str, ...] | None,
-                         stream: object) -> Transcript | None:  # fmt: skip
+                         stream: object, language: tuple[str, ...] | None = None) -> Transcript | None:  # fmt: skip
+        scripts = script_mask.hint_scripts(language) if language and script_mask.can_mask(asr.loaded_model()) else None
         unit = Unit(Prepared.in_memory(samples), job=stream, timestamps=final, final=False, boost=self._boost(boost),
-                    stream=stream, partial=not final)  # fmt: skip
+                    stream=stream, partial=not final, scripts=scripts)  # fmt: skip
         self.asking += 1
         try:
             future = self.scheduler().submit(unit)

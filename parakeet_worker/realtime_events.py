@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from parakeet_worker.analysis import language
 from parakeet_worker.analysis.live_vad import VadParams
 from parakeet_worker.audio.live import AudioFormat, FormatError, parse_format
 
@@ -48,11 +49,15 @@ class Transcription:
     language: str | None = None
     prompt: str | None = None
     keywords: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()
+    hint: tuple[str, ...] | None = None  # `language` or `languages`, checked: a job's language hint
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "language": self.language, "prompt": self.prompt}
         if self.keywords:
             out["keywords"] = list(self.keywords)
+        if self.languages:
+            out["languages"] = list(self.languages)
         return out
 
     @property
@@ -170,7 +175,15 @@ def parse_transcription(value: Any, default_model: str | None) -> Transcription 
     keywords = value.get("keywords") or []
     if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
         raise ProtocolError("keywords must be a list of strings", "invalid_value", f"{param}.keywords")
-    out = Transcription(value.get("model") or default_model, value.get("language"), value.get("prompt"), tuple(keywords))
+    languages = value.get("languages") or []
+    if not isinstance(languages, list) or not all(isinstance(k, str) for k in languages):
+        raise ProtocolError("languages must be a list of language codes", "invalid_value", f"{param}.languages")
+    try:  # a job's language hint (docs/language.md): decoding kept to the hinted languages' scripts
+        hint = language.check_hint(value.get("language"), languages, language.spoken())
+    except language.HintError as exc:
+        raise ProtocolError(str(exc), "invalid_value", f"{param}.{exc.param}") from None
+    out = Transcription(value.get("model") or default_model, value.get("language"), value.get("prompt"), tuple(keywords),
+                        tuple(languages), hint)  # fmt: skip
     phrases = out.phrases
     if len(phrases) > MAX_PHRASES or any(len(p) > MAX_PHRASE_CHARS for p in phrases):
         raise ProtocolError(f"at most {MAX_PHRASES} key phrases (keywords and prompt parts) of at most "

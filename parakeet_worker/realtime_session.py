@@ -69,8 +69,9 @@ class Engine(Protocol):
     """The model as a session sees it (realtime_engine.SchedulerEngine is the worker's)."""
 
     async def transcribe(self, samples: np.ndarray, *, final: bool, boost: tuple[str, ...] | None,
-                         stream: object) -> TranscriptLike | None:  # fmt: skip
-        """Transcribe 16 kHz mono float32 `samples`, boosting the key phrases `boost`. A partial
+                         stream: object, language: tuple[str, ...] | None = None) -> TranscriptLike | None:  # fmt: skip
+        """Transcribe 16 kHz mono float32 `samples`, boosting the key phrases `boost`, kept to the
+        hinted languages `language` (checked codes) where the model can be. A partial
         (final=False) that the model has not started when another request of the same `stream`
         arrives is dropped: it returns None. A final is never dropped; it raises on failure (an
         exception with a `code` names it)."""
@@ -407,6 +408,10 @@ class Session:
     def _boost(self) -> tuple[str, ...] | None:
         return (self.config.transcription.phrases or None) if self.config.transcription else None
 
+    @property
+    def _hint(self) -> tuple[str, ...] | None:
+        return self.config.transcription.hint if self.config.transcription else None
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
@@ -429,7 +434,7 @@ class Session:
         """Decode the turn so far; send as a delta the words that this decode and the previous
         one agree on (their common prefix) beyond those already sent."""
         try:
-            out = await self.engine.transcribe(samples, final=False, boost=self._boost, stream=self)
+            out = await self.engine.transcribe(samples, final=False, boost=self._boost, stream=self, language=self._hint)
         except Exception as exc:  # noqa: BLE001 - a partial is a best effort; the final still comes
             log.warning("a partial transcription failed: %s", exc)
             return
@@ -451,7 +456,7 @@ class Session:
         """The authoritative transcript of a committed turn; sent after the turn before it."""
         start, seconds = item.start / SAMPLE_RATE, len(samples) / SAMPLE_RATE
         try:
-            out = await self.engine.transcribe(samples, final=True, boost=self._boost, stream=self)
+            out = await self.engine.transcribe(samples, final=True, boost=self._boost, stream=self, language=self._hint)
             result = completed_event(item.id, out, start, seconds) if out is not None else None
         except asyncio.CancelledError:
             raise

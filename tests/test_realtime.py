@@ -319,9 +319,10 @@ def test_keywords_boost_the_session(server):
             return (await c.wait_for(COMPLETED))[0]["transcript"]
 
     async def main() -> list[str]:
-        return list(await asyncio.gather(one(), one(keywords=["seven"]), one(prompt="seven, nine")))
+        return list(await asyncio.gather(one(), one(keywords=["seven"]), one(prompt="seven, nine"),
+                                         one(keywords=["seven"], language="en")))  # fmt: skip
 
-    assert run(main()) == ["two", "seven", "seven"]
+    assert run(main()) == ["two", "seven", "seven", "seven"]
 
 
 # --- Auth ----------------------------------------------------------------------------------------------
@@ -390,6 +391,8 @@ def test_bad_input_gets_an_error_event_and_the_session_goes_on(server):
             await c.send({"type": "session.update", "session": {"type": "realtime"}})
             await c.send(update({"transcription": {"keywords": "not a list"}}))
             await c.send(update({"transcription": {"keywords": ["h\u00e9llo \u4e16\u754c"]}}))  # the model cannot spell it
+            await c.send(update({"transcription": {"language": "not a language"}}))
+            await c.send(update({"transcription": {"language": "en", "languages": ["en"]}}))
             await c.send(session_update("pcm16", turn_detection=None))
             await c.send({"type": "input_audio_buffer.append", "audio": "not base64!", "event_id": "b64"})
             await c.send({"type": "input_audio_buffer.append"})
@@ -414,6 +417,8 @@ def test_bad_input_gets_an_error_event_and_the_session_goes_on(server):
         ("invalid_request", None, "session.type"),
         ("invalid_value", None, "session.audio.input.transcription.keywords"),
         ("invalid_value", None, "session.audio.input.transcription.keywords"),
+        ("invalid_value", None, "session.audio.input.transcription.language"),
+        ("invalid_value", None, "session.audio.input.transcription.languages"),
         ("invalid_base64", "b64", "audio"),
         ("invalid_value", None, "audio"),
     ]
