@@ -1,0 +1,196 @@
+"""Known speakers (parakeet_worker/known_speakers.py): the request's fields, the checks of a
+reference, and naming the speakers diarization finds, with real espeak-ng voices, the real VAD
+and the real CAM++ model (models/campplus.ts, built by `make setup`)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from parakeet_worker import known_speakers as ks
+from tools import synth
+from tools.testkit import conversation
+
+RATE = synth.SAMPLE_RATE
+
+
+@pytest.fixture(autouse=True)
+def speaker_model_present():
+    if not (REPO / "models" / "campplus.ts").is_file():
+        pytest.fail("models/campplus.ts is missing: run `make setup` (python docker/fetch_speaker_model.py)")
+
+
+class Voices:
+    """The worker's own diarization parts: regions, windows, CAM++ embeddings, clustering."""
+
+    def __init__(self, worker):
+        self.w = worker
+        self.model, self.device = worker._speaker_model()
+
+    def windows(self, samples, regions):
+        spans, feats = self.w._window_features(samples, regions)
+        return np.asarray(spans).reshape(-1, 2), self.w._embed(self.model, self.device, feats, threading.Event())
+
+    def speech_sec(self, samples) -> float:
+        return sum(b - a for a, b in self.speech(samples))
+
+    def speech(self, samples):
+        frames = self.w._raw_regions(self.w._vad_probs(self.w._reader(samples), len(samples)), len(samples))
+        return [(a / RATE, b / RATE) for a, b in frames]
+
+    def print_of(self, name, samples):
+        _, emb = self.windows(samples, self.speech(samples))
+        return ks.voiceprint(name, emb)
+
+    def diarize(self, samples):
+        spans, emb = self.windows(samples, self.w._energy_regions(samples))
+        labels = self.w._cluster(emb, self.w.SpeakerCount())
+        return spans, emb, labels
+
+
+@pytest.fixture(scope="module")
+def voices(worker):
+    return Voices(worker)
+
+
+def reference(voice: int, words: str, speed: int = 175) -> np.ndarray:
+    """Another recording of CONVERSATION_VOICES[voice]: other words, another speed."""
+    from tools.testkit import CONVERSATION_VOICES
+
+    name, pitch = CONVERSATION_VOICES[voice]
+    audio = synth.trim(synth.speak(words, name, speed, pitch))
+    pad = np.zeros(int(0.2 * RATE), np.float32)
+    return np.concatenate([pad, audio, pad])
+
+
+def cluster_of(spans, labels, truth, who: int) -> int:
+    """The label most of `who`'s windows got."""
+    centres = spans.mean(axis=1)
+    mine = [labels[i] for i, c in enumerate(centres) if any(w == who and a <= c <= b for w, a, b in truth)]
+    return int(np.bincount(mine).argmax())
+
+
+def test_enrolled_voices_get_their_names_and_a_stranger_none(voices):
+    audio, truth, _ = conversation([0, 1, 2] * 3, seed=7)
+    spans, emb, labels = voices.diarize(audio)
+    assert len(set(labels)) == 3
+    prints = [voices.print_of("alice", reference(0, "seven left hello right nine up")),
+              voices.print_of("bob", reference(1, "go down three world yes four stop"))]  # fmt: skip
+    found = ks.centroids(emb, labels)
+    names = ks.match(found, prints)
+    alice, bob, stranger = (cluster_of(spans, labels, truth, who) for who in (0, 1, 2))
+    assert names == {alice: "alice", bob: "bob"}, ks.similarities(found, prints)
+    assert stranger not in names
+    sims = ks.similarities(found, prints)
+    assert sims[(alice, "alice")] >= ks.MATCH_THRESHOLD > sims[(stranger, "alice")]
+    assert sims[(stranger, "bob")] < ks.MATCH_THRESHOLD
+    # Labels: names where matched, the rest numbered among themselves in speaking order.
+    order = [int(k) for k in dict.fromkeys(labels[np.argsort(spans.mean(axis=1))])]
+    public = ks.labels_in_order(order, names)
+    assert public[alice] == "alice" and public[bob] == "bob" and public[stranger] == "SPEAKER_00"
+
+
+def test_one_name_goes_to_one_speaker_and_the_likest_wins(voices):
+    audio, truth, _ = conversation([0, 1] * 4, seed=8)
+    spans, emb, labels = voices.diarize(audio)
+    found = ks.centroids(emb, labels)
+    # Two references of the same voice under two names: only the likelier name is given.
+    first = voices.print_of("first", reference(0, "one two three four five six"))
+    second = voices.print_of("second", reference(0, "left right up down go stop yes no", speed=150))
+    names = ks.match(found, [first, second])
+    target = cluster_of(spans, labels, truth, 0)
+    assert list(names) == [target], names
+    sims = ks.similarities(found, [first, second])
+    assert names[target] == max(("first", "second"), key=lambda n: sims[(target, n)])
+    # A voiceprint of nobody in the conversation names nobody.
+    assert ks.match(found, [voices.print_of("absent", reference(2, "hello world nine eight seven"))]) == {}
+
+
+def test_a_reference_must_be_two_to_ten_seconds_of_speech(voices):
+    speaker = ks.KnownSpeaker("alice", {"source": "x"}, "known_speaker_references[0]")
+    good = reference(0, "seven left hello right nine up")
+    assert 2 <= len(good) / RATE <= 10
+    ks.check_reference(speaker, len(good) / RATE, voices.speech_sec(good))
+    short = reference(0, "seven left")
+    with pytest.raises(ks.KnownSpeakerError) as err:
+        ks.check_reference(speaker, len(short) / RATE, voices.speech_sec(short))
+    assert err.value.param == "known_speaker_references[0]" and "'alice'" in err.value.message
+    assert "long; a reference must be 2-10 s" in err.value.message
+    long = np.concatenate([good] * 5)
+    assert len(long) / RATE > 10
+    with pytest.raises(ks.KnownSpeakerError, match="must be 2-10 s"):
+        ks.check_reference(speaker, len(long) / RATE, voices.speech_sec(long))
+    # Four seconds of a hum and of noise: loud, but no voice in them.
+    t = np.arange(4 * RATE) / RATE
+    hum = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    noise = (0.1 * np.random.default_rng(0).standard_normal(4 * RATE)).astype(np.float32)
+    for clip in (hum, noise):
+        speech = voices.speech_sec(clip)
+        assert speech < ks.REFERENCE_MIN_SPEECH_SEC
+        with pytest.raises(ks.KnownSpeakerError, match="of speech, less than 1 s"):
+            ks.check_reference(speaker, len(clip) / RATE, speech)
+
+
+@pytest.mark.parametrize(
+    ("names", "refs", "param", "message"),
+    [
+        (["alice"], [], "known_speaker_references", "give one reference per name"),
+        (["a", "b", "c", "d", "e"], ["x"] * 5, "known_speaker_names", "more than 4"),
+        ("alice", ["x"], "known_speaker_names", "must be a list"),
+        ([""], ["x"], "known_speaker_names[0]", "is empty"),
+        (["alice", "Alice"], ["x", "y"], "known_speaker_names[1]", "given twice"),
+        (["SPEAKER_01"], ["x"], "known_speaker_names[0]", "unnamed speaker"),
+        (["B"], ["x"], "known_speaker_names[0]", "unnamed speaker"),
+        ([7], ["x"], "known_speaker_names[0]", "must be a string"),
+        (["x" * 65], ["x"], "known_speaker_names[0]", "more than 64"),
+        (["al\nice"], ["x"], "known_speaker_names[0]", "control characters"),
+        (["alice"], [""], "known_speaker_references[0]", "non-empty string"),
+        (["alice"], [{"url": "x"}], "known_speaker_references[0]", "non-empty string"),
+    ],
+)
+def test_openai_fields_refused_with_the_field_named(names, refs, param, message):
+    with pytest.raises(ks.KnownSpeakerError) as err:
+        ks.from_openai(names, refs)
+    assert err.value.param == param and message in err.value.message
+
+
+def test_openai_and_native_fields_accepted():
+    got = ks.from_openai([" alice ", "Bob"], ["data:audio/wav;base64,AAAA", "/runpod-volume/bob.wav"])
+    assert [(s.name, s.item, s.param) for s in got] == [
+        ("alice", {"source": "data:audio/wav;base64,AAAA"}, "known_speaker_references[0]"),
+        ("Bob", {"source": "/runpod-volume/bob.wav"}, "known_speaker_references[1]"),
+    ]
+    assert ks.from_openai(None, None) == [] and ks.from_native(None) == []
+    got = ks.from_native([{"name": "alice", "audio_base64": "AAAA"}, {"name": "bob", "source": "https://x/b.wav"}])
+    assert [(s.name, s.item, s.param) for s in got] == [
+        ("alice", {"audio_base64": "AAAA"}, "known_speakers[0].audio_base64"),
+        ("bob", {"source": "https://x/b.wav"}, "known_speakers[1].source"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "param", "message"),
+    [
+        ({"name": "a"}, "known_speakers", "must be a list"),
+        (["alice"], "known_speakers[0]", "must be an object"),
+        ([{"name": "alice"}], "known_speakers[0]", "exactly one of 'source' or 'audio_base64'"),
+        ([{"name": "alice", "source": "x", "audio_base64": "y"}], "known_speakers[0]", "exactly one"),
+        ([{"name": "alice", "source": "x", "voice": 1}], "known_speakers[0]", "unknown field(s) ['voice']"),
+        ([{"name": "alice", "source": 3}], "known_speakers[0].source", "non-empty string"),
+        ([{"source": "x"}], "known_speakers[0].name", "must be a string"),
+        ([{"name": "ann", "source": "x"}, {"name": "Ann ", "source": "y"}], "known_speakers[1]", "given twice"),
+        ([{"name": f"n{i}", "source": "x"} for i in range(5)], "known_speakers", "more than 4"),
+    ],
+)
+def test_native_field_refused_with_the_field_named(value, param, message):
+    with pytest.raises(ks.KnownSpeakerError) as err:
+        ks.from_native(value)
+    assert err.value.param == param and message in err.value.message
+
+
+def test_unnamed_speakers_are_numbered_among_themselves():
+    assert ks.labels_in_order([2, 0, 1, 0], {0: "alice"}) == {2: "SPEAKER_00", 0: "alice", 1: "SPEAKER_01"}
+    assert ks.labels_in_order([1, 0], {}) == {1: "SPEAKER_00", 0: "SPEAKER_01"}
