@@ -7,12 +7,12 @@ Modules a helper adds join the layer of their concern here.
 """
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # base: settings, the error-code table, safe logging, the shared shapes, fair sharing, state
-    ("state", "config", "logsafe", "errors", "transcript", "fairshare", "patches"),
+    # base: settings, telemetry switches, the error-code table, safe logging, the shared shapes, fair sharing, state
+    ("state", "config", "privacy", "logsafe", "errors", "transcript", "fairshare", "patches"),
     # audio in: every source to a 16 kHz mono WAV
     ("audio.headers", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads"),
     # analysis: each a model got once, and pure functions around it
-    ("analysis.vad", "analysis.speakers", "analysis.boosting"),
+    ("analysis.vad", "analysis.known_speakers", "analysis.speakers", "analysis.boosting"),
     # the model and the scheduler that runs it
     ("model", "engine", "scheduler", "pieces"),
     # one job: its request, its state, its answer

@@ -1,6 +1,7 @@
-"""Known speakers (parakeet_worker/known_speakers.py): the request's fields, the checks of a
-reference, and naming the speakers diarization finds, with real espeak-ng voices, the real VAD
-and the real CAM++ model (models/campplus.ts, built by `make setup`)."""
+"""Known speakers (parakeet_worker/analysis/known_speakers.py): the request's fields, the checks
+of a reference, and naming the speakers diarization finds, with real espeak-ng voices, the real
+VAD and the real CAM++ model (models/campplus.ts, built by `make setup`); then end to end, through
+the native job, the queue's OpenAI route and the HTTP server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from parakeet_worker import known_speakers as ks
+from parakeet_worker.analysis import known_speakers as ks
+from parakeet_worker.analysis import speakers, vad
 from tools import synth
 from tools.testkit import conversation
 
@@ -26,19 +28,18 @@ def speaker_model_present():
 class Voices:
     """The worker's own diarization parts: regions, windows, CAM++ embeddings, clustering."""
 
-    def __init__(self, worker):
-        self.w = worker
-        self.model, self.device = worker._speaker_model()
+    def __init__(self):
+        self.model, self.device = speakers.speaker_model()
 
     def windows(self, samples, regions):
-        spans, feats = self.w._window_features(samples, regions)
-        return np.asarray(spans).reshape(-1, 2), self.w._embed(self.model, self.device, feats, threading.Event())
+        spans, feats = speakers._window_features(samples, regions)
+        return np.asarray(spans).reshape(-1, 2), speakers.embed(self.model, self.device, feats, threading.Event())
 
     def speech_sec(self, samples) -> float:
         return sum(b - a for a, b in self.speech(samples))
 
     def speech(self, samples):
-        frames = self.w._raw_regions(self.w._vad_probs(self.w._reader(samples), len(samples)), len(samples))
+        frames = vad.raw_regions(vad.vad_probs(vad.reader(samples), len(samples)), len(samples))
         return [(a / RATE, b / RATE) for a, b in frames]
 
     def print_of(self, name, samples):
@@ -46,14 +47,14 @@ class Voices:
         return ks.voiceprint(name, emb)
 
     def diarize(self, samples):
-        spans, emb = self.windows(samples, self.w._energy_regions(samples))
-        labels = self.w._cluster(emb, self.w.SpeakerCount())
+        spans, emb = self.windows(samples, speakers._energy_regions(samples))
+        labels = speakers.cluster(emb, speakers.SpeakerCount())
         return spans, emb, labels
 
 
 @pytest.fixture(scope="module")
 def voices(worker):
-    return Voices(worker)
+    return Voices()
 
 
 def reference(voice: int, words: str, speed: int = 175) -> np.ndarray:

@@ -11,8 +11,9 @@ name goes to at most one speaker, a speaker gets at most one name, and a speaker
 reference keeps its anonymous label. A voice that diarization merges with another (two voices
 CAM++ hears as one) is one speaker here too.
 
-Pure functions over NumPy arrays: the request's fields are checked here, the audio is fetched
-and embedded by the caller (speakers.py holds the model), so this module imports nothing heavy.
+Pure functions over NumPy arrays: the request's fields are checked here; the references are
+fetched and decoded by the job like any input (handler.py), embedded by analysis.speakers (which
+holds the model) and matched there, after clustering, with match() and labels_in_order().
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from parakeet_worker.audio import sources
 
 KNOWN_SPEAKERS_MAX = 4  # as OpenAI; every reference is fetched, decoded and embedded per request
 REFERENCE_MIN_SEC = 2.0
@@ -104,9 +107,10 @@ def _check_unique(speakers: Sequence[KnownSpeaker], param: str) -> None:
 
 
 def _reference_item(value: Any, param: str) -> dict[str, str]:
+    """A reference as an input item: anything OpenAI's `file` may be (sources.item_of)."""
     if not isinstance(value, str) or not value.strip():
         raise KnownSpeakerError(param, "must be a non-empty string: a data: URL, a URL, a path or base64 audio")
-    return {"source": value.strip()}
+    return sources.item_of(value.strip())
 
 
 def from_openai(names: Any, references: Any) -> list[KnownSpeaker]:
@@ -143,6 +147,9 @@ def from_native(value: Any) -> list[KnownSpeaker]:
     speakers = []
     for n, entry in enumerate(value):
         param = f"known_speakers[{n}]"
+        if isinstance(entry, KnownSpeaker):  # checked already (an OpenAI request's; no JSON makes one)
+            speakers.append(entry)
+            continue
         if not isinstance(entry, dict):
             raise KnownSpeakerError(param, 'must be an object: {"name": ..., "source": ...}')
         unknown = sorted(str(k)[:40] for k in set(entry) - {"name", "source", "audio_base64"})
@@ -165,20 +172,29 @@ def from_native(value: Any) -> list[KnownSpeaker]:
 
 def check_reference(speaker: KnownSpeaker, duration: float, speech_sec: float) -> None:
     """KnownSpeakerError, naming the reference, unless it is 2-10 s long and holds at least
-    REFERENCE_MIN_SPEECH_SEC of speech: a shorter clip gives too few windows for a voiceprint,
-    a longer one is not a reference but a recording, and one without speech has no voice."""
-    who = f"the reference for '{speaker.name}'"
+    REFERENCE_MIN_SPEECH_SEC of speech (check_length, then check_speech)."""
+    check_length(speaker, duration)
+    check_speech(speaker, speech_sec)
+
+
+def check_length(speaker: KnownSpeaker, duration: float) -> None:
+    """A reference must be 2-10 s long (as OpenAI's): a shorter clip gives too few windows for a
+    voiceprint, a longer one is a recording, not a reference."""
     if not REFERENCE_MIN_SEC - REFERENCE_SLACK_SEC <= duration <= REFERENCE_MAX_SEC + REFERENCE_SLACK_SEC:
         raise KnownSpeakerError(
-            speaker.param,
-            f"{who} is {duration:.2f} s long; a reference must be {REFERENCE_MIN_SEC:g}-{REFERENCE_MAX_SEC:g} s",
-        )
+            speaker.param, f"the reference for '{speaker.name}' is {duration:.2f} s long; a reference must be "
+            f"{REFERENCE_MIN_SEC:g}-{REFERENCE_MAX_SEC:g} s",
+        )  # fmt: skip
+
+
+def check_speech(speaker: KnownSpeaker, speech_sec: float) -> None:
+    """A reference must hold REFERENCE_MIN_SPEECH_SEC of speech: music, noise or silence has no
+    voice to enrol."""
     if speech_sec < REFERENCE_MIN_SPEECH_SEC:
         raise KnownSpeakerError(
-            speaker.param,
-            f"{who} holds {speech_sec:.2f} s of speech, less than {REFERENCE_MIN_SPEECH_SEC:g} s: it must be "
-            "the voice speaking (alone)",
-        )
+            speaker.param, f"the reference for '{speaker.name}' holds {speech_sec:.2f} s of speech, less than "
+            f"{REFERENCE_MIN_SPEECH_SEC:g} s: it must be the voice speaking (alone)",
+        )  # fmt: skip
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
