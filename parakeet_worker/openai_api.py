@@ -291,10 +291,14 @@ def openai_result(out: dict[str, Any], req: OpenAIRequest) -> dict[str, Any] | s
     if req.response_format in ("srt", "vtt"):
         return result["subtitles"]
     if req.response_format == "verbose_json":
-        return _verbose(result, req)
-    if req.response_format == "diarized_json":
-        return {**openai_diarized_json(result), "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
-    return {"text": result["text"], "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
+        body = _verbose(result, req)
+    elif req.response_format == "diarized_json":
+        body = {**openai_diarized_json(result), "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
+    else:
+        body = {"text": result["text"], "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
+    if result.get("warning"):  # what the request asked for and did not get as asked (a JSON body has room to say so)
+        body["warning"] = result["warning"]
+    return body
 
 
 # The job runner (handler.run_job): (native job input, events, uploads) -> the job's answer;

@@ -5,16 +5,20 @@ the native job, the queue's OpenAI route and the HTTP server."""
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
+from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
-from conftest import REPO
+from conftest import DATA_ROOT, REPO, call_handler, run_job, temp_leftovers
 
 from parakeet_worker.analysis import known_speakers as ks
 from parakeet_worker.analysis import speakers, vad
 from tools import synth
-from tools.testkit import conversation
+from tools.testkit import UvicornThread, conversation
 
 RATE = synth.SAMPLE_RATE
 
@@ -195,3 +199,130 @@ def test_native_field_refused_with_the_field_named(value, param, message):
 def test_unnamed_speakers_are_numbered_among_themselves():
     assert ks.labels_in_order([2, 0, 1, 0], {0: "alice"}) == {2: "SPEAKER_00", 0: "alice", 1: "SPEAKER_01"}
     assert ks.labels_in_order([1, 0], {}) == {1: "SPEAKER_00", 0: "SPEAKER_01"}
+
+
+# --- End to end: the native job, the queue's OpenAI route, the HTTP server ----------------------
+
+ALICE_SAYS, BOB_SAYS = "seven left hello right nine up", "go down three world yes four stop"
+
+
+@pytest.fixture(scope="module")
+def meeting():
+    """A conversation of three voices (the first two enrolled, the third a stranger), its truth,
+    and the two references as files under DATA_ROOT (an allowed root)."""
+    audio, truth, said = conversation([0, 1, 2] * 3, seed=7)
+    path = synth.write(DATA_ROOT / "known-meeting.wav", audio)
+    alice = synth.write(DATA_ROOT / "known-alice.wav", reference(0, ALICE_SAYS))
+    bob = synth.write(DATA_ROOT / "known-bob.wav", reference(1, BOB_SAYS))
+    return {"path": str(path), "truth": truth, "said": said, "alice": alice, "bob": bob}
+
+
+def data_url(path) -> str:
+    return "data:audio/wav;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def named_attribution(truth, turns, names=("alice", "bob")) -> float:
+    """The share of each enrolled voice's speech labelled with its own name (the truth's 0 and 1)."""
+    right = total = 0.0
+    for who, a, b in truth:
+        if who >= len(names):
+            continue
+        total += b - a
+        right += sum(max(0.0, min(b, t["end"]) - max(a, t["start"])) for t in turns if t["speaker"] == names[who])
+    return right / total
+
+
+def test_native_job_names_known_speakers_everywhere(worker, meeting):
+    known = [{"name": "alice", "source": f"file://{meeting['alice']}"},
+             {"name": "bob", "audio_base64": base64.b64encode(meeting["bob"].read_bytes()).decode()}]  # fmt: skip
+    (result,) = run_job(worker, [{"source": meeting["path"]}], diarize=True, timestamps=True,
+                        known_speakers=known)["results"]  # fmt: skip
+    assert "warning" not in result, result
+    turns = result["turns"]
+    assert {t["speaker"] for t in turns} == {"alice", "bob", "SPEAKER_00"}, turns  # the stranger stays anonymous
+    assert named_attribution(meeting["truth"], turns) >= 0.9, turns
+    stranger = [(a, b) for who, a, b in meeting["truth"] if who == 2]
+    mid = [(t["start"] + t["end"]) / 2 for t in turns if t["speaker"] == "SPEAKER_00"]
+    assert mid and all(any(a - 0.3 <= m <= b + 0.3 for a, b in stranger) for m in mid), turns
+    words, segments = result["timestamps"]["word"], result["timestamps"]["segment"]
+    assert {w["speaker"] for w in words} == {"alice", "bob", "SPEAKER_00"}
+    assert {s["speaker"] for s in segments} == {"alice", "bob", "SPEAKER_00"}
+    for fmt, mark in (("srt", "[alice] "), ("vtt", "<v bob>"), ("text", "alice: ")):
+        (out,) = run_job(worker, [{"source": meeting["path"]}], diarize=True, output_format=fmt,
+                         known_speakers=known)["results"]  # fmt: skip
+        shown = out["subtitles"] if fmt != "text" else out["text"]
+        assert mark in shown and ("SPEAKER_00" in shown), shown
+
+
+def test_queue_openai_route_diarized_json_with_known_speakers(worker, meeting):
+    body = {"file": data_url(meeting["path"]), "model": "gpt-4o-transcribe-diarize", "response_format": "diarized_json",
+            "known_speaker_names": ["alice", "bob"],
+            "known_speaker_references": [data_url(meeting["alice"]), str(meeting["bob"])]}  # fmt: skip
+    out = call_handler(worker, {"id": "q", "input": {"openai_route": "/v1/audio/transcriptions", "openai_input": body}})
+    assert "error" not in out, out
+    speakers_seen = {s["speaker"] for s in out["segments"]}
+    assert speakers_seen == {"alice", "bob", "A"}, out["segments"]  # the stranger is OpenAI's first anonymous letter
+    turns = [{"speaker": s["speaker"], "start": s["start"], "end": s["end"]} for s in out["segments"]]
+    assert named_attribution(meeting["truth"], turns) >= 0.85, turns
+
+
+def test_http_server_takes_references_as_openai_sends_them(worker, meeting):
+    """The official client sends known_speaker_names[] and known_speaker_references[] (data: URLs,
+    here over 64 KiB each) as form fields."""
+    with UvicornThread(worker.http_app()) as api, open(meeting["path"], "rb") as f:
+        client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x", max_retries=0, timeout=120)
+        refs = [data_url(meeting["alice"]), data_url(meeting["bob"])]
+        assert min(map(len, refs)) > 64 * 1024
+        out = client.audio.transcriptions.create(
+            model="gpt-4o-transcribe-diarize", file=f, response_format="diarized_json",
+            known_speaker_names=["alice", "bob"], known_speaker_references=refs,
+        )  # fmt: skip
+        body = out.model_dump() if hasattr(out, "model_dump") else out
+        assert {s["speaker"] for s in body["segments"]} == {"alice", "bob", "A"}, body["segments"]
+        f.seek(0)
+        vtt = client.audio.transcriptions.create(
+            model="m", file=f, response_format="vtt", known_speaker_names=["bob"], known_speaker_references=refs[1:],
+            extra_body={"diarize": "true"},
+        )  # fmt: skip
+        assert "<v bob>" in vtt and "<v SPEAKER_00>" in vtt and "alice" not in vtt, vtt
+        f.seek(0)
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.audio.transcriptions.create(model="m", file=f, known_speaker_names=["bob"],
+                                               known_speaker_references=refs[1:])  # fmt: skip
+        assert bad.value.body["param"] == "known_speaker_names" and "diariz" in bad.value.body["message"]
+    assert temp_leftovers() == []
+
+
+def bad_references(tmp_dir):
+    """(file, what the error says) for references that must be refused."""
+    t = np.arange(4 * RATE) / RATE
+    hum = synth.write(tmp_dir / "ref-hum.wav", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
+    short = synth.write(tmp_dir / "ref-short.wav", reference(0, "seven left"))
+    long = synth.write(tmp_dir / "ref-long.wav", np.concatenate([reference(0, ALICE_SAYS)] * 5))
+    junk = tmp_dir / "ref-junk.wav"
+    junk.write_bytes(np.random.default_rng(5).bytes(40_000))
+    return [(hum, "s of speech, less than 1 s"), (short, "s long; a reference must be 2-10 s"),
+            (long, "s long; a reference must be 2-10 s"), (junk, "the reference for 'carol'")]  # fmt: skip
+
+
+def test_bad_references_are_refused_naming_them(worker, meeting):
+    for path, says in bad_references(DATA_ROOT):
+        known = [{"name": "alice", "source": str(meeting["alice"])}, {"name": "carol", "source": str(path)}]
+        out = call_handler(worker, {"id": "bad", "input": {"inputs": [{"source": meeting["path"]}], "diarize": True,
+                                                           "known_speakers": known}})  # fmt: skip
+        assert out["error"].startswith("invalid input: known_speakers[1].source: ") and says in out["error"], out
+        assert "'carol'" in out["error"] and "results" not in out
+        body = {"file": meeting["path"], "response_format": "diarized_json", "known_speaker_names": ["alice", "carol"],
+                "known_speaker_references": [str(meeting["alice"]), data_url(path)]}  # fmt: skip
+        answer = call_handler(worker, {"id": "q", "input": {"openai_route": "/v1/audio/transcriptions",
+                                                            "openai_input": body}})  # fmt: skip
+        error = json.loads(answer["error"])["error"]
+        assert error["param"] == "known_speaker_references[1]" and says in error["message"], error
+        assert error["type"] == "invalid_request_error"
+    outside = call_handler(worker, {"id": "o", "input": {"inputs": [{"source": meeting["path"]}], "diarize": True,
+                                                         "known_speakers": [{"name": "x", "source": "/etc/hostname"}]}})  # fmt: skip
+    assert outside["error"].startswith("invalid input: known_speakers[0].source: ") and "outside" in outside["error"]
+    without = call_handler(worker, {"id": "w", "input": {"inputs": [{"source": meeting["path"]}],
+                                                         "known_speakers": [{"name": "x", "source": "/a.wav"}]}})  # fmt: skip
+    assert without["error"] == "invalid input: known_speakers needs diarize: true"
+    assert temp_leftovers() == []
