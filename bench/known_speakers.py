@@ -43,36 +43,35 @@ POOL = ("en-us", "en-us+f1", "en-us+f3", "en-us+f5", "en-us+m7", "en-us+klatt", 
 THRESHOLDS = [round(t, 2) for t in np.arange(0.40, 0.951, 0.01)]
 
 
-def _pipeline() -> Any:
-    """The worker's diarization parts (one torch thread: on shared cores it is the fastest)."""
-    os.environ.setdefault("SKIP_MODEL_LOAD", "1")
+def _pipeline() -> None:
+    """One torch thread: on shared cores it is the fastest for CAM++ (and steadier)."""
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     sys.path.insert(0, str(REPO))
     import torch
 
     torch.set_num_threads(1)
-    import handler
-
-    return handler
 
 
 class Embedder:
-    """Window embeddings of speech, as diarization makes them."""
+    """Window embeddings of speech, as diarization makes them (analysis.speakers)."""
 
-    def __init__(self, worker: Any):
-        self.w = worker
-        self.model, self.device = worker._speaker_model()
+    def __init__(self) -> None:
+        from parakeet_worker import privacy
+        from parakeet_worker.analysis import speakers, vad
+
+        privacy.telemetry_off()
+        self.speakers, self.vad = speakers, vad
+        self.model, self.device = speakers.speaker_model()
         self.stop = threading.Event()
 
     def windows(self, samples: np.ndarray, regions: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
-        spans, feats = self.w._window_features(samples, regions)
-        emb = self.w._embed(self.model, self.device, feats, self.stop) if feats else np.zeros((0, 192), np.float32)
+        spans, feats = self.speakers._window_features(samples, regions)
+        emb = self.speakers.embed(self.model, self.device, feats, self.stop) if feats else np.zeros((0, 192), np.float32)
         return np.asarray(spans).reshape(-1, 2), emb
 
     def speech(self, samples: np.ndarray) -> list[tuple[float, float]]:
-        """VAD's speech regions of a reference, in seconds."""
-        frames = self.w._raw_regions(self.w._vad_probs(self.w._reader(samples), len(samples)), len(samples))
-        return [(a / 16000, b / 16000) for a, b in frames]
+        """VAD's speech regions of a reference, in seconds (as speakers.enrol finds them)."""
+        return self.speakers._reference_speech(samples)
 
 
 def talk(rng: np.random.Generator, people: list[tuple[str, int]], order: list[int]) -> tuple[np.ndarray, list]:
@@ -111,9 +110,9 @@ def trial(emb: Embedder, ks: Any, seed: int) -> dict[str, Any]:
     talking = 3 if seed % 2 else 2
     order = [t % talking for t in range(int(rng.integers(8, 13)))]
     audio, truth = talk(rng, people, order)
-    w = emb.w
-    spans, x = emb.windows(audio, w._energy_regions(audio))
-    labels = w._cluster(x, w.SpeakerCount())
+    sp = emb.speakers
+    spans, x = emb.windows(audio, sp._energy_regions(audio))
+    labels = sp.cluster(x, sp.SpeakerCount())
     centres = spans.mean(axis=1)
     who = np.array([next((p for p, a, b in truth if a - 0.25 <= c <= b + 0.25), -1) for c in centres])
     enrolled = [0, 1, 3]
@@ -170,10 +169,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1000, help="the first trial's seed")
     args = parser.parse_args(argv)
-    worker = _pipeline()
-    from parakeet_worker import known_speakers as ks
+    _pipeline()
+    from parakeet_worker.analysis import known_speakers as ks
 
-    emb = Embedder(worker)
+    emb = Embedder()
     started = time.perf_counter()
     trials = [trial(emb, ks, args.seed + n) for n in range(args.trials)]
     summary = summarise(trials)

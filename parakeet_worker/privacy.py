@@ -11,7 +11,8 @@ requirements.txt / constraints.txt):
   and a `.ses` file into $TMPDIR, and is built to upload them to mobile.events.data.microsoft.com.
   ORT_DISABLE_TELEMETRY=1, read by its C++ core when its environment starts, stops all of it.
 - huggingface_hub: `send_telemetry` pings the Hub unless HF_HUB_DISABLE_TELEMETRY (or
-  DO_NOT_TRACK) is set; the worker never calls it itself, a library might.
+  DO_NOT_TRACK) is set; the worker never calls it itself, a library might (transformers, which
+  NeMo imports, checks the same switch).
 - NeMo 3.0 records OneLogger events on model restores; with no exporter package installed
   (nv-one-logger-wandb and the like, none is) they go nowhere, and no variable turns it off.
 - wandb (a NeMo dependency, imported by its experiment manager, not by inference): WANDB_MODE=
