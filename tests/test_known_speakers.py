@@ -326,3 +326,13 @@ def test_bad_references_are_refused_naming_them(worker, meeting):
                                                          "known_speakers": [{"name": "x", "source": "/a.wav"}]}})  # fmt: skip
     assert without["error"] == "invalid input: known_speakers needs diarize: true"
     assert temp_leftovers() == []
+
+
+def test_a_speaker_model_that_cannot_load_costs_the_names_not_the_job(worker, config, monkeypatch, meeting):
+    for name, value in (("value", None), ("error", None), ("loaded", False)):  # loaded again, from the path below
+        monkeypatch.setattr(speakers.CAMPPLUS, name, value)
+    config(speaker_model=str(DATA_ROOT / "no-such-model.ts"))
+    known = [{"name": "alice", "source": str(meeting["alice"])}]
+    (result,) = run_job(worker, [{"source": meeting["path"]}], diarize=True, known_speakers=known)["results"]
+    assert result["text"] and "turns" not in result, result
+    assert result["warning"].startswith("no speaker labels: speaker model"), result
