@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+from urllib.parse import quote
 
 import openai
 import pytest
@@ -46,7 +47,8 @@ def http_json(api, body: dict) -> dict:
 
 def test_file_by_path_and_file_url_on_both_routes(worker, api):
     clip = speech_file("nine up", "flac")
-    for file in (str(clip), f"file://{clip}", f"file://{str(clip).replace('/', '%2F', 0)}"):
+    spaced = speech_file("nine up", "flac", name="nine up, spaced")  # its file:// URL quotes the spaces
+    for file in (str(clip), f"file://{clip}", f"file://{quote(str(spaced))}", str(spaced)):
         assert words_of(queue_route(worker, {"file": file})["text"]) == ["nine", "up"], file
         answer = http_json(api, {"file": file, "model": "whisper-1"})
         assert answer["status"] == 200 and words_of(answer["text"]) == ["nine", "up"], answer
