@@ -369,7 +369,7 @@ async def _enrol(job: Job, known: Sequence[KnownSpeaker]) -> None:
     """The job's voiceprints (job.voiceprints), one per known speaker, before any item is
     diarized: each reference is fetched and decoded on the prepare pool as an input is (any
     source an input may be), into the job's dir, then checked and embedded in the same thread
-    (at most 10 s of audio: well under a second of CAM++; on the diarize pool it could wait
+    (at most 10 s of audio: under a second of CAM++ on a CPU; on the diarize pool it could wait
     behind another job's hour). A reference the client got wrong stops the job (JobError
     invalid_input naming its field); a speaker model that cannot load only means no names
     (every item then says why it has no labels)."""
