@@ -49,6 +49,7 @@ bench: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench.memory
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.vad
 	$(PY) -m bench.diarize
+	$(PY) -m bench.language
 
 bench-long: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio

@@ -38,7 +38,7 @@ import runpod
 from parakeet_worker import config, engine, errors, openai_api, output, patches, pieces, privacy, request, scheduler
 from parakeet_worker import job as jobs
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import speakers, vad
+from parakeet_worker.analysis import language, speakers, vad
 from parakeet_worker.analysis.known_speakers import KnownSpeaker, KnownSpeakerError, Voiceprint
 from parakeet_worker.audio import decoder, disk, download, sources
 from parakeet_worker.audio.uploads import Uploads
@@ -260,10 +260,15 @@ def _maybe_set_local_attention(model: Any, duration: float) -> None:
     log.info("encoder attention: %s", "local" if want_local else "full")
 
 
-def _run_batch(model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any]) -> list[Any]:
+def _run_batch(
+    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scripts: list[Any] | None = None
+) -> list[Any]:
     """One planned batch through the model, the encoder set up for its longest row first; a
-    failing batch is retried in halves (engine.run_resilient)."""
-    return engine.run_resilient(model, audio, lengths, timestamps, boosts, prepare=_maybe_set_local_attention)
+    failing batch is retried in halves (engine.run_resilient). `scripts`: each row's language
+    hint's scripts (None: decoded as always)."""
+    return engine.run_resilient(
+        model, audio, lengths, timestamps, boosts, prepare=_maybe_set_local_attention, scripts=scripts
+    )
 
 
 @shared
@@ -280,6 +285,7 @@ def _prepare_unit(job: Job, index: int, item: Any) -> tuple[Prepared, cf.Future 
     arrival = Arrival(job.scheduler)
     try:
         job.boosts[index] = job.boost_of(item)  # before the fetch: a bad list costs no download
+        job.hints[index] = job.hint_of(item)  # so does a bad language hint
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if job.speakers is not None:
             job.keep(prepared.wav)  # before the scheduler may read it and let it go
@@ -317,6 +323,7 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
             elif index in job.clips and isinstance(out, Transcript):
                 out = vad.on_timeline(job.clips[index], out)
         out = await jobs.labelled(job, out, labels)
+        await job.detect_language(index, out)  # off the model thread, on the final text and segments
     except ItemError as exc:
         # Kept as this item's result: without its traceback, whose frames (this one included,
         # which holds it in `out`) would make a cycle that keeps the whole job alive.
@@ -440,7 +447,10 @@ def ensure_model() -> Any:
     in-process without main() calls it on its way in. No library's telemetry is on by then."""
     privacy.telemetry_off()
     patches.configure_logging()
-    return asr.ensure_model()
+    model = asr.ensure_model()
+    if model is not None:
+        language.preload()  # py3langid (~1 s), on a thread of its own: the first item need not wait
+    return model
 
 
 async def run_job(
@@ -448,7 +458,7 @@ async def run_job(
 ) -> dict[str, Any]:
     """One native job, whatever brought it (Runpod's queue, the OpenAI route, the HTTP server):
     {"inputs": [...], "timestamps", "output_format", "boost_phrases", "boost_weight", "vad",
-    "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers"} in
+    "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers", "language", "languages"} in
     (request.INPUT_SCHEMA),
     {"results": [...], "stats": {...}} out; raises errors.JobError (its code, its message) when
     the job cannot run at all: invalid input, no model, a sick worker, no temp dir.

@@ -12,7 +12,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # audio in: every source to a 16 kHz mono WAV
     ("audio.headers", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads"),
     # analysis: each a model got once, and pure functions around it
-    ("analysis.vad", "analysis.known_speakers", "analysis.speakers", "analysis.boosting"),
+    ("analysis.vad", "analysis.known_speakers", "analysis.speakers", "analysis.boosting", "analysis.language",
+     "analysis.script_mask"),
     # the model and the scheduler that runs it
     ("model", "engine", "scheduler", "pieces"),
     # one job: its request, its state, its answer

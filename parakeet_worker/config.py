@@ -59,6 +59,20 @@ def _env_pair(name: str, default: str) -> tuple[int, int]:
     return left, right
 
 
+def _env_languages(name: str) -> tuple[str, ...]:
+    """A comma-separated list of ISO 639-1 codes ("en,de"), lower-cased, duplicates dropped."""
+    codes: list[str] = []
+    for part in _env(name, "").split(","):
+        code = part.strip().lower()
+        if not code:
+            continue
+        if len(code) != 2 or not (code.isascii() and code.isalpha()):
+            raise SystemExit(f"{name}: {part.strip()!r} is not an ISO 639-1 language code such as 'en'")
+        if code not in codes:
+            codes.append(code)
+    return tuple(codes)
+
+
 def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup"),
                affinity: int | None = None) -> int:  # fmt: skip
     """How many CPUs this process may keep busy: its affinity mask, capped by any cgroup CPU quota
@@ -168,6 +182,7 @@ class Config:
     ffmpeg_bin: str = ""  # "": ffmpeg on PATH, else the imageio-ffmpeg wheel's
     runpod_serverless: bool = False  # set by Runpod on its workers: run the SDK's worker loop
     progress_url: str = ""  # RUNPOD_WEBHOOK_POST_OUTPUT: where the SDK posts results; progress goes there too
+    model_languages: tuple[str, ...] = ()  # (): the table by model name (analysis/language.py)
 
     @classmethod
     def from_env(cls) -> Config:
@@ -224,6 +239,7 @@ class Config:
             ffmpeg_bin=os.environ.get("FFMPEG_BIN", "").strip(),
             runpod_serverless=_env_flag("RUNPOD_SERVERLESS"),
             progress_url=os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT", "").strip(),
+            model_languages=_env_languages("MODEL_LANGUAGES"),
         )
 
 

@@ -425,7 +425,7 @@ async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str]) -> Asy
             log.exception("a streamed request failed")
             yield sse(OpenAIError(500, f"{type(exc).__name__}: {exc}", "internal_error").body())
             return
-        yield sse(openai_done(answer["text"]))
+        yield sse(openai_done(answer["text"], answer.get("languages")))
     finally:
         job.cancel()  # the client is gone (or the job is done already): its own task cleans up
 

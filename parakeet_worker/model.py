@@ -24,7 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from parakeet_worker import config, errors, patches, privacy
-from parakeet_worker.analysis import boosting, speakers, vad
+from parakeet_worker.analysis import boosting, script_mask, speakers, vad
 from parakeet_worker.analysis.boosting import Boost
 from parakeet_worker.audio import disk
 from parakeet_worker.config import SAMPLE_RATE
@@ -447,10 +447,12 @@ Prepare = Callable[[Any, float], None]
 
 def run_model(
     model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool, boosts: Sequence[Boost | None] | None = None,
-    prepare: Prepare | None = None,
+    prepare: Prepare | None = None, scripts: Sequence[frozenset[str] | None] | None = None,
 ) -> list[Transcript]:
     """One model call on one batch (all rows in the same attention mode); `boosts` has one entry
-    per row, None for a row decoded without boosting; `prepare` sets the encoder up first."""
+    per row, None for a row decoded without boosting; `prepare` sets the encoder up first;
+    `scripts` (one per row, or None) keeps a row's decoding to the scripts of its language hint
+    (analysis/script_mask.py: a batch without any decodes exactly as without the mask code)."""
     if model is None:
         return [Transcript(DRY_RUN_TEXT) for _ in lengths]
     with state().model_lock:
@@ -460,7 +462,7 @@ def run_model(
             model.eval()  # see _maybe_set_local_attention
         if state().timestamps != timestamps:
             _use_decoding(model, timestamps)
-        with boosting.registered(model, boosts) as seeds:
+        with boosting.registered(model, boosts) as seeds, script_mask.masked_decoding(model, scripts):
             hyps = forward_decode(model, audio, lengths, seeds)
     stride = model.encoder.subsampling_factor * float(model.cfg.preprocessor.window_stride)
     return [to_transcript(h, stride if timestamps else None) for h in hyps]

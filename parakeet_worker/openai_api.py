@@ -20,6 +20,7 @@ from typing import Any
 from parakeet_worker import config, errors, logsafe
 from parakeet_worker import model as asr
 from parakeet_worker.analysis import boosting, known_speakers
+from parakeet_worker.analysis import language as lang
 from parakeet_worker.analysis.boosting import BOOST_WEIGHT_MAX
 from parakeet_worker.analysis.known_speakers import KnownSpeaker
 from parakeet_worker.audio import sources
@@ -36,12 +37,12 @@ log = logging.getLogger("parakeet-worker")
 
 OPENAI_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 OPENAI_GRANULARITIES = ("word", "segment")
-OPENAI_OWN_FIELDS = ("file", "model", "response_format", "timestamp_granularities", "language", "prompt",
-                     "temperature", "stream", "chunking_strategy", "boost_phrases", "boost_weight", "vad", "diarize",
-                     "num_speakers", "min_speakers", "max_speakers", "keywords", "known_speaker_names",
+OPENAI_OWN_FIELDS = ("file", "model", "response_format", "timestamp_granularities", "language", "languages",
+                     "prompt", "temperature", "stream", "chunking_strategy", "boost_phrases", "boost_weight", "vad",
+                     "diarize", "num_speakers", "min_speakers", "max_speakers", "keywords", "known_speaker_names",
                      "known_speaker_references")  # fmt: skip
 # OpenAI fields for its own models: accepted and ignored, so that clients sending them still work.
-OPENAI_IGNORED_FIELDS = ("include", "languages")
+OPENAI_IGNORED_FIELDS = ("include",)
 OPENAI_LANGUAGE_MAX_CHARS = 32
 TRANSLATION_MESSAGE = ("Parakeet transcribes; it does not translate: /v1/audio/translations is not served. "
                        "Use /v1/audio/transcriptions.")  # fmt: skip
@@ -69,7 +70,7 @@ class OpenAIRequest:
     response_format: str
     words: bool
     segments: bool
-    language: str
+    hint: tuple[str, ...] | None  # `language` or `languages`, checked against the model's languages
     stream: bool
 
 
@@ -145,8 +146,10 @@ def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
     """Check an OpenAI transcription request (a JSON body, or form fields as strings) and turn it
     into one native job. `file` is what a native source may be (an http(s), file:// or data: URL,
     a path under ALLOWED_LOCAL_ROOTS) or base64 (sources.item_of: the queue route's JSON and
-    JSON bodies over HTTP), or an Upload (the HTTP server's multipart). `model` may be anything (clients send whisper-1);
-    `language`, `prompt` and `temperature` are checked and otherwise unused (docs/openai.md)."""
+    JSON bodies over HTTP), or an Upload (the HTTP server's multipart). `model` may be anything
+    (clients send whisper-1); `language` or `languages` (not both, as OpenAI) is a hint: checked
+    against the model's languages, it keeps other scripts out of decoding and flags a mismatch
+    (docs/language.md); `prompt` and `temperature` are checked and otherwise unused (docs/openai.md)."""
     base = {k[:-2] if k.endswith("[]") else k for k in fields}
     unknown = sorted(base - set(OPENAI_OWN_FIELDS) - set(OPENAI_IGNORED_FIELDS))
     if unknown:
@@ -168,9 +171,7 @@ def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
     if any(g not in OPENAI_GRANULARITIES for g in granularities):
         raise OpenAIError(400, f"'timestamp_granularities' may hold {list(OPENAI_GRANULARITIES)}", "invalid_request",
                           "timestamp_granularities")  # fmt: skip
-    language = fields.get("language") or ""
-    if not isinstance(language, str) or len(language) > OPENAI_LANGUAGE_MAX_CHARS:
-        raise OpenAIError(400, "'language' must be a language code such as 'en'", "invalid_request", "language")
+    hint = _hint(fields)
     for name in ("model", "prompt"):
         if fields.get(name) is not None and not isinstance(fields[name], str):
             raise OpenAIError(400, f"'{name}' must be a string", "invalid_request", name)
@@ -192,12 +193,30 @@ def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
         job["diarize"] = True
     if known:
         job["known_speakers"] = known
+    if hint:
+        job["languages"] = list(hint)
     for name in ("num_speakers", "min_speakers", "max_speakers"):  # refused without diarize, as natively
         count = _as_count(fields.get(name), name)
         if count is not None:
             job[name] = count
     return OpenAIRequest(job, fmt, verbose and "word" in granularities, verbose and "segment" in granularities,
-                         language, _as_bool(fields.get("stream"), "stream"))  # fmt: skip
+                         hint, _as_bool(fields.get("stream"), "stream"))  # fmt: skip
+
+
+def _hint(fields: dict[str, Any]) -> tuple[str, ...] | None:
+    """`language` (one code) or `languages` (a list: JSON, repeated form fields, or one JSON
+    array in a form field), checked: 400 for both together, for a malformed code and for a
+    language the model does not transcribe (the message lists those it does)."""
+    language = fields.get("language")
+    if isinstance(language, str) and len(language) > OPENAI_LANGUAGE_MAX_CHARS:
+        raise OpenAIError(400, "'language' must be a language code such as 'en'", "invalid_request", "language")
+    languages = form_field(fields, "languages")
+    if languages is not None and not isinstance(languages, (list, tuple)):
+        languages = _as_list(languages)
+    try:
+        return lang.check_hint(language, languages, lang.spoken())
+    except lang.HintError as exc:
+        raise OpenAIError(400, str(exc), "invalid_request", exc.param) from None
 
 
 def _wants_diarize(fields: dict[str, Any], fmt: str) -> bool:
@@ -262,7 +281,7 @@ def _verbose(result: dict[str, Any], req: OpenAIRequest) -> dict[str, Any]:
     """verbose_json. Parakeet reports no log-probabilities, no-speech probability or token ids:
     those fields hold 0 and [] (greedy decoding: temperature 0)."""
     stamps = result.get("timestamps", {})
-    body: dict[str, Any] = {"task": "transcribe", "language": req.language or "unknown",
+    body: dict[str, Any] = {"task": "transcribe", "language": _language_name(result, req),
                             "duration": result.get("duration", 0.0), "text": result["text"]}  # fmt: skip
     if req.segments:
         body["segments"] = [openai_segment(n, s) for n, s in enumerate(stamps.get("segment", []))]
@@ -270,6 +289,23 @@ def _verbose(result: dict[str, Any], req: OpenAIRequest) -> dict[str, Any]:
         body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]} for w in stamps.get("word", [])]
     body["usage"] = {"type": "duration", "seconds": result.get("duration", 0.0)}
     return body
+
+
+def _language_name(result: dict[str, Any], req: OpenAIRequest) -> str:
+    """verbose_json's `language` as whisper-1 writes it ("english"): the detected language; when
+    none could be told, the one language the request named; else "unknown"."""
+    code = result.get("language") or (req.hint[0] if req.hint and len(req.hint) == 1 else None)
+    return lang.language_name(code) or "unknown"
+
+
+def _languages(result: dict[str, Any]) -> list[dict[str, str]]:
+    """`languages` as OpenAI's json answer and final stream event carry it: [{"code": ...}] for
+    the item's language and any other a segment was detected in; [] when none could be told."""
+    codes = [result["language"]] if result.get("language") else []
+    for segment in (result.get("timestamps") or {}).get("segment", []):
+        if segment.get("language") and segment["language"] not in codes:
+            codes.append(segment["language"])
+    return [{"code": c} for c in codes]
 
 
 def openai_segment(n: int, s: dict[str, Any]) -> dict[str, Any]:
@@ -295,7 +331,8 @@ def openai_result(out: dict[str, Any], req: OpenAIRequest) -> dict[str, Any] | s
     elif req.response_format == "diarized_json":
         body = {**openai_diarized_json(result), "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
     else:
-        body = {"text": result["text"], "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
+        body = {"text": result["text"], "languages": _languages(result),
+                "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}  # fmt: skip
     if result.get("warning"):  # what the request asked for and did not get as asked (a JSON body has room to say so)
         body["warning"] = result["warning"]
     return body
@@ -362,6 +399,7 @@ def openai_diarized_json(result: dict[str, Any]) -> dict[str, Any]:
                 "end": s["end"],
                 "text": s["segment"],
                 "speaker": letter(s.get("speaker")),
+                **({"language": s["language"]} if s.get("language") else {}),
             }
             for i, s in enumerate(segments)
         ],
@@ -376,8 +414,9 @@ def openai_delta(text: str, first: bool) -> dict[str, Any]:
     return {"type": "transcript.text.delta", "delta": text if first else f" {text}"}
 
 
-def openai_done(text: str) -> dict[str, Any]:
-    return {"type": "transcript.text.done", "text": text}
+def openai_done(text: str, languages: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """transcript.text.done: the whole text, and the languages detected (see _languages)."""
+    return {"type": "transcript.text.done", "text": text, "languages": languages or []}
 
 
 # -- Runpod's OpenAI route on a queue endpoint --------------------------------------------------

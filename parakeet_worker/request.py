@@ -1,6 +1,6 @@
 """The native request: {"inputs": [...], "timestamps", "output_format", "boost_phrases",
-"boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers",
-"known_speakers"} checked before
+"boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers",
+"language", "languages"} checked before
 anything runs (the Runpod SDK's rp_validator, then the checks it skips), and the job's own
 boosting list resolved.
 """
@@ -15,7 +15,7 @@ from runpod.serverless.utils.rp_validator import validate
 
 from parakeet_worker import config, errors, logsafe
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import boosting, known_speakers, speakers
+from parakeet_worker.analysis import boosting, known_speakers, language, speakers
 from parakeet_worker.analysis.boosting import Boost
 
 log = logging.getLogger("parakeet-worker")
@@ -35,6 +35,8 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
     "min_speakers": {"type": int, "required": False, "default": None},
     "max_speakers": {"type": int, "required": False, "default": None},
     "known_speakers": {"type": list, "required": False, "default": None},
+    "language": {"type": str, "required": False, "default": None},  # a hint: the one language spoken
+    "languages": {"type": list, "required": False, "default": None},  # a hint: the languages that may be
 }
 
 
@@ -85,6 +87,10 @@ def check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"invalid input: {exc}"
     if params["known_speakers"] and not params["diarize"]:
         return None, "invalid input: known_speakers needs diarize: true"
+    try:  # each item may carry its own hint instead (job.Job.hint_of)
+        params["language_hint"] = language.check_hint(params["language"], params["languages"], language.spoken())
+    except language.HintError as exc:
+        return None, f"invalid input: {exc}"
     return params, None
 
 

@@ -23,7 +23,7 @@ from parakeet_worker.transcript import Upload
 
 log = logging.getLogger("parakeet-worker")
 SOURCE_KEYS = ("source", "audio_base64")
-ITEM_KEYS = (*SOURCE_KEYS, "boost_phrases")
+ITEM_KEYS = (*SOURCE_KEYS, "boost_phrases", "language", "languages")
 
 
 def source_of(item: Any) -> tuple[str, str]:
