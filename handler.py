@@ -35,10 +35,11 @@ from typing import Any, Protocol, TypeVar
 
 import runpod
 
-from parakeet_worker import config, engine, errors, openai_api, output, patches, pieces, request, scheduler
+from parakeet_worker import config, engine, errors, openai_api, output, patches, pieces, privacy, request, scheduler
 from parakeet_worker import job as jobs
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import language, vad
+from parakeet_worker.analysis import language, speakers, vad
+from parakeet_worker.analysis.known_speakers import KnownSpeaker, KnownSpeakerError, Voiceprint
 from parakeet_worker.audio import decoder, disk, download, sources
 from parakeet_worker.audio.uploads import Uploads
 from parakeet_worker.config import SAMPLE_RATE
@@ -386,6 +387,48 @@ async def _resplit_on_oom(job: Job, item: Prepared, out: Transcript | ItemError,
     return await _transcribe_split(job, item, piece_sec, whole)
 
 
+# --- Known speakers: each reference fetched, decoded and checked like an item, then embedded ---
+
+
+async def _enrol(job: Job, known: Sequence[KnownSpeaker]) -> None:
+    """The job's voiceprints (job.voiceprints), one per known speaker, before any item is
+    diarized: each reference is fetched and decoded on the prepare pool as an input is (any
+    source an input may be), into the job's dir, then checked and embedded in the same thread
+    (at most 10 s of audio: under a second of CAM++ on a CPU; on the diarize pool it could wait
+    behind another job's hour). A reference the client got wrong stops the job (JobError
+    invalid_input naming its field); a speaker model that cannot load only means no names
+    (every item then says why it has no labels)."""
+    if not known or config.CFG.skip_model_load:  # a dry run loads no speaker model
+        return
+    folder = job.workdir / "known"
+    folder.mkdir(exist_ok=True)
+    prints = await asyncio.gather(*(jobs.in_pool(job, _enrol_one, job, n, speaker, folder)
+                                    for n, speaker in enumerate(known)))  # fmt: skip
+    job.voiceprints = [p for p in prints if p is not None]
+
+
+def _enrol_one(job: Job, n: int, speaker: KnownSpeaker, folder: Path) -> Voiceprint | None:
+    wav = None
+    try:
+        prepared = _fetch_to_wav(n, speaker.item, folder, job.stop)
+        wav = prepared.wav
+        return speakers.enrol(speaker, prepared.wav, prepared.frames, job.stop)
+    except KnownSpeakerError as exc:
+        raise JobError("invalid_input", f"invalid input: {exc}", exc.param) from None
+    except ItemError as exc:
+        if exc.code == "diarize_failed":
+            log.warning("known speaker %d not enrolled: %s", n, exc.message)
+            return None
+        code = errors.CODES.get(exc.code)
+        why = f"{speaker.param}: the reference for '{speaker.name}': {exc.message}"
+        if code is not None and code.client_fault:
+            raise JobError("invalid_input", f"invalid input: {why}", speaker.param) from None
+        raise JobError(exc.code if code is not None else "internal_error", why, speaker.param) from None
+    finally:
+        if wav is not None:
+            job.discard(wav)
+
+
 async def transcribe_batched(job: Job) -> dict[int, Transcript | ItemError]:
     """Transcribe every item of one job; results by input index.
 
@@ -419,7 +462,8 @@ async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
 def ensure_model() -> Any:
     """Start this process as a worker, once: every log line made safe (LOG_LEVEL), then the
     model loaded (model.ensure_model). main() calls it before the SDK takes a job; a job run
-    in-process without main() calls it on its way in."""
+    in-process without main() calls it on its way in. No library's telemetry is on by then."""
+    privacy.telemetry_off()
     patches.configure_logging()
     model = asr.ensure_model()
     if model is not None:
@@ -432,7 +476,7 @@ async def run_job(
 ) -> dict[str, Any]:
     """One native job, whatever brought it (Runpod's queue, the OpenAI route, the HTTP server):
     {"inputs": [...], "timestamps", "output_format", "boost_phrases", "boost_weight", "vad",
-    "diarize", "num_speakers", "min_speakers", "max_speakers", "language", "languages"} in
+    "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers", "language", "languages"} in
     (request.INPUT_SCHEMA),
     {"results": [...], "stats": {...}} out; raises errors.JobError (its code, its message) when
     the job cannot run at all: invalid input, no model, a sick worker, no temp dir.
@@ -464,6 +508,7 @@ async def run_job(
         if uploads is not None:
             uploads.discard()  # whatever the job did not take over
     try:
+        await _enrol(run, params["known_speakers"])
         outputs = await transcribe_batched(run)
         return output.response(run, outputs, params, started)
     finally:
@@ -557,7 +602,8 @@ def main(argv: list[str]) -> None:
     which loads the model in the background once it listens. Otherwise RUNPOD_SERVERLESS=1: the
     Runpod worker loop; or the SDK's local paths: `--test_input '{...}'`, `--rp_serve_api`, or
     test_input.json in the working directory. The model is loaded here, before the SDK takes
-    its first job."""
+    its first job. First of all, every library's telemetry is switched off (privacy.py)."""
+    privacy.telemetry_off()
     if config.CFG.worker_mode == "http":
         from parakeet_worker import http_server
 

@@ -33,7 +33,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from parakeet_worker import config, errors
+from parakeet_worker import config, errors, logsafe
 from parakeet_worker.audio.uploads import UploadFile, Uploads
 from parakeet_worker.errors import ItemError, JobError
 from parakeet_worker.openai_api import (
@@ -53,6 +53,14 @@ from parakeet_worker.realtime_ws import SessionManager, realtime_router
 log = logging.getLogger("parakeet-worker.http")
 
 FIELD_MAX_BYTES = 64 * 1024  # one form field that is not the file
+# A known speaker's reference, as OpenAI's clients send it: a data: URL in a form field. 2-10 s of
+# audio; a 10 s 44.1 kHz stereo WAV is 2.4 MB of base64.
+REFERENCE_FIELD_MAX_BYTES = 4 * 1024 * 1024
+
+
+def field_max_bytes(name: str) -> int:
+    """The most one form field may hold."""
+    return REFERENCE_FIELD_MAX_BYTES if name.removesuffix("[]") == "known_speaker_references" else FIELD_MAX_BYTES
 FIELDS_MAX = 2000  # form fields per request (boost_phrases come one per field)
 JSON_MAX_BYTES = 64 * 1024**2  # a /transcribe body (base64 audio inline)
 PING_STATUS = {"loading": 204, "ready": 200, "unhealthy": 503}
@@ -144,8 +152,8 @@ async def read_form(request: Request, uploads: Uploads) -> dict[str, Any]:
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if "file" in part:
             pending.append(("data", bytes(data[start:end])))
-        elif len(part["data"]) + end - start > FIELD_MAX_BYTES:
-            raise FormError(413, f"a form field is over {FIELD_MAX_BYTES} bytes")
+        elif len(part["data"]) + end - start > (most := field_max_bytes(part["field"])):
+            raise FormError(413, f"a form field ({logsafe.echo(part['field'], 60)}) is over {most} bytes")
         else:
             part["data"] += data[start:end]
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from parakeet_worker import config, errors, patches
+from parakeet_worker import config, errors, patches, privacy
 from parakeet_worker.analysis import boosting, script_mask, speakers, vad
 from parakeet_worker.analysis.boosting import Boost
 from parakeet_worker.audio import disk
@@ -370,6 +370,7 @@ def _load_configured() -> Any:
     """The model named by PARAKEET_MODEL, loaded and warm; None in a dry run."""
     if config.CFG.skip_model_load:
         return None
+    privacy.telemetry_off()  # before NeMo (and huggingface_hub, wandb, lightning) are imported
     model = load_model(config.CFG.model)
     with contextlib.suppress(Exception):  # a broken silero install fails on VAD's first use
         vad.import_silero()  # see there: not while model calls run

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from parakeet_worker import config, errors
+from parakeet_worker import config, errors, privacy
 from parakeet_worker.audio.ffmpeg import STOP_POLL_SEC
 from parakeet_worker.config import SAMPLE_RATE
 from parakeet_worker.state import LoadOnce, shared
@@ -51,6 +51,7 @@ VAD_MIN_PAUSE_SEC = 0.2  # the shortest stretch without speech that a long item 
 # --- The model: silero's ONNX sequence model, from the wheel, once per process ---
 
 def _load_silero() -> Any:
+    privacy.telemetry_off()  # onnxruntime's own telemetry starts with its first session
     import_silero()
     from silero_vad import load_silero_vad
 
