@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL := models/demo-tdt.nemo
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps demo test lint bench bench-long bench-gpu gpu-check bench-cold parakeet-shaped bench-boost model clean
+.PHONY: setup system-deps demo test lint bench bench-long bench-gpu gpu-check bench-cold parakeet-shaped bench-boost bench-realtime model clean
 
 setup: system-deps $(STAMP)
 
@@ -74,6 +74,9 @@ parakeet-shaped: setup
 
 bench-boost: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.boosting
+
+bench-realtime: setup
+	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.realtime
 
 # Rebuild the demo model exactly as shipped: 12 epochs from scratch, then 6 more on fresh data,
 # a third of it sent through mp3/opus (about 45 minutes on 2 CPU cores), and the samples.

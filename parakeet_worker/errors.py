@@ -89,10 +89,11 @@ class JobError(Exception):
     """A problem that stops the whole job before any item starts: the answer is
     {"error": message, "code": code} (see job_error)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param  # the request field at fault, where one is (OpenAI's error `param`)
 
 
 def job_error(code: str, message: str, **extra: Any) -> dict[str, Any]:

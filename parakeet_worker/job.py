@@ -22,6 +22,7 @@ from parakeet_worker import config, errors
 from parakeet_worker import model as asr
 from parakeet_worker.analysis import boosting, language, script_mask, speakers, vad
 from parakeet_worker.analysis.boosting import Boost
+from parakeet_worker.analysis.known_speakers import Voiceprint
 from parakeet_worker.analysis.speakers import SpeakerCount
 from parakeet_worker.audio import decoder, disk, download
 from parakeet_worker.config import SAMPLE_RATE
@@ -29,7 +30,7 @@ from parakeet_worker.errors import ItemError
 from parakeet_worker.fairshare import FairSlots
 from parakeet_worker.scheduler import BatchInfo, Scheduler, Unit, UnitResult
 from parakeet_worker.state import shared
-from parakeet_worker.transcript import Prepared, Transcript, Turn
+from parakeet_worker.transcript import Prepared, Transcript
 
 log = logging.getLogger("parakeet-worker")
 
@@ -104,10 +105,10 @@ async def in_pool(job: Job, fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.wrap_future(future)
 
 
-def diarize_unit(job: Job, item: Prepared) -> list[Turn]:
+def diarize_unit(job: Job, item: Prepared) -> speakers.Diarization:
     try:
         assert job.speakers is not None
-        return speakers.diarize(item.wav, item.start, item.frames, job.speakers, job.stop, job.vad)
+        return speakers.diarize(item.wav, item.start, item.frames, job.speakers, job.stop, job.vad, job.voiceprints)
     finally:
         job.unkeep(item.wav)
 
@@ -120,15 +121,20 @@ async def labelled(job: Job, out: Transcript | ItemError, labels: cf.Future | No
         labels.cancel()
         return out
     try:
-        turns = await asyncio.wrap_future(labels)
+        found: speakers.Diarization | ItemError = await asyncio.wrap_future(labels)
     except ItemError as exc:
-        turns = exc
+        found = exc
     except Exception as exc:  # the transcript stands without speakers
         log.exception("diarization failed")
-        turns = ItemError("diarize_failed", f"{type(exc).__name__}: {errors.short(exc)}")
-    if isinstance(turns, ItemError):
-        return dataclasses.replace(out, warning=f"no speaker labels: {turns.message}")
-    return speakers.with_speakers(out, turns)
+        found = ItemError("diarize_failed", f"{type(exc).__name__}: {errors.short(exc)}")
+    if isinstance(found, ItemError):
+        return dataclasses.replace(out, warning=_noted(out.warning, f"no speaker labels: {found.message}"))
+    labelled_out = speakers.with_speakers(out, found.turns)
+    return dataclasses.replace(labelled_out, warning=_noted(out.warning, found.warning))
+
+
+def _noted(warning: str | None, note: str | None) -> str | None:
+    return "; ".join(w for w in (warning, note) if w) or None
 
 
 class Progress:
@@ -223,6 +229,7 @@ class Job:
         self.events = events
         self.inputs: list[Any] = params["inputs"]
         self.speakers: SpeakerCount | None = params.get("speakers")  # None: not diarized
+        self.voiceprints: list[Voiceprint] = []  # the known speakers', once enrolled (handler.enrol)
         # Diarized text is split by speaker at word times, so diarize needs them too.
         self.timestamps = params["timestamps"] or params["output_format"] in ("srt", "vtt") or self.speakers is not None
         self.boost = boost  # the job's boost_phrases at boost_weight (None: no boosting)

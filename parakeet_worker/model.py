@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from parakeet_worker import config, errors, memory, patches
+from parakeet_worker import config, errors, memory, patches, privacy
 from parakeet_worker.analysis import boosting, script_mask, speakers, vad
 from parakeet_worker.analysis.boosting import Boost
 from parakeet_worker.audio import disk
@@ -414,6 +414,7 @@ def _load_configured() -> Any:
     """The model named by PARAKEET_MODEL, loaded and warm; None in a dry run."""
     if config.CFG.skip_model_load:
         return None
+    privacy.telemetry_off()  # before NeMo (and huggingface_hub, wandb, lightning) are imported
     model = load_model(config.CFG.model)
     with contextlib.suppress(Exception):  # a broken silero install fails on VAD's first use
         vad.import_silero()  # see there: not while model calls run
@@ -444,12 +445,16 @@ DRY_RUN_TEXT = "[dry run: SKIP_MODEL_LOAD=1, no model loaded]"
 
 
 def load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[int, ItemError]]:
-    """Read each item's WAV frames straight into its row of one zero-padded float32 matrix (one
-    copy). An item whose audio cannot be read gets an error and an empty row."""
+    """Read each item's WAV frames (or a live turn's samples) straight into its row of one
+    zero-padded float32 matrix (one copy). An item whose audio cannot be read gets an error and
+    an empty row."""
     lengths = [p.frames for p in items]
     audio = np.zeros((len(items), max(lengths)), dtype=np.float32)
     failed: dict[int, ItemError] = {}
     for row, p in enumerate(items):
+        if p.samples is not None:  # a live turn: in memory already
+            audio[row, : p.frames] = p.samples
+            continue
         try:
             with sf.SoundFile(str(p.wav)) as f:
                 at = 0

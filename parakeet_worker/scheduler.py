@@ -1,9 +1,10 @@
 """The scheduler: the one thread that runs the model, for every job (continuous batching).
 
-Jobs submit units (a whole item, or one piece of a long one) as their items become ready; the
-thread runs whatever batch its planner picks from all of them (handler._plan_next, handed in),
-through its `run` (handed in too: handler.py sets the encoder up for each batch), and hands each
-unit its result through its future. Fair between jobs by model seconds (fairshare.FairShare).
+Jobs submit units (a whole item, or one piece of a long one) as their items become ready, and
+live sessions their turns (realtime_engine); the thread runs whatever batch its planner picks
+from all of them (handler._plan_next, handed in), through its `run` (handed in too: handler.py
+sets the encoder up for each batch), and hands each unit its result through its future. Fair
+between jobs by model seconds (fairshare.FairShare); a live turn's final goes in the next batch.
 """
 
 from __future__ import annotations
@@ -42,11 +43,20 @@ class Unit:
     seq: int = 0
     future: cf.Future = field(default_factory=cf.Future)
     boost: Boost | None = None  # its item's key phrases and weight; batches mix any of these
+    # A live session's unit (realtime_session; `job` is then the session): a partial decode of the
+    # turn being spoken, which a newer request of the same stream supersedes while it waits, or a
+    # committed turn's final, which the planner puts in the next batch.
+    stream: Any = None
+    partial: bool = False
     scripts: frozenset[str] | None = None  # its item's language hint's scripts (None: no mask); mixed too
 
     @property
     def duration(self) -> float:
         return self.item.duration
+
+    @property
+    def live_final(self) -> bool:
+        return self.stream is not None and not self.partial
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,8 @@ class Scheduler:
                 _deliver(unit, UnitResult(engine.model_failed_error(), None))
                 return unit.future
             unit.seq = next(self.arrivals)
+            if unit.stream is not None:
+                self._supersede(unit.stream)
             self.fair.arrive(unit.job, any(u.job is unit.job for u in itertools.chain(self.ready, self.running)))
             self.ready.append(unit)
             if self.thread is None:
@@ -114,6 +126,13 @@ class Scheduler:
                 self.thread.start()
             self.cond.notify_all()
         return unit.future
+
+    def _supersede(self, stream: Any) -> None:
+        """A live stream asks again: its partial still waiting here is dropped (its future
+        cancelled), never run behind the newer request. Called holding the lock."""
+        for unit in [u for u in self.ready if u.stream is stream and u.partial]:
+            self.ready.remove(unit)
+            unit.future.cancel()
 
     def expect(self) -> None:
         with self.cond:
@@ -170,7 +189,10 @@ class Scheduler:
         """Wait for work; take the batch _plan_next picks. Should planning fail (a bug), the
         oldest ready unit runs alone: the planner's bug costs no unit its result."""
         with self.cond:
-            while not self.ready:
+            while True:
+                self.ready = [u for u in self.ready if not u.future.cancelled()]  # their askers are gone
+                if self.ready:
+                    break
                 self.cond.wait()
             self._gather()
             try:
