@@ -219,12 +219,10 @@ def calibrate(report: str) -> None:
     load_worker()
     model = asr.loaded_model()
     runner = memory.encoder_pass(model, "cpu", lambda mode: asr.set_attention(model, mode == memory.LOCAL))
-    probes = ((20.0, 1, "full"), (40.0, 1, "full"), (40.0, 2, "full"), (80.0, 1, "full"), (60.0, 1, "local"),
-              (120.0, 1, "local"))  # fmt: skip
-    cost, measured = memory.calibrate(runner, "cpu", probes, margin=0.25)
+    cost, measured = memory.calibrate(runner, "cpu", memory.DEFAULT_PROBES, margin=0.25)  # the worker's own probes
     checks = [{"seconds": s, "mode": m, "what": "encoder on noise",
                "used": memory.measure(lambda s=s, m=m: runner(s, 1, m), "cpu")}
-              for s, m in ((60.0, "full"), (150.0, "full"), (90.0, "local"), (240.0, "local"))]  # fmt: skip
+              for s, m in ((60.0, "full"), (180.0, "full"), (90.0, "local"), (300.0, "local"))]  # fmt: skip
     import numpy as np
 
     from tools.testkit import conversation
