@@ -14,6 +14,9 @@
    WAV and the model call), decodes it, and reports the pass's measured peak, its own peak RSS
    (VmHWM: the whole child, model load included) and the WER. A point whose predicted peak RSS is
    over --cap-gb is not run: it is listed as "predicted, not run: over the bench cap".
+The children run with the image's malloc settings (MALLOC_ARENA_MAX=2,
+MALLOC_MMAP_THRESHOLD_=131072).
+
 3. Plans: for a few memory budgets (what this machine has free now, and fixed ones), what the
    worker would choose at each length: attention mode and piece length, with the predicted peak,
    and the WER measured for that mode and length where it was run.
@@ -260,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         Path(request["result"]).write_text(json.dumps(result))
         return None
     extra = {"PARAKEET_MODEL": args.model} if args.model else {}
-    env = common.worker_env(None, **extra)
+    # the image's malloc settings (as `make bench` runs bench.memory): resident memory then says what is in use
+    env = common.worker_env(None, MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="131072", **extra)
     waited = common.wait_until_quiet(args.wait_quiet) if args.wait_quiet else None
     machine = common.machine_info(env["PARAKEET_MODEL"])
     with common.ForeignLoad() as load:
