@@ -162,12 +162,20 @@ def the_fit(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     return fit
 
 
+def predicted(row: dict[str, Any], cost: memory.PassCost, base: int) -> dict[str, Any]:
+    """`row` (a mode and minutes, measured numbers if run) with the cost's predictions."""
+    seconds = row["minutes"] * 60
+    row.update(predicted_extra=cost.raw(seconds, 1, row["mode"]), predicted_extra_with_margin=cost.peak(seconds, 1, row["mode"]))
+    row["predicted_rss"] = base + row["predicted_extra_with_margin"]
+    if "measured_extra" in row:
+        row.update(extra_error=row["predicted_extra"] / max(1, row["measured_extra"]) - 1,
+                   fits_prediction=row["measured_extra"] <= row["predicted_extra_with_margin"])  # fmt: skip
+    return row
+
+
 def point(mode: str, minutes: float, cost: memory.PassCost, base: int, args: argparse.Namespace,
           env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    seconds = minutes * 60
-    row: dict[str, Any] = {"mode": mode, "minutes": minutes, "predicted_extra": cost.raw(seconds, 1, mode),
-                           "predicted_extra_with_margin": cost.peak(seconds, 1, mode)}  # fmt: skip
-    row["predicted_rss"] = base + row["predicted_extra_with_margin"]
+    row = predicted({"mode": mode, "minutes": minutes}, cost, base)
     if row["predicted_rss"] > args.cap_gb * GiB:
         row["status"] = "predicted, not run: over the bench cap"
         return row
@@ -269,13 +277,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     machine = common.machine_info(env["PARAKEET_MODEL"])
     with common.ForeignLoad() as load:
         fit = the_fit(args, env)
-        cost = memory.PassCost.from_dict(fit["cost"])
-        if args.margin != cost.margin:
-            cost = dataclasses.replace(cost, margin=args.margin)
+        # as the worker plans: the fit, the allowance for what the probes do not see, the margin
+        cost = dataclasses.replace(memory.PassCost.from_dict(fit["cost"]), margin=args.margin,
+                                   allowance=memory.PASS_ALLOWANCE)  # fmt: skip
         previous = {}
         if (OUT / f"{stem(args)}.json").is_file():  # points run before (another --points) stay in the table
             old = json.loads((OUT / f"{stem(args)}.json").read_text())
-            previous = {(r["mode"], r["minutes"]): r for r in old.get("points", []) if old.get("fit") == fit}
+            previous = {(r["mode"], r["minutes"]): predicted(r, cost, fit["base_rss"])  # this code's predictions
+                        for r in old.get("points", []) if old.get("fit") == fit}
         for mode, minutes in parse_points(args.points):
             previous[(mode, minutes)] = point(mode, minutes, cost, fit["base_rss"], args, env)
     rows = [previous[k] for k in sorted(previous)]
