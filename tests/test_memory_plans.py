@@ -21,7 +21,7 @@ from handler import _bucketize_by_duration, _make_batches
 from parakeet_worker import memory
 from parakeet_worker import model as asr
 from parakeet_worker.config import SAMPLE_RATE
-from parakeet_worker.memory import FULL, GiB, MiB
+from parakeet_worker.memory import FULL, LOCAL, GiB, MiB
 from parakeet_worker.transcript import Prepared
 from tools import synth
 from tools.testkit import attribution, conversation, word_errors
@@ -123,11 +123,12 @@ def attention_modes(monkeypatch) -> list[bool]:
 
 
 def test_a_small_budget_takes_local_attention_and_shorter_pieces(worker, config, five_minutes, monkeypatch):
-    """300 MB over what the worker holds: full attention over five minutes would need ~2 GB
-    and local ~0.6 GB, so the item goes in pieces that fit (each under five minutes), with
-    local attention where full attention does not fit them."""
+    """Room over what the worker holds for one local pass of about 150 s: full attention over
+    five minutes would need ~2 GB and local ~0.5 GB, so the item goes in pieces that fit (each
+    under five minutes), with local attention where full attention does not fit them."""
     path, said = five_minutes
-    config(memory_budget_bytes=memory.process_rss() + 300 * MiB, memory_wait_sec=0)
+    room = memory.planner().cost().peak(150, 1, LOCAL) + 30 * MiB  # 30 MB for what the job itself holds
+    config(memory_budget_bytes=memory.process_rss() + room, memory_wait_sec=0)
     lim = memory.planner().limits()
     assert lim.full_sec < 300 and 60 <= lim.piece_sec < 300, lim.line()
     modes = attention_modes(monkeypatch)
