@@ -194,11 +194,15 @@ def align(ref: Sequence[str], hyp: Sequence[str]) -> list[bool]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(path: str) -> Any:
+def load_model(path: str, threads: int | None = None) -> Any:
+    """A .nemo model on the CPU, in eval mode; `threads`: torch's thread count for this process
+    (the benchmark uses 1: on shared cores two threads stalled each other in the decoder's loop,
+    ~20x slower)."""
     import torch
     from nemo.collections.asr.models import ASRModel
 
-    torch.set_num_threads(1)  # on shared cores, two threads stall each other in the decoder's loop (~20x slower)
+    if threads:
+        torch.set_num_threads(threads)
     model = ASRModel.restore_from(path, map_location="cpu")
     model.eval()
     return model
@@ -685,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     clips = build_set(args.sentences, args.seed)
     noise = noise_clips(args.noise, args.seed + 1)
     built = time.perf_counter() - began
-    model = load_model(args.model)
+    model = load_model(args.model, threads=1)
     classes = int(model.decoding.blank_id) + 1
     frame_sec = model.encoder.subsampling_factor * float(model.cfg.preprocessor.window_stride)
     decoded = decode_all(model, [*clips, *noise], METHODS)

@@ -104,7 +104,7 @@ class Tokens:
             if i == 0 and not leading_space:
                 text = text.lstrip(" ")
             data = [int(match.group(1), 16)] if match else list(text.encode("utf-8"))
-            out.append({"token": text, "logprob": round(logprob, 6), "bytes": data})
+            out.append({"token": text, "logprob": logprob, "bytes": data})
         return out
 
 
@@ -112,7 +112,7 @@ def tokens_of(hyp: Any, tokenizer: Any, logprobs: Sequence[float]) -> Tokens:
     """A decoded hypothesis's tokens, with their log-probabilities (token_logprobs)."""
     ids = hyp.y_sequence.tolist() if hasattr(hyp.y_sequence, "tolist") else list(hyp.y_sequence)
     pieces = tuple(tokenizer.ids_to_tokens([int(i) for i in ids])) if ids else ()
-    return Tokens(pieces, tuple(round(float(x), 6) for x in logprobs))
+    return Tokens(pieces, tuple(float(x) for x in logprobs))
 
 
 def step_logprobs(steps: Sequence[float], classes: int) -> list[float]:
@@ -138,7 +138,8 @@ def token_logprobs(model: Any, encoded: Any, encoded_len: Any, hyps: Sequence[An
     """Each emitted token's log-probability under the model, for a decoded batch, in one pass
     after decoding: the prediction network over each hypothesis's tokens (teacher-forced, from
     the blank start symbol, as the greedy loop fed them), and the joint at each token's own
-    encoder frame; log-softmax over the token classes (TDT durations left out). This is what the
+    encoder frame; log-softmax over the token classes (TDT durations left out), in float64 so that
+    a sure token's log-probability stays below 0 instead of rounding to it. This is what the
     greedy loop computed when it emitted each token, recomputed with two batched calls instead of
     a few small operations at every decoding step (NeMo's preserve_frame_confidence; see
     bench/confidence.py for both costs). With key-phrase boosting it is the unboosted model's
@@ -171,7 +172,7 @@ def token_logprobs(model: Any, encoded: Any, encoded_len: Any, hyps: Sequence[An
     pred = joint.project_prednet(predicted)
     flat = joint.joint_after_projection(picked.reshape(-1, 1, picked.shape[-1]), pred.reshape(-1, 1, pred.shape[-1]))
     logits = flat.reshape(len(hyps), longest, -1)
-    logits = logits[..., : logits.shape[-1] - int(getattr(joint, "num_extra_outputs", 0) or 0)].float()
+    logits = logits[..., : logits.shape[-1] - int(getattr(joint, "num_extra_outputs", 0) or 0)].double()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0].clamp(min=MIN_LOGPROB).cpu()
     return [logp[b, : len(ys)].tolist() for b, ys in enumerate(labels)]
 
@@ -350,8 +351,9 @@ def segment_confidence(word_scores: Iterable[float], calibration: Calibration) -
 
 
 def avg_logprob(token_logprobs: Sequence[float]) -> float:
-    """Whisper's avg_logprob: the mean log-probability of a segment's tokens (0.0 for none)."""
-    return round(sum(token_logprobs) / len(token_logprobs), 6) if token_logprobs else 0.0
+    """Whisper's avg_logprob: the mean log-probability of a segment's tokens (0.0 for none), to
+    6 significant digits (a sure segment's is tiny but still below 0)."""
+    return float(f"{sum(token_logprobs) / len(token_logprobs):.6g}") if token_logprobs else 0.0
 
 
 def no_speech_from_vad(probs: Sequence[float], frame_sec: float, start: float, end: float) -> float:
