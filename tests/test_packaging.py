@@ -3,6 +3,7 @@ docs. No Docker engine runs here, so the Dockerfile is linted (hadolint) and its
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-import handler
+from parakeet_worker import config as settings
+from parakeet_worker import model as asr
+from parakeet_worker import patches, request
+from parakeet_worker.audio import ffmpeg
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
-README = (REPO / "README.md").read_text()
+CONFIGURATION_DOC = (REPO / "docs" / "configuration.md").read_text()  # every env variable
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -80,7 +84,7 @@ def test_fetch_model_unpacks_where_the_worker_looks():
     fetch_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fetch_model)
     for repo_id in ("nvidia/parakeet-tdt-0.6b-v3", "someone/other-model"):
-        assert fetch_model.unpacked_dir(repo_id) == handler._unpacked_dir(repo_id)
+        assert fetch_model.unpacked_dir(repo_id) == asr.unpacked_dir(repo_id)
 
 
 def test_runpod_hub_listing():
@@ -96,8 +100,8 @@ def test_runpod_hub_listing():
     for entry in config["env"]:
         field = entry["input"]
         assert field["type"] in ("string", "number", "boolean", "select") and field["name"] and field["description"]
-        assert f"`{entry['key']}`" in README, f"{entry['key']} is not documented in README.md"
-        default = getattr(handler.Config(), entry["key"].lower(), None)
+        assert f"`{entry['key']}`" in CONFIGURATION_DOC, f"{entry['key']} is not documented in docs/configuration.md"
+        default = getattr(settings.Config(), entry["key"].lower(), None)
         if isinstance(default, int | float) and not isinstance(default, bool):
             assert field["default"] == default, entry["key"]
     for preset in config["presets"]:
@@ -109,7 +113,7 @@ def test_runpod_hub_tests_use_bundled_samples():
     assert tests["config"]["gpuCount"] == 1 and tests["config"]["gpuTypeId"].startswith("NVIDIA")
     for case in tests["tests"]:
         assert case["name"] and case["timeout"] > 0
-        params, error = handler._check_input(case["input"])
+        params, error = request.check_input(case["input"])
         assert error is None, error
         for item in params["inputs"]:
             assert (REPO / item["source"]).is_file()
@@ -118,24 +122,38 @@ def test_runpod_hub_tests_use_bundled_samples():
 @pytest.mark.parametrize("name", ["test_input.json"])
 def test_local_test_input_is_a_valid_job(name):
     job = json.loads((REPO / name).read_text())
-    params, error = handler._check_input(job["input"])
+    params, error = request.check_input(job["input"])
     assert error is None, error
     assert all((REPO / item["source"]).is_file() for item in params["inputs"])
 
 
-def test_every_env_variable_the_config_reads_is_documented(monkeypatch):
-    """The names the worker's config really reads (recorded as it reads them), each in README.md."""
-    read: set[str] = set()
+def test_every_env_variable_is_read_by_the_config_and_documented(worker, monkeypatch):
+    """The names the worker really reads (recorded as they are read, with who read them): read
+    by config.py alone, while a job runs too, and each in docs/configuration.md."""
+    read: dict[str, set[str]] = {}
+    own = (str(REPO / "parakeet_worker"), str(REPO / "handler.py"))
 
     class Recording(dict):
         def get(self, key, default=None):
-            read.add(key)
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.endswith(("/os.py", "<frozen os>")):
+                frame = frame.f_back  # os.getenv
+            where = frame.f_code.co_filename if frame is not None else "?"
+            read.setdefault(key, set()).add(where)
             return super().get(key, default)
 
+        __getitem__ = get
+
     monkeypatch.setattr(os, "environ", Recording(os.environ))
-    handler.Config.from_env()
-    handler._configure_logging()  # LOG_LEVEL (already applied: the same level again)
-    handler._ffmpeg_bin()  # FFMPEG_BIN
-    assert {"LOG_LEVEL", "FFMPEG_BIN", "PARAKEET_MODEL"} <= read and len(read) >= 20
-    missing = sorted(n for n in read - {"PATH"} if f"`{n}`" not in README)  # PATH: shutil.which
-    assert not missing, f"undocumented in README.md: {missing}"
+    settings.Config.from_env()
+    patches.configure_logging()
+    ffmpeg.ffmpeg_bin()
+    out = asyncio.run(worker.handler({"id": "env", "input": {"inputs": [{"source": "samples/hello.mp3"}], "vad": True}}))
+    assert out["results"][0]["text"] == "hello world", out
+    assert {"LOG_LEVEL", "FFMPEG_BIN", "RUNPOD_SERVERLESS", "RUNPOD_WEBHOOK_POST_OUTPUT", "PARAKEET_MODEL"} <= set(read)
+    outside = {k: w for k, w in read.items() if any(f.startswith(own) and not f.endswith("config.py") for f in w)}
+    assert not outside, f"read outside config.py: {outside}"
+    ours = {k for k, w in read.items() if any(f.endswith("config.py") for f in w)}
+    assert len(ours) >= 20
+    missing = sorted(n for n in ours if f"`{n}`" not in CONFIGURATION_DOC)
+    assert not missing, f"undocumented in docs/configuration.md: {missing}"
