@@ -38,7 +38,7 @@ import runpod
 from parakeet_worker import config, engine, errors, openai_api, output, patches, pieces, request, scheduler
 from parakeet_worker import job as jobs
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import vad
+from parakeet_worker.analysis import confidence, vad
 from parakeet_worker.audio import decoder, disk, download, sources
 from parakeet_worker.audio.uploads import Uploads
 from parakeet_worker.config import SAMPLE_RATE
@@ -47,7 +47,7 @@ from parakeet_worker.job import Events, Job
 from parakeet_worker.pieces import RESPLIT_FRACTION
 from parakeet_worker.scheduler import Arrival, Unit, UnitResult
 from parakeet_worker.state import shared
-from parakeet_worker.transcript import Prepared, Transcript
+from parakeet_worker.transcript import Prepared, Tokens, Transcript
 
 log = logging.getLogger("parakeet-worker")
 
@@ -259,10 +259,13 @@ def _maybe_set_local_attention(model: Any, duration: float) -> None:
     log.info("encoder attention: %s", "local" if want_local else "full")
 
 
-def _run_batch(model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any]) -> list[Any]:
+def _run_batch(
+    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scored: list[bool] | None = None
+) -> list[Any]:
     """One planned batch through the model, the encoder set up for its longest row first; a
-    failing batch is retried in halves (engine.run_resilient)."""
-    return engine.run_resilient(model, audio, lengths, timestamps, boosts, prepare=_maybe_set_local_attention)
+    failing batch is retried in halves (engine.run_resilient); `scored` rows get confidence."""
+    return engine.run_resilient(model, audio, lengths, timestamps, boosts, prepare=_maybe_set_local_attention,
+                                scored=scored)  # fmt: skip
 
 
 @shared
@@ -288,7 +291,11 @@ def _prepare_unit(job: Job, index: int, item: Any) -> tuple[Prepared, cf.Future 
         if unit is None:  # VAD heard no speech: answered without the model
             job.discard(prepared.wav)
             done: cf.Future = cf.Future()
-            done.set_result(UnitResult(Transcript(""), None))
+            silent = Transcript("")
+            if index in job.vad_probs:  # scored: how sure VAD is that there is none
+                silent = confidence.with_vad(dataclasses.replace(silent, tokens=Tokens()), job.vad_probs[index],
+                                             vad.VAD_FRAME / SAMPLE_RATE)  # fmt: skip
+            done.set_result(UnitResult(silent, None))
             return prepared, done
         # an item that may still be split (should it run out of memory) keeps its WAV until its
         # result is in; a shorter one's WAV goes as soon as the model has read it
@@ -315,6 +322,8 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
                 out = await _resplit_on_oom(job, prepared, out, prepared)
             elif index in job.clips and isinstance(out, Transcript):
                 out = vad.on_timeline(job.clips[index], out)
+                if index in job.vad_probs:  # no_speech_prob from VAD rather than the decoder
+                    out = confidence.with_vad(out, job.vad_probs[index], vad.VAD_FRAME / SAMPLE_RATE)
         out = await jobs.labelled(job, out, labels)
     except ItemError as exc:
         # Kept as this item's result: without its traceback, whose frames (this one included,
@@ -346,6 +355,10 @@ async def _transcribe_split(job: Job, item: Prepared, piece_sec: float, whole: P
         joined.text = f"{joined.text} {part.text}".strip()
         joined.words += [w.shifted(shift) for w in part.words]
         joined.segments += [s.shifted(shift) for s in part.segments]
+        if part.tokens is not None:  # scored: the pieces' tokens in order, the most speech-like piece
+            joined.tokens = (joined.tokens or Tokens()) + part.tokens
+            joined.no_speech_prob = min((x for x in (joined.no_speech_prob, part.no_speech_prob) if x is not None),
+                                        default=None)  # fmt: skip
     return joined
 
 

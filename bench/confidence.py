@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from parakeet_worker import confidence as conf  # noqa: E402
+from parakeet_worker.analysis import confidence as conf  # noqa: E402
 from tools import synth  # noqa: E402
 
 OUT = REPO / "bench" / "out"
@@ -556,8 +556,9 @@ VAD_FRAME_SEC = 512 / SAMPLE_RATE
 
 
 def speech_features(d: Decoded, classes: int, frame_sec: float) -> dict[str, float]:
-    """One clip's no-speech evidence over its words' span (the whole clip when it has none): the
-    decoder's blank rate, its tokens' mean log-probability, and 1 - VAD's mean speech probability."""
+    """One clip's no-speech evidence: over its words' span (the whole clip when it has none) the
+    decoder's blank rate, its tokens' mean log-probability; and VAD's no_speech_prob at its
+    words (as the worker computes them: conf.no_speech_from_vad)."""
     if d.words:
         start, end = d.words[0][1], d.words[-1][2]
     else:
@@ -567,7 +568,11 @@ def speech_features(d: Decoded, classes: int, frame_sec: float) -> dict[str, flo
     return {
         "blank_rate": conf.no_speech_from_blanks(d.timesteps, d.durations, start, end) if d.words else 1.0,
         "mean_logprob": conf.avg_logprob(logprobs) if logprobs else 0.0,
-        "vad": conf.no_speech_from_vad(probs.tolist(), VAD_FRAME_SEC, start * frame_sec, end * frame_sec),
+        "vad": conf.no_speech_from_vad(
+            probs.tolist(),
+            VAD_FRAME_SEC,
+            [(a * frame_sec, b * frame_sec) for _, a, b in d.words] or [(start * frame_sec, end * frame_sec)],
+        ),
         "words": len(d.words),
     }
 

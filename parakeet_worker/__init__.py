@@ -12,7 +12,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # audio in: every source to a 16 kHz mono WAV
     ("audio.headers", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads"),
     # analysis: each a model got once, and pure functions around it
-    ("analysis.vad", "analysis.speakers", "analysis.boosting"),
+    ("analysis.vad", "analysis.confidence", "analysis.speakers", "analysis.boosting"),
     # the model and the scheduler that runs it
     ("model", "engine", "scheduler", "pieces"),
     # one job: its request, its state, its answer

@@ -10,7 +10,7 @@ from typing import Any
 
 from parakeet_worker import config, errors
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import speakers
+from parakeet_worker.analysis import confidence, speakers
 from parakeet_worker.audio import sources
 from parakeet_worker.errors import ItemError
 from parakeet_worker.job import Job
@@ -89,9 +89,13 @@ def _item_result(
         result["turns"] = [t.as_dict() for t in out.turns]
     if params["timestamps"]:
         result["timestamps"] = {
-            "word": [w.as_dict("word") for w in out.words],
-            "segment": [s.as_dict("segment") for s in out.segments],
+            "word": [w.as_dict("word", params.get("confidence", False)) for w in out.words],
+            "segment": [s.as_dict("segment", params.get("confidence", False)) for s in out.segments],
         }
+    if params.get("confidence") and out.no_speech_prob is not None:
+        result["no_speech_prob"] = out.no_speech_prob
+    if params.get("logprobs") and out.tokens is not None:
+        result["logprobs"] = confidence.openai_logprobs(out.tokens)
     if params["output_format"] in ("srt", "vtt"):
         result["subtitles"] = to_srt(out) if params["output_format"] == "srt" else to_vtt(out)
     notes = [w for w in (prepared.warning if prepared is not None else None, out.warning) if w]

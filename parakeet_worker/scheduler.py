@@ -42,6 +42,7 @@ class Unit:
     seq: int = 0
     future: cf.Future = field(default_factory=cf.Future)
     boost: Boost | None = None  # its item's key phrases and weight; batches mix any of these
+    confidence: bool = False  # its job asked for confidence or logprobs (analysis.confidence)
 
     @property
     def duration(self) -> float:
@@ -67,8 +68,8 @@ class UnitResult:
 
 # (ready units, local attention now, model seconds served by job) -> the next batch
 Plan = Callable[[Sequence[Unit], bool, Mapping[Any, float]], list[Unit]]
-# (model, padded audio, lengths, timestamps, boosts) -> one result per row
-Run = Callable[[Any, np.ndarray, list[int], bool, list[Boost | None]], list[Transcript | ItemError]]
+# (model, padded audio, lengths, timestamps, boosts, rows that want confidence) -> one result per row
+Run = Callable[[Any, np.ndarray, list[int], bool, list[Boost | None], list[bool]], list[Transcript | ItemError]]
 
 
 class Scheduler:
@@ -209,7 +210,8 @@ class Scheduler:
         outs: dict[int, Transcript | ItemError] = dict(failed)
         if rows:
             ran = self.run_batch(model, audio[rows] if failed else audio, [lengths[r] for r in rows],
-                                 any(batch[r].timestamps for r in rows), [batch[r].boost for r in rows])  # fmt: skip
+                                 any(batch[r].timestamps for r in rows), [batch[r].boost for r in rows],
+                                 [batch[r].confidence for r in rows])  # fmt: skip
             outs.update(zip(rows, ran, strict=True))
         real = sum(items[r].duration for r in rows)
         info = BatchInfo(next(self.batch_ids), len(rows), real, len(rows) * max((items[r].duration for r in rows), default=0))

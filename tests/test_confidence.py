@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import confidence as bench
-from parakeet_worker import confidence as conf
+from parakeet_worker.analysis import confidence as conf
 from tools import synth
 
 
@@ -80,7 +80,7 @@ def test_word_and_segment_confidences_are_probabilities_and_avg_logprob_is_negat
         for c in clips[:4]
         for v in bench.VARIANTS[1:]
     ]
-    calibration = conf.calibration_for(str(conf.Path("models/demo-tdt.nemo")))
+    calibration = conf.calibration_for("models/demo-tdt.nemo")
     assert calibration.calibrated
     hyps, logprobs = decoded(model, clips)
     worded = 0
@@ -91,7 +91,7 @@ def test_word_and_segment_confidences_are_probabilities_and_avg_logprob_is_negat
         assert all(0.0 <= c <= 1.0 for c in words)
         if words:
             worded += 1
-            assert 0.0 <= conf.segment_confidence(tokens.word_scores(), calibration) <= 1.0
+            assert 0.0 <= conf.segment_confidence([lp for lp, _ in conf.word_scores(tokens)], calibration) <= 1.0
             avg = conf.avg_logprob(tokens.logprobs)
             assert math.isfinite(avg) and avg < 0.0
     assert worded >= len(clips) - 2
@@ -110,7 +110,7 @@ def test_degraded_copies_get_lower_confidence(model):
             tokens = conf.tokens_of(h, model.tokenizer, lps)
             words += conf.word_confidences(tokens, calibration)
             if tokens.pieces:
-                segments.append(conf.segment_confidence(tokens.word_scores(), calibration))
+                segments.append(conf.segment_confidence([lp for lp, _ in conf.word_scores(tokens)], calibration))
         return statistics.median(words), statistics.median(segments)
 
     clean_word, clean_segment = medians(clips)
@@ -126,18 +126,18 @@ def test_logprobs_take_openais_shape_and_read_as_the_text(model):
     hyps, logprobs = decoded(model, sentences(3, 9))
     parts = [conf.tokens_of(h, model.tokenizer, lps) for h, lps in zip(hyps, logprobs, strict=True)]
     for h, tokens in zip(hyps, parts, strict=True):
-        entries = tokens.openai()
+        entries = conf.openai_logprobs(tokens)
         assert "".join(e["token"] for e in entries) == h.text
         parsed = Transcription.model_validate({"text": h.text, "logprobs": entries})
         assert [p.token for p in parsed.logprobs] == [e["token"] for e in entries]
         assert all(p.logprob < 0 and bytes(int(b) for b in p.bytes) == p.token.encode() for p in parsed.logprobs)
-    delta = parts[1].openai(leading_space=True)
+    delta = conf.openai_logprobs(parts[1], leading_space=True)
     event = TranscriptionTextDeltaEvent.model_validate({"type": "transcript.text.delta", "delta": " " + hyps[1].text,
                                                         "logprobs": delta})  # fmt: skip
     assert "".join(p.token for p in event.logprobs) == event.delta
     whole = parts[0] + parts[1]
     done = TranscriptionTextDoneEvent.model_validate({"type": "transcript.text.done", "text": f"{hyps[0].text} {hyps[1].text}",
-                                                      "logprobs": whole.openai()})  # fmt: skip
+                                                      "logprobs": conf.openai_logprobs(whole)})  # fmt: skip
     assert "".join(p.token for p in done.logprobs) == done.text
 
 
@@ -146,10 +146,16 @@ def test_no_speech_prob_from_vad_separates_noise_from_speech():
     for _ in range(4):
         _, speech = bench.sentence(rng)
         seconds = len(speech) / synth.SAMPLE_RATE
-        assert conf.no_speech_from_vad(bench.vad_probs(speech).tolist(), bench.VAD_FRAME_SEC, 0.1, seconds - 0.1) < 0.1
+        assert (
+            conf.no_speech_from_vad(bench.vad_probs(speech).tolist(), bench.VAD_FRAME_SEC, [], (0.1, seconds - 0.1))
+            < 0.1
+        )
     for noise in bench.noise_clips(8, 11):
         seconds = len(noise.audio) / synth.SAMPLE_RATE
-        assert conf.no_speech_from_vad(bench.vad_probs(noise.audio).tolist(), bench.VAD_FRAME_SEC, 0.0, seconds) > 0.9
+        assert (
+            conf.no_speech_from_vad(bench.vad_probs(noise.audio).tolist(), bench.VAD_FRAME_SEC, [], (0.0, seconds))
+            > 0.9
+        )
 
 
 def test_word_groups_follow_sentencepiece_word_marks():

@@ -21,8 +21,8 @@ gives P(segment has no error). Maps are isotonic tables (piecewise linear, non-d
 by bench/confidence.py --fit on a labelled set, never per request; a model without one gets the
 raw probability (identity map), flagged as uncalibrated.
 
-no_speech_prob: where VAD ran, one minus silero's median speech probability over the segment's
-span; where it did not, from the decoder: its blank rate over the span (encoder frames skipped
+no_speech_prob: where VAD ran, from silero's speech probabilities: one minus the median of its
+words' peaks (over the whole span for a segment or item without words); where it did not, from the decoder: its blank rate over the span (encoder frames skipped
 by blank steps), mapped together with the tokens' mean log-probability by a logistic map fitted
 with the word tables (the blank rate alone does not tell noise from speech for the demo model,
 which emits words into pure noise; see docs/confidence.md).
@@ -34,6 +34,8 @@ here reads the environment or touches the model until handed one.
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -42,6 +44,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from parakeet_worker import config
+from parakeet_worker.transcript import Span, Tokens, Transcript
 
 # NeMo's step measure: max_prob with alpha 1 is invertible to the emitted token's probability.
 STEP_METHOD: dict[str, Any] = {"name": "max_prob", "alpha": 1.0}
@@ -71,41 +76,25 @@ def decoding_config(enabled: bool, method: dict[str, Any] | None = None) -> dict
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tokens:
-    """A transcript's emitted tokens (SentencePiece pieces, ▁ marking a word's start) and their
-    log-probabilities, in order. Two tuples rather than an object per token: this is built for
-    every decoded item while confidence is on, and most requests never look at single tokens."""
+def word_scores(tokens: Tokens) -> list[tuple[float, int]]:
+    """Each word's raw score and token count: the sum of its tokens' log-probabilities (the
+    probability the model gave the whole word). Words as SentencePiece marks them (word_groups)."""
+    return [(sum(tokens.logprobs[i] for i in group), len(group)) for group in word_groups(tokens.pieces)]
 
-    pieces: tuple[str, ...] = ()
-    logprobs: tuple[float, ...] = ()
 
-    def __post_init__(self) -> None:
-        if len(self.pieces) != len(self.logprobs):
-            raise ValueError(f"{len(self.pieces)} tokens but {len(self.logprobs)} log-probabilities")
-
-    def __add__(self, other: Tokens) -> Tokens:
-        """Two parts of one transcript (pieces of a long item, VAD regions), in order."""
-        return Tokens(self.pieces + other.pieces, self.logprobs + other.logprobs)
-
-    def word_scores(self) -> list[float]:
-        """Each word's raw score: the sum of its tokens' log-probabilities (the probability the
-        model gave the whole word). Words as SentencePiece marks them (see word_groups)."""
-        return [sum(self.logprobs[i] for i in group) for group in word_groups(self.pieces)]
-
-    def openai(self, leading_space: bool = False) -> list[dict[str, Any]]:
-        """OpenAI's `logprobs` entries (token, logprob, bytes): ▁ becomes a space, and the first
-        token's space is kept only when `leading_space` (a streamed delta after the first), so
-        that the tokens joined read as the text (or delta) they go with."""
-        out = []
-        for i, (piece, logprob) in enumerate(zip(self.pieces, self.logprobs, strict=True)):
-            match = _BYTE_PIECE.match(piece)
-            text = "" if match else piece.replace(WORD_MARK, " ")
-            if i == 0 and not leading_space:
-                text = text.lstrip(" ")
-            data = [int(match.group(1), 16)] if match else list(text.encode("utf-8"))
-            out.append({"token": text, "logprob": logprob, "bytes": data})
-        return out
+def openai_logprobs(tokens: Tokens, leading_space: bool = False) -> list[dict[str, Any]]:
+    """OpenAI's `logprobs` entries (token, logprob, bytes): ▁ becomes a space, and the first
+    token's space is kept only when `leading_space` (a streamed delta after the first), so that
+    the tokens joined read as the text (or delta) they go with."""
+    out = []
+    for i, (piece, logprob) in enumerate(zip(tokens.pieces, tokens.logprobs, strict=True)):
+        match = _BYTE_PIECE.match(piece)
+        text = "" if match else piece.replace(WORD_MARK, " ")
+        if i == 0 and not leading_space:
+            text = text.lstrip(" ")
+        data = [int(match.group(1), 16)] if match else list(text.encode("utf-8"))
+        out.append({"token": text, "logprob": logprob, "bytes": data})
+    return out
 
 
 def tokens_of(hyp: Any, tokenizer: Any, logprobs: Sequence[float]) -> Tokens:
@@ -127,7 +116,7 @@ def step_logprobs(steps: Sequence[float], classes: int) -> list[float]:
     return out
 
 
-def _frames_of(hyp: Any) -> list[int]:
+def frames_of(hyp: Any) -> list[int]:
     """The encoder frame of each emitted token: Hypothesis.timestamp is a tensor of frames, or,
     once NeMo computed word timestamps, a dict that keeps them under "timestep"."""
     stamps = hyp.timestamp.get("timestep", []) if isinstance(hyp.timestamp, dict) else hyp.timestamp
@@ -149,7 +138,7 @@ def token_logprobs(model: Any, encoded: Any, encoded_len: Any, hyps: Sequence[An
     labels = [
         [int(t) for t in (h.y_sequence.tolist() if hasattr(h.y_sequence, "tolist") else h.y_sequence)] for h in hyps
     ]
-    frames = [_frames_of(h) for h in hyps]
+    frames = [frames_of(h) for h in hyps]
     longest = max((len(x) for x in labels), default=0)
     if not longest:
         return [[] for _ in hyps]
@@ -323,12 +312,16 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+@functools.lru_cache(maxsize=8)
 def calibration_for(model: str, path: str | Path | None = None) -> Calibration:
     """The map for `model` (a path or a Hugging Face name): the JSON file at `path` when given
     (bench/confidence.py --fit writes one), else the stored table for the model's name or file
-    stem, else the identity (uncalibrated)."""
+    stem, else the identity (uncalibrated). Remembered: a file is read once per process."""
     if path:
-        return Calibration.from_dict(json.loads(Path(path).read_text()))
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("a calibration file holds one JSON object (bench/confidence.py --fit writes one)")
+        return Calibration.from_dict(data)
     for key in (model, Path(model).name, Path(model).stem):
         if key in CALIBRATIONS:
             return Calibration.from_dict(CALIBRATIONS[key])
@@ -340,14 +333,21 @@ def calibration_for(model: str, path: str | Path | None = None) -> Calibration:
 # ---------------------------------------------------------------------------------------------
 
 
+def configured() -> Calibration:
+    """The serving model's map: CONFIDENCE_CALIBRATION's file, else the stored table for
+    PARAKEET_MODEL, else none (raw probabilities). Raises OSError or ValueError for a file that
+    cannot be read (model.confidence_calibration says so at load)."""
+    return calibration_for(config.CFG.model, config.CFG.confidence_calibration or None)
+
+
 def word_confidences(tokens: Tokens, calibration: Calibration) -> list[float]:
     """P(right) for each word of a transcript, through the model's word map."""
-    return [round(calibration.word(score), 4) for score in tokens.word_scores()]
+    return [round(calibration.word(score), 4) for score, _ in word_scores(tokens)]
 
 
-def segment_confidence(word_scores: Iterable[float], calibration: Calibration) -> float:
-    """P(no error in the segment) from its words' raw scores (sum of log-probabilities)."""
-    return round(calibration.segment(sum(word_scores)), 4)
+def segment_confidence(scores: Iterable[float], calibration: Calibration) -> float:
+    """P(no error in the segment) from its words' raw scores (sums of log-probabilities)."""
+    return round(calibration.segment(sum(scores)), 4)
 
 
 def avg_logprob(token_logprobs: Sequence[float]) -> float:
@@ -356,19 +356,33 @@ def avg_logprob(token_logprobs: Sequence[float]) -> float:
     return float(f"{sum(token_logprobs) / len(token_logprobs):.6g}") if token_logprobs else 0.0
 
 
-def no_speech_from_vad(probs: Sequence[float], frame_sec: float, start: float, end: float) -> float:
-    """1 - silero's median speech probability over [start, end) s (its frames every `frame_sec`);
-    1.0 when the span holds no frame. The median, not the mean: the pauses between words inside
-    a segment pull a mean down (bench/confidence.py: on clean speech the mean put a third of the
-    segments above 0.1; the median none)."""
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _frames(probs: Sequence[float], frame_sec: float, start: float, end: float) -> list[float]:
     lo = max(int(start / frame_sec), 0)
     hi = min(max(math.ceil(end / frame_sec), lo + 1), len(probs))
-    if hi <= lo:
-        return 1.0
-    window = sorted(float(p) for p in probs[lo:hi])
-    mid = len(window) // 2
-    median = window[mid] if len(window) % 2 else (window[mid - 1] + window[mid]) / 2
-    return round(1.0 - median, 4)
+    return [float(p) for p in probs[lo:hi]]
+
+
+def no_speech_from_vad(
+    probs: Sequence[float], frame_sec: float, words: Sequence[tuple[float, float]], span: tuple[float, float]
+) -> float:
+    """From silero's speech probabilities (`probs`, one every `frame_sec` s): 1 - the median,
+    over a segment's `words` ([start, end) s), of each word's peak probability; for a segment
+    or item without words, 1 - the median over its `span`. A word's peak, not its mean: the
+    model ends a word where the next begins, so a word's span often holds the pause after it;
+    the median over words, not the mean over the segment: a segment of words spoken one by one
+    has more pause than speech (bench/confidence.py: the mean over a segment's span put a third
+    of clean segments above 0.1). 1.0 where there is no frame."""
+    if words:
+        peaks = [max(frames) for frames in (_frames(probs, frame_sec, a, b) for a, b in words) if frames]
+        return round(1.0 - _median(peaks), 4) if peaks else 1.0
+    frames = _frames(probs, frame_sec, *span)
+    return round(1.0 - _median(frames), 4) if frames else 1.0
 
 
 def no_speech_inputs(blank_rate: float, mean_logprob: float) -> tuple[float, float, float]:
@@ -388,3 +402,85 @@ def no_speech_from_blanks(timesteps: Sequence[int], durations: Sequence[int], st
         for f in range(max(t, start), min(t + max(d, 1), end)):
             covered[f - start] = True
     return round(1.0 - sum(covered) / (end - start), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# A transcript scored: what the worker puts on its words, segments and item
+# ---------------------------------------------------------------------------------------------
+
+
+def scored(
+    transcript: Transcript, tokens: Tokens, frames: Sequence[int], durations: Sequence[int], frame_sec: float | None,
+    calibration: Calibration,
+) -> Transcript:  # fmt: skip
+    """`transcript` with its tokens and their scores: each word's confidence (and its summed
+    log-probability and token count), each segment's confidence, log-probability and
+    no_speech_prob from the decoder (its blank rate over the segment and its tokens' mean
+    log-probability; see Calibration.no_speech_prob), and the item's no_speech_prob (the lowest
+    of its segments', 1.0 when the model emitted nothing). `frames` and `durations` are each
+    token's encoder frame and TDT duration; `frame_sec` the encoder's frame (None: no
+    timestamps, so no words or segments to score). Words the token groups do not line up with
+    are left unscored rather than guessed."""
+    words = list(transcript.words)
+    per_word = word_scores(tokens)
+    if words and len(per_word) == len(words):
+        words = [dataclasses.replace(w, confidence=round(calibration.word(lp), 4), logprob=lp, tokens=n)
+                 for w, (lp, n) in zip(words, per_word, strict=True)]  # fmt: skip
+    segments = []
+    for seg, inside in zip(transcript.segments, words_by_segment(transcript.segments, words), strict=True):
+        seg = segment_of(inside, seg, calibration)
+        if frame_sec and seg.logprob is not None and durations:
+            lo, hi = round(seg.start / frame_sec), max(round(seg.end / frame_sec), round(seg.start / frame_sec) + 1)
+            blanks = no_speech_from_blanks(frames, durations, lo, hi)
+            seg = dataclasses.replace(
+                seg, no_speech_prob=calibration.no_speech_prob(blanks, seg.logprob / max(seg.tokens, 1))
+            )
+        segments.append(seg)
+    return dataclasses.replace(transcript, words=words, segments=segments, tokens=tokens,
+                               no_speech_prob=item_no_speech(segments, tokens))  # fmt: skip
+
+
+def words_by_segment(segments: Sequence[Span], words: Sequence[Span]) -> list[list[Span]]:
+    """The words of each segment: NeMo (and diarization) build segments from the words in
+    order, so each takes as many as its text has; where the counts do not add up, by time."""
+    counts = [len(s.text.split()) for s in segments]
+    if sum(counts) == len(words):
+        bounds = list(itertools.accumulate(counts, initial=0))
+        return [list(words[a:b]) for a, b in itertools.pairwise(bounds)]
+    return [[w for w in words if s.start - 1e-6 <= w.start < s.end] for s in segments]
+
+
+def segment_of(words: Sequence[Span], template: Span, calibration: Calibration) -> Span:
+    """`template` (a segment) scored from its words: P(no error) through the segment map, the
+    words' summed log-probability and token count; unscored when any word is. Its
+    no_speech_prob is kept."""
+    if not words or any(w.logprob is None for w in words):
+        return template
+    logprob = sum(w.logprob for w in words if w.logprob is not None)
+    return dataclasses.replace(template, confidence=round(calibration.segment(logprob), 4), logprob=logprob,
+                               tokens=sum(w.tokens for w in words))  # fmt: skip
+
+
+def item_no_speech(segments: Sequence[Span], tokens: Tokens | None) -> float | None:
+    """The item's no_speech_prob: its most speech-like segment's; 1.0 when the model emitted no
+    token; None when it emitted some but there are no segments (no timestamps) to tell by."""
+    found = [s.no_speech_prob for s in segments if s.no_speech_prob is not None]
+    if found:
+        return min(found)
+    return 1.0 if tokens is not None and not tokens.pieces else None
+
+
+def with_vad(transcript: Transcript, probs: Sequence[float], frame_sec: float) -> Transcript:
+    """A scored transcript's no_speech_prob from VAD instead of the decoder, where VAD ran: each
+    segment's from silero's speech probabilities (`probs`, one per `frame_sec` from the item's
+    start) at its words (no_speech_from_vad); the item's the lowest of its segments', or over the
+    whole item when it has none (VAD heard no speech, or the model said nothing)."""
+    by_segment = words_by_segment(transcript.segments, transcript.words)
+    segments = [
+        dataclasses.replace(seg, no_speech_prob=no_speech_from_vad(probs, frame_sec, [(w.start, w.end) for w in words],
+                                                                   (seg.start, seg.end)))
+        for seg, words in zip(transcript.segments, by_segment, strict=True)
+    ]  # fmt: skip
+    found = [s.no_speech_prob for s in segments if s.no_speech_prob is not None]
+    item = min(found) if found else no_speech_from_vad(probs, frame_sec, [], (0.0, len(probs) * frame_sec))
+    return dataclasses.replace(transcript, segments=segments, no_speech_prob=item)
