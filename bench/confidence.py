@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -195,17 +196,17 @@ def align(ref: Sequence[str], hyp: Sequence[str]) -> list[bool]:
 
 
 def load_model(path: str, threads: int | None = None) -> Any:
-    """A .nemo model on the CPU, in eval mode; `threads`: torch's thread count for this process
-    (the benchmark uses 1: on shared cores two threads stalled each other in the decoder's loop,
-    ~20x slower)."""
+    """The model as the worker loads it (model.load_model: placed, dither off, its own greedy
+    decoding configured, warmed up); `threads`: torch's thread count for this process (the
+    benchmark uses 1: on shared cores two threads stalled each other in the decoder's loop, ~20x
+    slower)."""
     import torch
-    from nemo.collections.asr.models import ASRModel
+
+    from parakeet_worker import model as asr
 
     if threads:
         torch.set_num_threads(threads)
-    model = ASRModel.restore_from(path, map_location="cpu")
-    model.eval()
-    return model
+    return asr.load_model(path)
 
 
 def decoder_for(model: Any, method: dict[str, Any] | None, timestamps: bool = True) -> Any:
@@ -213,7 +214,8 @@ def decoder_for(model: Any, method: dict[str, Any] | None, timestamps: bool = Tr
     built once; the model's own decoding is left as it was."""
     from omegaconf import open_dict
 
-    cfg = model.cfg.decoding.copy()
+    saved_cfg = model.cfg.decoding
+    cfg = saved_cfg.copy()
     with open_dict(cfg):
         cfg.strategy = "greedy_batch"
         cfg.compute_timestamps = timestamps
@@ -222,6 +224,9 @@ def decoder_for(model: Any, method: dict[str, Any] | None, timestamps: bool = Tr
     model.change_decoding_strategy(cfg, verbose=False)
     built = model.decoding
     model.decoding, model.wer = saved
+    model.cfg.decoding = saved_cfg
+    if model.joint.fuse_loss_wer:
+        model.joint.set_wer(model.wer)
     return built
 
 
@@ -237,9 +242,9 @@ class Decoded:
     frames: int = 0
 
 
-def batches(model: Any, clips: Sequence[Clip]) -> Any:
-    """The clips in batches of BATCH by length, each through the encoder: (rows, encoded,
-    lengths, encoder seconds wall, encoder seconds CPU)."""
+def batches(model: Any, clips: Sequence[Clip], encode: bool = True) -> Any:
+    """The clips in batches of BATCH by length, each through the encoder (unless not
+    `encode`): (rows, encoded, lengths, encoder seconds wall, encoder seconds CPU)."""
     import torch
 
     order = sorted(range(len(clips)), key=lambda i: len(clips[i].audio))
@@ -249,6 +254,9 @@ def batches(model: Any, clips: Sequence[Clip]) -> Any:
         audio = np.zeros((len(rows), max(lengths)), np.float32)
         for r, i in enumerate(rows):
             audio[r, : lengths[r]] = clips[i].audio
+        if not encode:
+            yield rows, None, lengths, 0.0, 0.0
+            continue
         wall, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             enc, enc_len = model.forward(
@@ -274,59 +282,38 @@ def decode_all(model: Any, clips: Sequence[Clip], methods: dict[str, dict[str, A
 
 
 def overhead(model: Any, clips: Sequence[Clip], rounds: int = 3) -> dict[str, Any]:
-    """Model time with confidence off and on, timestamps on and off. "on" two ways: NeMo keeping
-    a step measure inside its decoding loop (preserve_frame_confidence), and the worker's pass
-    after decoding (confidence.token_logprobs); both followed by the worker's post-processing to
-    word confidences. Each batch goes through the encoder, then each variant in a rotating order;
-    each warms up on the first batch first. Wall and CPU seconds (all threads), each the least of
-    `rounds` passes over the clips; "model time" is encoder + decoder with confidence off."""
-    import torch
+    """The worker's model time (model.run_model: encoder, decoding, transcripts) with confidence
+    off and on (every row scored: the pass after decoding and the words' and segments' scores),
+    timestamps on and off, on the same batches in a rotating order, after one warm-up batch.
+    Wall and CPU seconds (all threads), each the least of `rounds` passes over the clips."""
+    from parakeet_worker import model as asr
 
-    decoders = {
-        (ts, nemo): decoder_for(model, conf.STEP_METHOD if nemo else None, ts)
-        for ts in (True, False)
-        for nemo in (False, True)
-    }
-    variants = [(ts, how) for ts in (True, False) for how in ("off", "nemo", "pass")]
-    classes = int(model.decoding.blank_id) + 1
-    calibration = conf.calibration_for("demo-tdt")
+    variants = [(ts, on) for ts in (True, False) for on in (False, True)]
+    rows = []
+    for batch, _, _, _, _ in batches(model, clips, encode=False):
+        lengths = [len(clips[i].audio) for i in batch]
+        audio = np.zeros((len(batch), max(lengths)), np.float32)
+        for r, i in enumerate(batch):
+            audio[r, : lengths[r]] = clips[i].audio
+        rows.append((audio, lengths))
     passes: list[dict[str, float]] = []
-
-    def run(ts: bool, how: str, enc: Any, enc_len: Any) -> None:
-        with torch.inference_mode():
-            hyps = decoders[(ts, how == "nemo")].rnnt_decoder_predictions_tensor(enc, enc_len, return_hypotheses=True)
-            if how == "pass":
-                logprobs = conf.token_logprobs(model, enc, enc_len, hyps)
-            elif how == "nemo":
-                logprobs = [conf.step_logprobs(h.non_blank_step_confidence_precomputed or [], classes) for h in hyps]
-            else:
-                return
-        for h, lps in zip(hyps, logprobs, strict=True):
-            conf.word_confidences(conf.tokens_of(h, model.tokenizer, lps), calibration)
-
     for round_ in range(rounds + 1):
         sums: dict[str, float] = {}
-        for n, (_, enc, enc_len, wall, cpu) in enumerate(batches(model, clips)):
-            sums["encoder_wall"] = sums.get("encoder_wall", 0.0) + wall
-            sums["encoder_cpu"] = sums.get("encoder_cpu", 0.0) + cpu
-            for ts, how in variants[n % len(variants) :] + variants[: n % len(variants)]:
+        for n, (audio, lengths) in enumerate(rows[:1] if round_ == 0 else rows):
+            for ts, on in variants[n % len(variants) :] + variants[: n % len(variants)]:
                 began, began_cpu = time.perf_counter(), time.process_time()
-                run(ts, how, enc, enc_len)
-                name = f"{'ts' if ts else 'text'}_{how}"
+                asr.run_model(model, audio, lengths, ts, None, None, [on] * len(lengths))
+                name = f"{'ts' if ts else 'text'}_{'on' if on else 'off'}"
                 sums[f"{name}_wall"] = sums.get(f"{name}_wall", 0.0) + time.perf_counter() - began
                 sums[f"{name}_cpu"] = sums.get(f"{name}_cpu", 0.0) + time.process_time() - began_cpu
-            if round_ == 0:
-                break  # the warm-up pass: one batch
-        if round_:
+        if round_:  # round 0 warms every variant up on one batch
             passes.append(sums)
     best = {k: round(min(p[k] for p in passes), 3) for k in passes[0]}
     result: dict[str, Any] = {"seconds": best, "rounds": rounds, "clips": len(clips)}
     for mode in ("ts", "text"):
-        for how in ("nemo", "pass"):
-            for clock in ("wall", "cpu"):
-                model_off = best[f"encoder_{clock}"] + best[f"{mode}_off_{clock}"]
-                extra = best[f"{mode}_{how}_{clock}"] - best[f"{mode}_off_{clock}"]
-                result[f"{mode}_{how}_{clock}_pct"] = round(100 * extra / model_off, 2)
+        for clock in ("wall", "cpu"):
+            off, on = best[f"{mode}_off_{clock}"], best[f"{mode}_on_{clock}"]
+            result[f"{mode}_{clock}_pct"] = round(100 * (on - off) / off, 2)
     return result
 
 
@@ -571,7 +558,8 @@ def speech_features(d: Decoded, classes: int, frame_sec: float) -> dict[str, flo
         "vad": conf.no_speech_from_vad(
             probs.tolist(),
             VAD_FRAME_SEC,
-            [(a * frame_sec, b * frame_sec) for _, a, b in d.words] or [(start * frame_sec, end * frame_sec)],
+            [(a * frame_sec, b * frame_sec) for _, a, b in d.words],
+            (start * frame_sec, end * frame_sec),
         ),
         "words": len(d.words),
     }
@@ -694,12 +682,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     clips = build_set(args.sentences, args.seed)
     noise = noise_clips(args.noise, args.seed + 1)
     built = time.perf_counter() - began
+    os.environ["PARAKEET_MODEL"] = args.model  # the worker's config, read on first use (calibration)
     model = load_model(args.model, threads=1)
     classes = int(model.decoding.blank_id) + 1
     frame_sec = model.encoder.subsampling_factor * float(model.cfg.preprocessor.window_stride)
-    decoded = decode_all(model, [*clips, *noise], METHODS)
     timed = [c for c in clips if c.sentence < args.cost_sentences]
-    cost = overhead(model, timed)
+    cost = overhead(model, timed)  # first: the worker's own decoders, as it built them
+    decoded = decode_all(model, [*clips, *noise], METHODS)
     agreement = pass_matches_nemo(model, timed)
     speech = [d for d in decoded if d.clip.sentence >= 0]
     words, segments = label(speech, classes)
@@ -723,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     reliability_png(args.png, [("words (token_prob, sum of log-probs)", w["raw"], w["calibrated"], np.array(words.right)),
                                ("segments (sum over the segment)", s["raw"], s["calibrated"], np.array(segments.right))])  # fmt: skip
     out = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": 2, "shared_cores": True},
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1, "shared_cores": True},
         "set": {"clips": len(clips), "sentences": args.sentences, "variants": list(VARIANTS), "noise_clips": len(noise),
                 "audio_min": round(sum(len(c.audio) for c in [*clips, *noise]) / SAMPLE_RATE / 60, 2),
                 "words": len(words.right), "segments": len(segments.right), "build_sec": round(built, 1)},
@@ -758,14 +747,10 @@ def report(out: dict[str, Any]) -> None:
     print("no_speech:", json.dumps(out["no_speech"]))
     cost = out["overhead"]
     print(
-        f"confidence's cost, % of model time (encoder + decoder; least of {cost['rounds']} passes, cores shared; "
-        f"target <= {TARGETS['overhead_pct']}%):"
+        f"confidence's cost, % of the worker's model time (model.run_model; least of {cost['rounds']} passes, "
+        f"cores shared; target <= {TARGETS['overhead_pct']}%): timestamps on: CPU {cost['ts_cpu_pct']}%, wall "
+        f"{cost['ts_wall_pct']}%; text only: CPU {cost['text_cpu_pct']}%, wall {cost['text_wall_pct']}%"
     )
-    for how in ("nemo", "pass"):
-        print(
-            f"  {how:5} timestamps on: CPU {cost[f'ts_{how}_cpu_pct']}%, wall {cost[f'ts_{how}_wall_pct']}%; "
-            f"text only: CPU {cost[f'text_{how}_cpu_pct']}%, wall {cost[f'text_{how}_wall_pct']}%"
-        )
     print(
         f"after-decoding pass vs NeMo's in-loop measure: max |log p| difference {out['pass_vs_nemo_max_abs_logprob_diff']:.2e}"
     )

@@ -18,10 +18,11 @@ from tools import synth
 
 
 @pytest.fixture(scope="module")
-def model():
-    from conftest import DEMO_MODEL
+def model(worker):
+    """The worker's own model (the benchmark's decoders are built beside its own, which stay)."""
+    from parakeet_worker import model as asr
 
-    return bench.load_model(str(DEMO_MODEL))
+    return asr.loaded_model()
 
 
 def sentences(count: int, seed: int) -> list[bench.Clip]:
@@ -37,14 +38,17 @@ def decoded(model, clips, method=None, timestamps=True):
     """(hypotheses, token log-probabilities by the worker's after-decoding pass) per clip."""
     import torch
 
-    decoder = bench.decoder_for(model, method, timestamps)
+    from parakeet_worker import model as asr
+
     hyps, logprobs = [None] * len(clips), [None] * len(clips)
-    for rows, enc, enc_len, _, _ in bench.batches(model, clips):
-        with torch.inference_mode():
-            out = decoder.rnnt_decoder_predictions_tensor(enc, enc_len, return_hypotheses=True)
-            lps = conf.token_logprobs(model, enc, enc_len, out)
-        for r, i in enumerate(rows):
-            hyps[i], logprobs[i] = out[r], lps[r]
+    with asr.state().model_lock:  # the worker's model: one call at a time
+        decoder = bench.decoder_for(model, method, timestamps)
+        for rows, enc, enc_len, _, _ in bench.batches(model, clips):
+            with torch.inference_mode():
+                out = decoder.rnnt_decoder_predictions_tensor(enc, enc_len, return_hypotheses=True)
+                lps = conf.token_logprobs(model, enc, enc_len, out)
+            for r, i in enumerate(rows):
+                hyps[i], logprobs[i] = out[r], lps[r]
     return hyps, logprobs
 
 

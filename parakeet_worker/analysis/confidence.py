@@ -21,14 +21,21 @@ gives P(segment has no error). Maps are isotonic tables (piecewise linear, non-d
 by bench/confidence.py --fit on a labelled set, never per request; a model without one gets the
 raw probability (identity map), flagged as uncalibrated.
 
-no_speech_prob: where VAD ran, from silero's speech probabilities: one minus the median of its
-words' peaks (over the whole span for a segment or item without words); where it did not, from the decoder: its blank rate over the span (encoder frames skipped
-by blank steps), mapped together with the tokens' mean log-probability by a logistic map fitted
-with the word tables (the blank rate alone does not tell noise from speech for the demo model,
-which emits words into pure noise; see docs/confidence.md).
+no_speech_prob: where VAD ran, from silero's speech probabilities: one minus the median of the
+segment's words' peaks (over the whole span for a segment or item without words). Where it did
+not, from the decoder: its blank rate over the segment (encoder frames skipped by blank steps)
+and its tokens' mean log-probability, through a logistic map fitted with the tables (the blank
+rate alone hardly tells noise from speech for the demo model, which emits words into pure
+noise; see docs/confidence.md).
 
-Importing this module imports the standard library only (torch inside token_logprobs); nothing
-here reads the environment or touches the model until handed one.
+Who uses what: model.forward_decode runs token_logprobs on the rows that asked (a job's
+`confidence` or `logprobs`), model.to_transcript calls scored(), the job layer with_vad() where
+VAD ran, speakers.with_speakers segment_of() for segments cut by speaker, and the OpenAI shapes
+openai_logprobs().
+
+Importing this module imports the standard library and the package's base only (torch inside
+token_logprobs); nothing here reads the environment (configured() reads config.CFG when called)
+or touches the model until handed one.
 """
 
 from __future__ import annotations
@@ -307,7 +314,7 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
             "ys": [0, 0.0645, 0.08, 0.1293, 0.3043, 0.3158, 0.3704, 0.4375, 0.4535, 0.5455, 0.5882, 0.7, 0.8, 0.8065,
                    0.8657, 0.873, 0.9272, 0.95, 0.96, 1],
         },
-        "no_speech": [8.817, -7.6365, 10.6475],
+        "no_speech": [8.4947, -6.6252, 10.8095],
     },
 }  # fmt: skip
 
