@@ -29,7 +29,7 @@ rate alone hardly tells noise from speech for the demo model, which emits words 
 noise; see docs/confidence.md).
 
 Who uses what: model.forward_decode runs token_logprobs on the rows that asked (a job's
-`confidence` or `logprobs`), model.to_transcript calls scored(), the job layer with_vad() where
+`confidence` or `logprobs`), model.to_transcript calls scored(), handler.py with_vad() where
 VAD ran, speakers.with_speakers segment_of() for segments cut by speaker, and the OpenAI shapes
 openai_logprobs().
 
