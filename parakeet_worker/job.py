@@ -212,9 +212,10 @@ class Job:
 
     Threads: it is made, awaited and closed on the event loop. Its prepare threads (one per
     item in flight) call boost_of, speech_of, submit, keep and discard and write `boosts`,
-    `clips`, `speech_sec` and `vad_probs` for their own item's index only; the model thread calls discard()
-    once it has read a WAV; diarize threads call unkeep(). `kept` is the one structure several
-    threads change, under `kept_lock`; `stop` (a threading.Event) is how close() reaches them all."""
+    `clips`, `speech_sec` and `vad_probs` for their own item's index only; the model thread
+    calls discard() once it has read a WAV; diarize threads call unkeep(). `kept` is the one
+    structure several threads change, under `kept_lock`; `stop` (a threading.Event) is how
+    close() reaches them all."""
 
     def __init__(self, params: dict[str, Any], scheduler: Scheduler, boost: Boost | None = None,
                  events: Events | None = None, workdir: Path | None = None, job_id: str = ""):  # fmt: skip

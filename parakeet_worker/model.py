@@ -442,8 +442,7 @@ def forward_decode(
         )
         rows = [r for r, want in enumerate(scored or ()) if want]
         if rows:
-            pick = torch.tensor(rows, device=encoded.device)
-            found = confidence.token_logprobs(model, encoded[pick], encoded_len[pick], [hyps[r] for r in rows])
+            found = confidence.token_logprobs(model, encoded, encoded_len, hyps, rows)
             for r, logprobs in zip(rows, found, strict=True):
                 hyps[r].pw_logprobs = logprobs
     del signal, encoded

@@ -106,7 +106,7 @@ def openai_logprobs(tokens: Tokens, leading_space: bool = False) -> list[dict[st
 
 def tokens_of(hyp: Any, tokenizer: Any, logprobs: Sequence[float]) -> Tokens:
     """A decoded hypothesis's tokens, with their log-probabilities (token_logprobs)."""
-    ids = hyp.y_sequence.tolist() if hasattr(hyp.y_sequence, "tolist") else list(hyp.y_sequence)
+    ids = _ids(hyp)
     pieces = tuple(tokenizer.ids_to_tokens([int(i) for i in ids])) if ids else ()
     return Tokens(pieces, tuple(float(x) for x in logprobs))
 
@@ -130,48 +130,75 @@ def frames_of(hyp: Any) -> list[int]:
     return [int(t) for t in (stamps.tolist() if hasattr(stamps, "tolist") else stamps or [])]
 
 
-def token_logprobs(model: Any, encoded: Any, encoded_len: Any, hyps: Sequence[Any]) -> list[list[float]]:
-    """Each emitted token's log-probability under the model, for a decoded batch, in one pass
-    after decoding: the prediction network over each hypothesis's tokens (teacher-forced, from
-    the blank start symbol, as the greedy loop fed them), and the joint at each token's own
-    encoder frame; log-softmax over the token classes (TDT durations left out), in float64 so that
-    a sure token's log-probability stays below 0 instead of rounding to it. This is what the
-    greedy loop computed when it emitted each token, recomputed with two batched calls instead of
-    a few small operations at every decoding step (NeMo's preserve_frame_confidence; see
-    bench/confidence.py for both costs). With key-phrase boosting it is the unboosted model's
-    probability of the token actually emitted. `encoded` is model.forward's [B, D, T] output."""
+JOINT_CHUNK = 4096  # tokens per joint call in token_logprobs: bounds its memory on long audio
+
+
+def token_logprobs(
+    model: Any, encoded: Any, encoded_len: Any, hyps: Sequence[Any], rows: Sequence[int] | None = None
+) -> list[list[float]]:
+    """Each emitted token's log-probability under the model, for the hypotheses of a decoded
+    batch (`rows` of it; None: all), in one pass after decoding: the prediction network over each
+    hypothesis's tokens (teacher-forced from the blank start symbol, as the greedy loop fed them)
+    and the joint at each token's own encoder frame, log-softmaxed over the token classes (TDT
+    durations left out). This is what the greedy loop computed when it emitted each token,
+    recomputed in a few batched calls instead of small operations at every decoding step (NeMo's
+    preserve_frame_confidence; bench/confidence.py measures both). With key-phrase boosting it
+    is the unboosted model's probability of the token actually emitted. `encoded` is
+    model.forward's [B, D, T] output; only each token's frame of it is read (no copy of it), and
+    the joint runs JOINT_CHUNK tokens at a time. `encoded_len` is unused (kept for symmetry with
+    NeMo's decoding calls)."""
     import torch
 
-    labels = [
-        [int(t) for t in (h.y_sequence.tolist() if hasattr(h.y_sequence, "tolist") else h.y_sequence)] for h in hyps
-    ]
-    frames = [frames_of(h) for h in hyps]
-    longest = max((len(x) for x in labels), default=0)
+    rows = list(range(len(hyps))) if rows is None else list(rows)
+    labels = [[int(t) for t in _ids(hyps[r])] for r in rows]
+    frames = [frames_of(hyps[r]) for r in rows]
+    for r, ys, ts in zip(rows, labels, frames, strict=True):
+        if len(ts) != len(ys):
+            raise ValueError(f"hypothesis {r}: {len(ys)} tokens but {len(ts)} frames")
+    longest = max((len(ys) for ys in labels), default=0)
     if not longest:
-        return [[] for _ in hyps]
+        return [[] for _ in rows]
     joint, device = model.joint, encoded.device
     blank = int(model.decoder.blank_idx)
-    for b, (ys, ts) in enumerate(zip(labels, frames, strict=True)):
-        if len(ts) != len(ys):
-            raise ValueError(f"hypothesis {b}: {len(ys)} tokens but {len(ts)} frames")
-    pad = [longest - len(ys) for ys in labels]
-    inputs = torch.tensor(
-        [[blank, *ys[:-1]] + [blank] * n if ys else [blank] * longest for ys, n in zip(labels, pad, strict=True)]
-    )
-    targets = torch.tensor([ys + [0] * n for ys, n in zip(labels, pad, strict=True)])
-    at = torch.tensor([ts + [0] * n for ts, n in zip(frames, pad, strict=True)])
-    inputs, targets, at = inputs.to(device), targets.to(device), at.to(device)
-    predicted, _ = model.decoder.predict(inputs, None, add_sos=False, batch_size=len(hyps))  # [B, U, H]
-    enc = joint.project_encoder(encoded.transpose(1, 2))  # [B, T, H]
-    rows = torch.arange(len(hyps), device=device)[:, None]
-    picked = enc[rows, at.clamp(max=enc.shape[1] - 1)]  # [B, U, H]: each token's frame
-    pred = joint.project_prednet(predicted)
-    flat = joint.joint_after_projection(picked.reshape(-1, 1, picked.shape[-1]), pred.reshape(-1, 1, pred.shape[-1]))
-    logits = flat.reshape(len(hyps), longest, -1)
-    logits = logits[..., : logits.shape[-1] - int(getattr(joint, "num_extra_outputs", 0) or 0)].double()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0].clamp(min=MIN_LOGPROB).cpu()
-    return [logp[b, : len(ys)].tolist() for b, ys in enumerate(labels)]
+    inputs = torch.tensor([[blank, *ys[:-1], *[blank] * (longest - len(ys))] if ys else [blank] * longest
+                           for ys in labels], device=device)  # fmt: skip
+    predicted, _ = model.decoder.predict(inputs, None, add_sos=False, batch_size=len(rows))  # [R, U, H]
+    real = torch.tensor([[u < len(ys) for u in range(longest)] for ys in labels], device=device)
+    pred = predicted[real]  # [N, H]: the real tokens, in order
+    which = torch.tensor([r for r, ys in zip(rows, labels, strict=True) for _ in ys], device=device)
+    at = torch.tensor([min(t, encoded.shape[2] - 1) for ts in frames for t in ts], device=device)
+    targets = torch.tensor([y for ys in labels for y in ys], device=device)
+    extra = int(getattr(joint, "num_extra_outputs", 0) or 0)
+    out = []
+    for lo in range(0, len(targets), JOINT_CHUNK):
+        part = slice(lo, lo + JOINT_CHUNK)
+        f = joint.project_encoder(encoded[which[part], :, at[part]])  # [n, H]
+        g = joint.project_prednet(pred[part])
+        logits = joint.joint_after_projection(f[:, None], g[:, None])[:, 0, 0]
+        out.append(_log_softmax_at(logits[:, : logits.shape[-1] - extra].float(), targets[part]))
+    logp = torch.cat(out).clamp(min=MIN_LOGPROB).cpu().tolist()
+    result, at_ = [], 0
+    for ys in labels:
+        result.append(logp[at_ : at_ + len(ys)])
+        at_ += len(ys)
+    return result
 
+
+def _ids(hyp: Any) -> list[int]:
+    return hyp.y_sequence.tolist() if hasattr(hyp.y_sequence, "tolist") else list(hyp.y_sequence)
+
+
+def _log_softmax_at(logits: Any, targets: Any) -> Any:
+    """log softmax(logits)[target] per row, exact for a sure token too: with m the row's max,
+    log p = (x_t - m) - log1p(sum of exp(x_i - m) over every i but the max), so a probability of
+    1 - 1e-9 comes out as -1e-9 in float32 instead of rounding to 0 (log_softmax would)."""
+    import torch
+
+    top, arg = logits.max(dim=-1, keepdim=True)
+    shifted = (logits - top).exp()
+    shifted.scatter_(-1, arg, 0.0)
+    rest = shifted.sum(dim=-1)
+    return (logits.gather(-1, targets[:, None])[:, 0] - top[:, 0]) - torch.log1p(rest)
 
 def word_groups(pieces: Sequence[str]) -> list[list[int]]:
     """Token indices per word: a piece starting with ▁ starts a word (a bare ▁ joins the piece
