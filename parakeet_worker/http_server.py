@@ -9,6 +9,7 @@ are openai_api's. handler.py builds the app (handler.http_app) and serves it (ma
     POST /v1/audio/transcriptions   OpenAI's multipart request; stream=true: text/event-stream
     GET  /v1/models                 the model list
     POST /transcribe                the native body {"input": {...}}: a queue job's output
+    GET  /v1/realtime               a WebSocket: live transcription, OpenAI's Realtime protocol (realtime_ws)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from parakeet_worker import config, errors
+from parakeet_worker import config, errors, logsafe
 from parakeet_worker.audio.uploads import UploadFile, Uploads
 from parakeet_worker.errors import ItemError, JobError
 from parakeet_worker.openai_api import (
@@ -47,10 +48,19 @@ from parakeet_worker.openai_api import (
     openai_request,
     openai_transcribe,
 )
+from parakeet_worker.realtime_ws import SessionManager, realtime_router
 
 log = logging.getLogger("parakeet-worker.http")
 
 FIELD_MAX_BYTES = 64 * 1024  # one form field that is not the file
+# A known speaker's reference, as OpenAI's clients send it: a data: URL in a form field. 2-10 s of
+# audio; a 10 s 44.1 kHz stereo WAV is 2.4 MB of base64.
+REFERENCE_FIELD_MAX_BYTES = 4 * 1024 * 1024
+
+
+def field_max_bytes(name: str) -> int:
+    """The most one form field may hold."""
+    return REFERENCE_FIELD_MAX_BYTES if name.removesuffix("[]") == "known_speaker_references" else FIELD_MAX_BYTES
 FIELDS_MAX = 2000  # form fields per request (boost_phrases come one per field)
 JSON_MAX_BYTES = 64 * 1024**2  # a /transcribe body (base64 audio inline)
 PING_STATUS = {"loading": 204, "ready": 200, "unhealthy": 503}
@@ -142,8 +152,8 @@ async def read_form(request: Request, uploads: Uploads) -> dict[str, Any]:
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if "file" in part:
             pending.append(("data", bytes(data[start:end])))
-        elif len(part["data"]) + end - start > FIELD_MAX_BYTES:
-            raise FormError(413, f"a form field is over {FIELD_MAX_BYTES} bytes")
+        elif len(part["data"]) + end - start > (most := field_max_bytes(part["field"])):
+            raise FormError(413, f"a form field ({logsafe.echo(part['field'], 60)}) is over {most} bytes")
         else:
             part["data"] += data[start:end]
 
@@ -266,10 +276,11 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(run_job: RunJob, health: Health, start: Callable[[], object] | None = None) -> FastAPI:
+def create_app(run_job: RunJob, health: Health, start: Callable[[], object] | None = None,
+               realtime: SessionManager | None = None) -> FastAPI:  # fmt: skip
     """The HTTP API over `run_job`. `start` (the model load) runs in a background thread started
     at the lifespan's startup, just before uvicorn binds its sockets, so /ping answers (204)
-    while it loads."""
+    while it loads. `realtime` (live sessions) serves GET /v1/realtime."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -281,12 +292,15 @@ def create_app(run_job: RunJob, health: Health, start: Callable[[], object] | No
     admission = Admission(health)
 
     app.add_middleware(BearerAuth)
+    if realtime is not None:
+        app.include_router(realtime_router(realtime))  # its own auth: a browser cannot send a header
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return error(404, f"unknown route {request.method} {request.url.path}: this worker serves "
-                         "POST /v1/audio/transcriptions, GET /v1/models, POST /transcribe and GET /ping",
+                         "POST /v1/audio/transcriptions, GET /v1/models, POST /transcribe, GET /v1/realtime "
+                         "(a WebSocket) and GET /ping",
                          "unknown_url")  # fmt: skip
         return error(exc.status_code, str(exc.detail))
 
@@ -419,7 +433,7 @@ async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[dict[str, An
             log.exception("a streamed request failed")
             yield sse(OpenAIError(500, f"{type(exc).__name__}: {exc}", "internal_error").body())
             return
-        yield sse(openai_done(answer["text"], answer.get("logprobs")))
+        yield sse(openai_done(answer["text"], answer.get("languages"), answer.get("logprobs")))
     finally:
         job.cancel()  # the client is gone (or the job is done already): its own task cleans up
 
@@ -443,6 +457,38 @@ def health_app(health: Health) -> FastAPI:
     return app
 
 
+class _DrainingServer(uvicorn.Server):
+    """The main server: on SIGTERM (or SIGINT) it first runs `before_exit` (live sessions get the
+    text of what they had buffered, then a clean close), and only then starts uvicorn's own
+    shutdown, which would cut every WebSocket at once (1012)."""
+
+    def __init__(self, config: uvicorn.Config, before_exit: Callable[[], Awaitable[None]] | None = None):
+        super().__init__(config)
+        self.before_exit = before_exit
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+
+    async def serve(self, sockets: Any = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.before_exit is None or self.loop is None or self.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain(sig, frame)))
+
+    async def _drain(self, sig: int, frame: Any) -> None:
+        try:
+            assert self.before_exit is not None
+            await self.before_exit()
+        except Exception:
+            log.exception("draining live sessions failed")
+        finally:
+            super().handle_exit(sig, frame)
+
+
 class _QuietServer(uvicorn.Server):
     """The health listener: the main server owns the signals and ends it."""
 
@@ -453,15 +499,20 @@ class _QuietServer(uvicorn.Server):
 
 def server_config(app: Any, port: int) -> uvicorn.Config:
     """On SIGTERM uvicorn stops accepting connections and lets requests in flight finish for
-    SHUTDOWN_GRACE_SEC; then it cancels them, which stops their jobs (temp dirs gone)."""
+    SHUTDOWN_GRACE_SEC; then it cancels them, which stops their jobs (temp dirs gone). A
+    WebSocket message over 4x REALTIME_MAX_MESSAGE_BYTES is refused by uvicorn before it is
+    whole; one over the cap itself by realtime_ws, with its reason."""
     return uvicorn.Config(app, host=config.CFG.host, port=port, log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=int(config.CFG.shutdown_grace_sec), lifespan="on")  # fmt: skip
+                          timeout_graceful_shutdown=int(config.CFG.shutdown_grace_sec), lifespan="on",
+                          ws_max_size=4 * config.CFG.realtime_max_message_bytes)  # fmt: skip
 
 
-def serve(run_job: RunJob, health: Health, start: Callable[[], object]) -> None:
-    """`WORKER_MODE=http python handler.py`: serve until SIGTERM (or SIGINT)."""
+def serve(run_job: RunJob, health: Health, start: Callable[[], object], realtime: SessionManager | None = None) -> None:
+    """`WORKER_MODE=http python handler.py`: serve until SIGTERM (or SIGINT); live sessions are
+    drained first (SessionManager.drain), within SHUTDOWN_GRACE_SEC."""
     cfg = config.CFG
-    main = uvicorn.Server(server_config(create_app(run_job, health, start), cfg.port))
+    app = create_app(run_job, health, start, realtime)
+    main = _DrainingServer(server_config(app, cfg.port), realtime.drain if realtime is not None else None)
     health_port = cfg.port_health or cfg.port
     log.warning("serving on %s:%d (health: /ping on port %d)", cfg.host, cfg.port, health_port)
 

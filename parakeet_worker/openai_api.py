@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -18,8 +19,11 @@ from typing import Any
 
 from parakeet_worker import config, errors, logsafe
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import confidence
+from parakeet_worker.analysis import boosting, confidence, known_speakers
+from parakeet_worker.analysis import language as lang
 from parakeet_worker.analysis.boosting import BOOST_WEIGHT_MAX
+from parakeet_worker.analysis.known_speakers import KnownSpeaker
+from parakeet_worker.audio import sources
 from parakeet_worker.audio.uploads import Uploads
 from parakeet_worker.errors import JobError
 from parakeet_worker.job import Events
@@ -33,12 +37,13 @@ log = logging.getLogger("parakeet-worker")
 
 OPENAI_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 OPENAI_GRANULARITIES = ("word", "segment")
-OPENAI_OWN_FIELDS = ("file", "model", "response_format", "timestamp_granularities", "language", "prompt",
-                     "temperature", "stream", "chunking_strategy", "boost_phrases", "boost_weight", "vad", "diarize",
-                     "num_speakers", "min_speakers", "max_speakers", "include")  # fmt: skip
+OPENAI_OWN_FIELDS = ("file", "model", "response_format", "timestamp_granularities", "language", "languages",
+                     "prompt", "temperature", "stream", "chunking_strategy", "boost_phrases", "boost_weight", "vad",
+                     "diarize", "num_speakers", "min_speakers", "max_speakers", "keywords", "known_speaker_names",
+                     "known_speaker_references", "include")  # fmt: skip
 # OpenAI fields for its own models: accepted and ignored, so that clients sending them still work.
-OPENAI_IGNORED_FIELDS = ("known_speaker_names", "known_speaker_references", "languages", "keywords")  # fmt: skip
-OPENAI_INCLUDES = ("logprobs",)
+OPENAI_IGNORED_FIELDS: tuple[str, ...] = ()
+OPENAI_INCLUDES = ("logprobs",)  # what `include[]` may ask for (docs/confidence.md)
 OPENAI_LANGUAGE_MAX_CHARS = 32
 TRANSLATION_MESSAGE = ("Parakeet transcribes; it does not translate: /v1/audio/translations is not served. "
                        "Use /v1/audio/transcriptions.")  # fmt: skip
@@ -66,7 +71,7 @@ class OpenAIRequest:
     response_format: str
     words: bool
     segments: bool
-    language: str
+    hint: tuple[str, ...] | None  # `language` or `languages`, checked against the model's languages
     stream: bool
     logprobs: bool = False  # include[]=logprobs: on json and on the stream's events
 
@@ -141,9 +146,12 @@ def _as_float(value: Any, name: str, low: float, high: float, default: float) ->
 
 def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
     """Check an OpenAI transcription request (a JSON body, or form fields as strings) and turn it
-    into one native job. `file` is a URL, a data: URL or base64 (the queue route's JSON), or an
-    Upload (the HTTP server's multipart). `model` may be anything (clients send whisper-1);
-    `language`, `prompt` and `temperature` are checked and otherwise unused (docs/openai.md)."""
+    into one native job. `file` is what a native source may be (an http(s), file:// or data: URL,
+    a path under ALLOWED_LOCAL_ROOTS) or base64 (sources.item_of: the queue route's JSON and
+    JSON bodies over HTTP), or an Upload (the HTTP server's multipart). `model` may be anything
+    (clients send whisper-1); `language` or `languages` (not both, as OpenAI) is a hint: checked
+    against the model's languages, it keeps other scripts out of decoding and flags a mismatch
+    (docs/language.md); `prompt` and `temperature` are checked and otherwise unused (docs/openai.md)."""
     base = {k[:-2] if k.endswith("[]") else k for k in fields}
     unknown = sorted(base - set(OPENAI_OWN_FIELDS) - set(OPENAI_IGNORED_FIELDS))
     if unknown:
@@ -153,11 +161,10 @@ def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
     if isinstance(file, Upload):
         item: Any = file
     elif isinstance(file, str) and file.strip():
-        key = "source" if file.lstrip()[:8].lower().startswith(("http://", "https://", "data:")) else "audio_base64"
-        item = {key: file}
+        item = sources.item_of(file)  # what a native source may be, or base64
     else:
-        raise OpenAIError(400, "'file' is required: a URL, a data: URL or base64 audio (an upload over HTTP)",
-                          "invalid_request", "file")  # fmt: skip
+        raise OpenAIError(400, "'file' is required: a URL, a data: URL, a path under ALLOWED_LOCAL_ROOTS or "
+                          "base64 audio (or an upload over HTTP)", "invalid_request", "file")  # fmt: skip
     fmt = fields.get("response_format") or "json"
     if fmt not in OPENAI_FORMATS:
         raise OpenAIError(400, f"'response_format' must be one of {list(OPENAI_FORMATS)}", "invalid_request",
@@ -166,9 +173,7 @@ def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
     if any(g not in OPENAI_GRANULARITIES for g in granularities):
         raise OpenAIError(400, f"'timestamp_granularities' may hold {list(OPENAI_GRANULARITIES)}", "invalid_request",
                           "timestamp_granularities")  # fmt: skip
-    language = fields.get("language") or ""
-    if not isinstance(language, str) or len(language) > OPENAI_LANGUAGE_MAX_CHARS:
-        raise OpenAIError(400, "'language' must be a language code such as 'en'", "invalid_request", "language")
+    hint = _hint(fields)
     for name in ("model", "prompt"):
         if fields.get(name) is not None and not isinstance(fields[name], str):
             raise OpenAIError(400, f"'{name}' must be a string", "invalid_request", name)
@@ -180,18 +185,23 @@ def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
     stream = _as_bool(fields.get("stream"), "stream")
     logprobs = "logprobs" in include and (fmt == "json" or stream)  # where OpenAI's shapes have them
     verbose = fmt == "verbose_json"
-    diarize = fmt == "diarized_json" or _as_bool(fields.get("diarize"), "diarize")
+    diarize = _wants_diarize(fields, fmt)
+    known = _known_speakers(fields, diarize)
     job: dict[str, Any] = {
         "inputs": [item],
         "timestamps": verbose or fmt in ("srt", "vtt", "diarized_json"),
         # text with speakers is one "SPEAKER_00: ..." line per turn, as the native text output
         "output_format": fmt if fmt in ("srt", "vtt") else "text" if fmt == "text" and diarize else "json",
-        "boost_phrases": _as_list(form_field(fields, "boost_phrases")),
+        "boost_phrases": _boost_phrases(fields),
         "boost_weight": weight,
         "vad": _wants_vad(fields),
     }
     if diarize:
         job["diarize"] = True
+    if known:
+        job["known_speakers"] = known
+    if hint:
+        job["languages"] = list(hint)
     if verbose:  # its segments' avg_logprob and no_speech_prob, its words' and segments' confidence
         job["confidence"] = True
     if logprobs:
@@ -201,7 +211,72 @@ def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
         if count is not None:
             job[name] = count
     return OpenAIRequest(job, fmt, verbose and "word" in granularities, verbose and "segment" in granularities,
-                         language, stream, logprobs)  # fmt: skip
+                         hint, stream, logprobs)  # fmt: skip
+
+
+def _hint(fields: dict[str, Any]) -> tuple[str, ...] | None:
+    """`language` (one code) or `languages` (a list: JSON, repeated form fields, or one JSON
+    array in a form field), checked: 400 for both together, for a malformed code and for a
+    language the model does not transcribe (the message lists those it does)."""
+    language = fields.get("language")
+    if isinstance(language, str) and len(language) > OPENAI_LANGUAGE_MAX_CHARS:
+        raise OpenAIError(400, "'language' must be a language code such as 'en'", "invalid_request", "language")
+    languages = form_field(fields, "languages")
+    if languages is not None and not isinstance(languages, (list, tuple)):
+        languages = _as_list(languages)
+    try:
+        return lang.check_hint(language, languages, lang.spoken())
+    except lang.HintError as exc:
+        raise OpenAIError(400, str(exc), "invalid_request", exc.param) from None
+
+
+def _wants_diarize(fields: dict[str, Any], fmt: str) -> bool:
+    """`diarize`, or response_format diarized_json, which turns it on (it is a diarization's
+    shape); diarize: false with diarized_json is a contradiction, refused."""
+    given = fields.get("diarize")
+    if fmt != "diarized_json":
+        return _as_bool(given, "diarize")
+    if given not in (None, "") and not _as_bool(given, "diarize"):
+        raise OpenAIError(400, "response_format 'diarized_json' labels speakers: it needs diarization, and "
+                          "'diarize' is false (leave it out, or set it true)", "invalid_request", "diarize")  # fmt: skip
+    return True
+
+
+def _boost_phrases(fields: dict[str, Any]) -> list[Any]:
+    """boost_phrases and OpenAI's `keywords` (words to favour) as one list: keywords are key
+    phrases at the request's boost_weight (1.0 unless given), under the same caps. Keywords are
+    checked here so that an error names `keywords`; the native job checks the whole list again."""
+    phrases = _as_list(form_field(fields, "boost_phrases"))
+    keywords = form_field(fields, "keywords")
+    if keywords in (None, ""):
+        return phrases
+    if not isinstance(keywords, (str, list)):
+        raise OpenAIError(400, "'keywords' must be a list of strings", "invalid_request", "keywords")
+    try:
+        cleaned = boosting.clean_phrases(_as_list(keywords), "keywords")
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), "invalid_request", "keywords") from None
+    merged = [*phrases, *(k for k in cleaned if k not in phrases)]
+    if len(merged) > config.CFG.boost_max_phrases:
+        raise OpenAIError(400, f"keywords and boost_phrases hold {len(merged)} phrases together, more than "
+                          f"BOOST_MAX_PHRASES={config.CFG.boost_max_phrases}", "invalid_request", "keywords")  # fmt: skip
+    return merged
+
+
+def _known_speakers(fields: dict[str, Any], diarize: bool) -> list[KnownSpeaker]:
+    """known_speaker_names[] and known_speaker_references[] (each reference a data: URL, or
+    anything `file` may be), checked; they name speakers a diarization finds, so they need one."""
+    names = form_field(fields, "known_speaker_names")
+    references = form_field(fields, "known_speaker_references")
+    try:
+        known = known_speakers.from_openai(None if names in (None, "") else _as_list(names),
+                                           None if references in (None, "") else _as_list(references))  # fmt: skip
+    except known_speakers.KnownSpeakerError as exc:
+        raise OpenAIError(400, str(exc), "invalid_request", exc.param) from None
+    if known and not diarize:
+        raise OpenAIError(400, "known_speaker_names needs diarization: set 'diarize' true or response_format "
+                          "'diarized_json'", "invalid_request", "known_speaker_names")  # fmt: skip
+    return known
 
 
 # -- the answer -------------------------------------------------------------------------------
@@ -220,7 +295,7 @@ def _verbose(result: dict[str, Any], req: OpenAIRequest) -> dict[str, Any]:
     with no words at all gets one empty segment over all of it, as Whisper answers silence, so
     that its no_speech_prob can say how sure that is."""
     stamps = result.get("timestamps", {})
-    body: dict[str, Any] = {"task": "transcribe", "language": req.language or "unknown",
+    body: dict[str, Any] = {"task": "transcribe", "language": _language_name(result, req),
                             "duration": result.get("duration", 0.0), "text": result["text"]}  # fmt: skip
     if req.segments:
         segments = stamps.get("segment", [])
@@ -232,6 +307,23 @@ def _verbose(result: dict[str, Any], req: OpenAIRequest) -> dict[str, Any]:
         body["words"] = [{k: w[k] for k in ("word", "start", "end", "confidence") if k in w} for w in stamps.get("word", [])]
     body["usage"] = {"type": "duration", "seconds": result.get("duration", 0.0)}
     return body
+
+
+def _language_name(result: dict[str, Any], req: OpenAIRequest) -> str:
+    """verbose_json's `language` as whisper-1 writes it ("english"): the detected language; when
+    none could be told, the one language the request named; else "unknown"."""
+    code = result.get("language") or (req.hint[0] if req.hint and len(req.hint) == 1 else None)
+    return lang.language_name(code) or "unknown"
+
+
+def _languages(result: dict[str, Any]) -> list[dict[str, str]]:
+    """`languages` as OpenAI's json answer and final stream event carry it: [{"code": ...}] for
+    the item's language and any other a segment was detected in; [] when none could be told."""
+    codes = [result["language"]] if result.get("language") else []
+    for segment in (result.get("timestamps") or {}).get("segment", []):
+        if segment.get("language") and segment["language"] not in codes:
+            codes.append(segment["language"])
+    return [{"code": c} for c in codes]
 
 
 def openai_segment(n: int, s: dict[str, Any]) -> dict[str, Any]:
@@ -257,13 +349,16 @@ def openai_result(out: dict[str, Any], req: OpenAIRequest) -> dict[str, Any] | s
     if req.response_format in ("srt", "vtt"):
         return result["subtitles"]
     if req.response_format == "verbose_json":
-        return _verbose(result, req)
-    if req.response_format == "diarized_json":
-        return {**openai_diarized_json(result), "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
-    body: dict[str, Any] = {"text": result["text"]}
-    if req.logprobs:
-        body["logprobs"] = result.get("logprobs", [])
-    body["usage"] = {"type": "duration", "seconds": result.get("duration", 0.0)}
+        body = _verbose(result, req)
+    elif req.response_format == "diarized_json":
+        body = {**openai_diarized_json(result), "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
+    else:
+        body = {"text": result["text"], "languages": _languages(result)}
+        if req.logprobs:
+            body["logprobs"] = result.get("logprobs", [])
+        body["usage"] = {"type": "duration", "seconds": result.get("duration", 0.0)}
+    if result.get("warning"):  # what the request asked for and did not get as asked (a JSON body has room to say so)
+        body["warning"] = result["warning"]
     return body
 
 
@@ -273,9 +368,10 @@ RunJob = Callable[[Any, Events | None, Uploads | None], Awaitable[dict[str, Any]
 
 
 def job_failed(exc: JobError) -> OpenAIError:
-    """A job that could not run, as OpenAI reports it: the status of its code."""
+    """A job that could not run, as OpenAI reports it: the status of its code (and the field at
+    fault, where the job names one)."""
     status = errors.status_of(exc.code)
-    return OpenAIError(status, exc.message, "invalid_request" if status == 400 else "unavailable")
+    return OpenAIError(status, exc.message, "invalid_request" if status == 400 else "unavailable", exc.param)
 
 
 async def openai_transcribe(req: OpenAIRequest, run: RunJob, events: Events | None = None,
@@ -300,14 +396,19 @@ def started_at() -> int:
     return int(time.time())
 
 
+ANONYMOUS_LABEL = re.compile(r"SPEAKER_(\d\d)")
+
+
 def openai_diarized_json(result: dict[str, Any]) -> dict[str, Any]:
     """One diarized item result (diarize and timestamps on) in OpenAI's diarized_json shape:
     {"task": "transcribe", "duration", "text", "segments": [{"type": "transcript.text.segment",
     "id", "start", "end", "text", "speaker"}]}. OpenAI names speakers "A", "B", ... in order of
-    appearance; SPEAKER_00 is "A". A segment without a speaker (diarization failed) is "A"."""
+    appearance, and a known speaker by its name: SPEAKER_00 is "A", "alice" stays "alice". A
+    segment without a speaker (diarization failed) is "A"."""
 
     def letter(label: str | None) -> str:  # at most DIARIZE_MAX_SPEAKERS (20) letters
-        return chr(ord("A") + (int(label.rsplit("_", 1)[-1]) if label else 0))
+        anonymous = ANONYMOUS_LABEL.fullmatch(label or "SPEAKER_00")
+        return chr(ord("A") + int(anonymous.group(1))) if anonymous else str(label)
 
     segments = (result.get("timestamps") or {}).get("segment", [])
     return {
@@ -322,6 +423,7 @@ def openai_diarized_json(result: dict[str, Any]) -> dict[str, Any]:
                 "end": s["end"],
                 "text": s["segment"],
                 "speaker": letter(s.get("speaker")),
+                **({"language": s["language"]} if s.get("language") else {}),
             }
             for i, s in enumerate(segments)
         ],
@@ -340,9 +442,12 @@ def openai_delta(text: str, first: bool, tokens: Tokens | None = None) -> dict[s
     return event
 
 
-def openai_done(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """transcript.text.done: the whole text, with every token's `logprobs` when given."""
-    event: dict[str, Any] = {"type": "transcript.text.done", "text": text}
+def openai_done(
+    text: str, languages: list[dict[str, str]] | None = None, logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """transcript.text.done: the whole text, the languages detected (see _languages), and every
+    token's `logprobs` when given (include[]=logprobs)."""
+    event: dict[str, Any] = {"type": "transcript.text.done", "text": text, "languages": languages or []}
     if logprobs is not None:
         event["logprobs"] = logprobs
     return event

@@ -1,6 +1,6 @@
 """The native request: {"inputs": [...], "timestamps", "output_format", "boost_phrases",
-"boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers", "confidence",
-"logprobs"} checked before
+"boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers",
+"language", "languages", "confidence", "logprobs"} checked before
 anything runs (the Runpod SDK's rp_validator, then the checks it skips), and the job's own
 boosting list resolved.
 """
@@ -15,7 +15,7 @@ from runpod.serverless.utils.rp_validator import validate
 
 from parakeet_worker import config, errors, logsafe
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import boosting, speakers
+from parakeet_worker.analysis import boosting, known_speakers, language, speakers
 from parakeet_worker.analysis.boosting import Boost
 
 log = logging.getLogger("parakeet-worker")
@@ -34,6 +34,9 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
     "num_speakers": {"type": int, "required": False, "default": None},
     "min_speakers": {"type": int, "required": False, "default": None},
     "max_speakers": {"type": int, "required": False, "default": None},
+    "known_speakers": {"type": list, "required": False, "default": None},
+    "language": {"type": str, "required": False, "default": None},  # a hint: the one language spoken
+    "languages": {"type": list, "required": False, "default": None},  # a hint: the languages that may be
     "confidence": {"type": bool, "required": False, "default": None},  # None: CFG.confidence
     "logprobs": {"type": bool, "required": False, "default": False},
 }
@@ -82,6 +85,16 @@ def check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
     speakers_error = speakers.check_speakers(params)
     if speakers_error:
         return None, f"invalid input: {speakers_error}"
+    try:
+        params["known_speakers"] = known_speakers.from_native(params.get("known_speakers"))
+    except known_speakers.KnownSpeakerError as exc:
+        return None, f"invalid input: {exc}"
+    if params["known_speakers"] and not params["diarize"]:
+        return None, "invalid input: known_speakers needs diarize: true"
+    try:  # each item may carry its own hint instead (job.Job.hint_of)
+        params["language_hint"] = language.check_hint(params["language"], params["languages"], language.spoken())
+    except language.HintError as exc:
+        return None, f"invalid input: {exc}"
     return params, None
 
 
