@@ -11,7 +11,7 @@ import math
 import numpy as np
 import openai
 import pytest
-from conftest import DATA_ROOT, run_job, speech_file, temp_leftovers, words_of
+from conftest import DATA_ROOT, run_job, speech_file, temp_leftovers, until, words_of
 
 from parakeet_worker import model as asr
 from tools import synth, testkit
@@ -178,3 +178,47 @@ def test_a_bad_calibration_file_is_named(worker, config, tmp_path):
     config(confidence_calibration=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match=r"missing\.json"):
         asr.confidence_calibration()
+
+
+def test_live_session_with_logprobs_include_sends_them_on_delta_and_completed(worker):
+    """A Realtime transcription session that includes item.input_audio_transcription.logprobs:
+    the official client's event types take them; each delta's tokens join to the delta, each
+    completed's to its transcript. Paced (a barrier, then no model call waiting) so partials run."""
+    import asyncio
+
+    from openai.types.realtime import (
+        ConversationItemInputAudioTranscriptionCompletedEvent,
+        ConversationItemInputAudioTranscriptionDeltaEvent,
+    )
+    from test_realtime import COMPLETED, DELTA, U1, U2, serve, utterances
+
+    from tools.live_client import LiveClient, append, encode_input, frames, session_update
+
+    audio, _ = utterances(U1, U2)
+    data = encode_input(audio, "pcm24")
+    update = session_update("pcm24")
+    update["session"]["include"] = ["item.input_audio_transcription.logprobs"]
+
+    async def main(server, manager) -> list[dict]:
+        async with LiveClient(server.url) as c:
+            await c.send(update)
+            for n, chunk in enumerate(frames(data, "pcm24", 20)):
+                await c.send(append(chunk))
+                if n % 25 == 24:
+                    await c.barrier()
+                    await until(manager.engine.idle, "the partials")
+            await c.wait_for(COMPLETED, 2)
+            return c.events
+
+    with serve(worker) as (server, manager):
+        events = asyncio.run(main(server, manager))
+    updated = next(e for e in events if e["type"] == "session.updated")
+    assert updated["session"]["include"] == ["item.input_audio_transcription.logprobs"]
+    done = [ConversationItemInputAudioTranscriptionCompletedEvent.model_validate(e) for e in events if e["type"] == COMPLETED]
+    deltas = [ConversationItemInputAudioTranscriptionDeltaEvent.model_validate(e) for e in events if e["type"] == DELTA]
+    assert [d.transcript for d in done] == [U1, U2] and deltas
+    for d in done:
+        assert d.logprobs and "".join(p.token for p in d.logprobs) == d.transcript
+        assert all(p.logprob < 0 for p in d.logprobs)
+    for d in deltas:
+        assert d.logprobs and "".join(p.token for p in d.logprobs) == d.delta
