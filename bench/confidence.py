@@ -308,7 +308,7 @@ def overhead(model: Any, clips: Sequence[Clip], rounds: int = 3) -> dict[str, An
                 name = f"{'ts' if ts else 'text'}_{'on' if on else 'off'}"
                 inside[0] = 0.0
                 began, began_cpu = time.perf_counter(), time.process_time()
-                asr.run_model(model, audio, lengths, ts, None, None, [on] * len(lengths))
+                asr.run_model(model, audio, lengths, ts, scored=[on] * len(lengths))
                 sums[f"{name}_wall"] = sums.get(f"{name}_wall", 0.0) + time.perf_counter() - began
                 sums[f"{name}_cpu"] = sums.get(f"{name}_cpu", 0.0) + time.process_time() - began_cpu
                 sums[f"{name}_scoring_cpu"] = sums.get(f"{name}_scoring_cpu", 0.0) + inside[0]
