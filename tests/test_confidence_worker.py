@@ -222,3 +222,18 @@ def test_live_session_with_logprobs_include_sends_them_on_delta_and_completed(wo
         assert all(p.logprob < 0 for p in d.logprobs)
     for d in deltas:
         assert d.logprobs and "".join(p.token for p in d.logprobs) == d.delta
+
+
+def test_queue_route_json_with_logprobs(worker):
+    """Runpod's OpenAI route on a queue endpoint: include logprobs on json, as over HTTP."""
+    import base64
+
+    from conftest import call_handler
+    from openai.types.audio import Transcription
+
+    data = base64.b64encode(speech_file("four five six", "wav").read_bytes()).decode()
+    body = {"file": f"data:audio/wav;base64,{data}", "model": "whisper-1", "include": ["logprobs"]}
+    out = call_handler(worker, {"id": "q", "input": {"openai_route": "/v1/audio/transcriptions", "openai_input": body}})
+    parsed = Transcription.model_validate(out)
+    assert words_of(parsed.text) == ["four", "five", "six"]
+    assert "".join(p.token for p in parsed.logprobs) == parsed.text
