@@ -38,7 +38,7 @@ import runpod
 from parakeet_worker import config, engine, errors, openai_api, output, patches, pieces, privacy, request, scheduler
 from parakeet_worker import job as jobs
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import language, speakers, vad
+from parakeet_worker.analysis import confidence, language, speakers, vad
 from parakeet_worker.analysis.known_speakers import KnownSpeaker, KnownSpeakerError, Voiceprint
 from parakeet_worker.audio import decoder, disk, download, sources
 from parakeet_worker.audio.uploads import Uploads
@@ -48,7 +48,7 @@ from parakeet_worker.job import Events, Job
 from parakeet_worker.pieces import RESPLIT_FRACTION
 from parakeet_worker.scheduler import Arrival, Unit, UnitResult
 from parakeet_worker.state import shared
-from parakeet_worker.transcript import Prepared, Transcript
+from parakeet_worker.transcript import Prepared, Tokens, Transcript
 
 log = logging.getLogger("parakeet-worker")
 
@@ -279,13 +279,14 @@ def _maybe_set_local_attention(model: Any, duration: float) -> None:
 
 
 def _run_batch(
-    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scripts: list[Any] | None = None
+    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scripts: list[Any] | None = None,
+    scored: list[bool] | None = None,
 ) -> list[Any]:
     """One planned batch through the model, the encoder set up for its longest row first; a
     failing batch is retried in halves (engine.run_resilient). `scripts`: each row's language
-    hint's scripts (None: decoded as always)."""
+    hint's scripts (None: decoded as always); `scored`: the rows that get confidence."""
     return engine.run_resilient(
-        model, audio, lengths, timestamps, boosts, prepare=_maybe_set_local_attention, scripts=scripts
+        model, audio, lengths, timestamps, boosts, prepare=_maybe_set_local_attention, scripts=scripts, scored=scored
     )
 
 
@@ -313,7 +314,11 @@ def _prepare_unit(job: Job, index: int, item: Any) -> tuple[Prepared, cf.Future 
         if unit is None:  # VAD heard no speech: answered without the model
             job.discard(prepared.wav)
             done: cf.Future = cf.Future()
-            done.set_result(UnitResult(Transcript(""), None))
+            silent = Transcript("")
+            if index in job.vad_probs:  # scored: how sure VAD is that there is none
+                silent = confidence.with_vad(dataclasses.replace(silent, tokens=Tokens()), job.vad_probs[index],
+                                             vad.VAD_FRAME / SAMPLE_RATE)  # fmt: skip
+            done.set_result(UnitResult(silent, None))
             return prepared, done
         # an item that may still be split (should it run out of memory) keeps its WAV until its
         # result is in; a shorter one's WAV goes as soon as the model has read it
@@ -340,6 +345,8 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
                 out = await _resplit_on_oom(job, prepared, out, prepared)
             elif index in job.clips and isinstance(out, Transcript):
                 out = vad.on_timeline(job.clips[index], out)
+                if index in job.vad_probs:  # no_speech_prob from VAD rather than the decoder
+                    out = confidence.with_vad(out, job.vad_probs[index], vad.VAD_FRAME / SAMPLE_RATE)
         out = await jobs.labelled(job, out, labels)
         await job.detect_language(index, out)  # off the model thread, on the final text and segments
     except ItemError as exc:
@@ -372,6 +379,10 @@ async def _transcribe_split(job: Job, item: Prepared, piece_sec: float, whole: P
         joined.text = f"{joined.text} {part.text}".strip()
         joined.words += [w.shifted(shift) for w in part.words]
         joined.segments += [s.shifted(shift) for s in part.segments]
+        if part.tokens is not None:  # scored: the pieces' tokens in order, the most speech-like piece
+            joined.tokens = (joined.tokens or Tokens()) + part.tokens
+            joined.no_speech_prob = min((x for x in (joined.no_speech_prob, part.no_speech_prob) if x is not None),
+                                        default=None)  # fmt: skip
     return joined
 
 

@@ -13,8 +13,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("audio.headers", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads",
      "audio.live"),
     # analysis: each a model got once, and pure functions around it
-    ("analysis.vad", "analysis.live_vad", "analysis.known_speakers", "analysis.speakers", "analysis.boosting",
-     "analysis.language", "analysis.script_mask"),
+    ("analysis.vad", "analysis.confidence", "analysis.live_vad", "analysis.known_speakers", "analysis.speakers",
+     "analysis.boosting", "analysis.language", "analysis.script_mask"),
     # the model and the scheduler that runs it
     ("model", "engine", "scheduler", "pieces"),
     # one job: its request, its state, its answer; one live session, the same for a WebSocket

@@ -175,6 +175,8 @@ class Config:
     boost_max_job_phrases: int = 5000
     job_take_max: int = 8
     vad: bool = False  # the `vad` field's default; docs/vad.md says why off
+    confidence: bool = False  # the `confidence` field's default; docs/confidence.md says why off
+    confidence_calibration: str = ""  # a calibration JSON (bench/confidence.py --fit); "": the stored table
     speaker_model: str = str(APP_DIR / "models" / "campplus.ts")
     speaker_preload: bool = False
     diarize_workers: int = 1
@@ -242,6 +244,8 @@ class Config:
             boost_max_job_phrases=max(1, _env_num("BOOST_MAX_JOB_PHRASES", d.boost_max_job_phrases, int)),
             job_take_max=_env_num("JOB_TAKE_MAX", d.job_take_max, int),
             vad=_env_choice("VAD", "off", ("on", "off")) == "on",
+            confidence=_env_choice("CONFIDENCE", "off", ("on", "off")) == "on",
+            confidence_calibration=_env("CONFIDENCE_CALIBRATION", d.confidence_calibration),
             speaker_model=_env("SPEAKER_MODEL", d.speaker_model),
             speaker_preload=_env_flag("SPEAKER_PRELOAD"),
             diarize_workers=max(1, _env_num("DIARIZE_WORKERS", d.diarize_workers, int)),

@@ -390,12 +390,12 @@ def stream(request: Request, req: OpenAIRequest, run_job: RunJob, uploads: Uploa
     (each item, each piece of a split file), then one transcript.text.done with the whole text;
     an error mid-way is an error event. The job starts here, not in the generator, so that its
     end (done, failed, or cancelled when the client goes away) cleans up even if the response
-    never gets to run the generator."""
-    texts: asyncio.Queue[str] = asyncio.Queue()
+    never gets to run the generator. With include[]=logprobs each event carries its tokens'."""
+    texts: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def events(kind: str, payload: dict[str, Any]) -> None:
         if kind == "text" and payload["text"]:
-            texts.put_nowait(payload["text"])
+            texts.put_nowait(payload)
 
     as_json = dataclasses.replace(req, response_format="json")
     job = asyncio.ensure_future(openai_transcribe(as_json, run_job, events, uploads))
@@ -409,7 +409,8 @@ def stream(request: Request, req: OpenAIRequest, run_job: RunJob, uploads: Uploa
     return sse_events(job, texts)
 
 
-async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str]) -> AsyncIterator[bytes]:
+async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Each part's delta as it comes ({"text", "tokens" with logprobs}), then done or an error."""
     first = True
     try:
         while not (job.done() and texts.empty()):
@@ -418,7 +419,8 @@ async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str]) -> Asy
             if not getter.done():
                 getter.cancel()
                 continue
-            yield sse(openai_delta(getter.result(), first))
+            part = getter.result()
+            yield sse(openai_delta(part["text"], first, part.get("tokens")))
             first = False
         if job.cancelled():  # the client went away
             return
@@ -431,7 +433,7 @@ async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str]) -> Asy
             log.exception("a streamed request failed")
             yield sse(OpenAIError(500, f"{type(exc).__name__}: {exc}", "internal_error").body())
             return
-        yield sse(openai_done(answer["text"], answer.get("languages")))
+        yield sse(openai_done(answer["text"], answer.get("languages"), answer.get("logprobs")))
     finally:
         job.cancel()  # the client is gone (or the job is done already): its own task cleans up
 

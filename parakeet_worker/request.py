@@ -1,6 +1,6 @@
 """The native request: {"inputs": [...], "timestamps", "output_format", "boost_phrases",
 "boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers",
-"language", "languages"} checked before
+"language", "languages", "confidence", "logprobs"} checked before
 anything runs (the Runpod SDK's rp_validator, then the checks it skips), and the job's own
 boosting list resolved.
 """
@@ -37,6 +37,8 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
     "known_speakers": {"type": list, "required": False, "default": None},
     "language": {"type": str, "required": False, "default": None},  # a hint: the one language spoken
     "languages": {"type": list, "required": False, "default": None},  # a hint: the languages that may be
+    "confidence": {"type": bool, "required": False, "default": None},  # None: CFG.confidence
+    "logprobs": {"type": bool, "required": False, "default": False},
 }
 
 
@@ -78,6 +80,8 @@ def check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
                       f"list counted once), more than BOOST_MAX_JOB_PHRASES={config.CFG.boost_max_job_phrases}")  # fmt: skip
     if params["vad"] is None:  # not given (or null): the worker's VAD setting
         params["vad"] = config.CFG.vad
+    if params["confidence"] is None:  # not given (or null): the worker's CONFIDENCE setting
+        params["confidence"] = config.CFG.confidence
     speakers_error = speakers.check_speakers(params)
     if speakers_error:
         return None, f"invalid input: {speakers_error}"

@@ -27,7 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from parakeet_worker import config, errors
-from parakeet_worker.analysis import known_speakers, vad
+from parakeet_worker.analysis import confidence, known_speakers, vad
 from parakeet_worker.analysis.known_speakers import KnownSpeaker, Voiceprint
 from parakeet_worker.config import SAMPLE_RATE
 from parakeet_worker.errors import ItemError
@@ -378,7 +378,9 @@ def _speaker_of(turns: list[Turn], ends: list[float], start: float, end: float) 
 
 
 def with_speakers(transcript: Transcript, turns: list[Turn]) -> Transcript:
-    """Words labelled by overlap; segments cut where the speaker changes."""
+    """Words labelled by overlap; segments cut where the speaker changes. A scored segment's
+    parts are scored again from their own words (analysis.confidence.segment_of) and keep the
+    segment's no_speech_prob."""
     ends = [t.end for t in turns]
     words = [dataclasses.replace(w, speaker=_speaker_of(turns, ends, w.start, w.end)) for w in transcript.words]
     starts = [w.start for w in words]
@@ -390,7 +392,8 @@ def with_speakers(transcript: Transcript, turns: list[Turn]) -> Transcript:
             continue
         for speaker, run in itertools.groupby(inside, key=lambda w: w.speaker):
             run = list(run)
-            segments.append(Span(" ".join(w.text for w in run), run[0].start, run[-1].end, speaker))
+            part = Span(" ".join(w.text for w in run), run[0].start, run[-1].end, speaker, no_speech_prob=seg.no_speech_prob)
+            segments.append(confidence.segment_of(run, part, confidence.configured()) if seg.logprob is not None else part)
     return dataclasses.replace(transcript, words=words, segments=segments, turns=turns)
 
 
