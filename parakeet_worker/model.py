@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from parakeet_worker import config, errors, patches, privacy
+from parakeet_worker import config, errors, memory, patches, privacy
 from parakeet_worker.analysis import boosting, confidence, script_mask, speakers, vad
 from parakeet_worker.analysis.boosting import Boost
 from parakeet_worker.audio import disk
@@ -179,7 +179,51 @@ def load_model(name: str) -> Any:
         configure_decoding(model, timestamps=False, cuda_graphs=False)
         _warm_up(model)
     state().load_timings["warm_up"] = time.perf_counter() - started
+    started = time.perf_counter()
+    fit_memory(model)
+    state().load_timings["memory_model"] = time.perf_counter() - started
     return model
+
+
+def set_attention(model: Any, local: bool) -> None:
+    """The encoder in local attention (LOCAL_ATTENTION_CONTEXT) or full attention. Switching
+    costs about 2 s on the real model, so it only happens when the mode changes. NeMo builds the
+    new attention modules in training mode (dropout on), hence the eval()."""
+    if local == state().local_attention:
+        return
+    if local:
+        model.change_attention_model("rel_pos_local_attn", list(config.CFG.local_attention_context))
+    else:
+        model.change_attention_model("rel_pos", [-1, -1])
+    model.eval()
+    state().local_attention = local
+    log.info("encoder attention: %s", "local" if local else "full")
+
+
+def fit_memory(model: Any) -> None:
+    """The memory model of this model on this device (memory.planner()): kept from an earlier
+    start of a worker on this machine with the same model, device and software, or measured now
+    with a few short passes of the encoder (a few seconds on CPU with the demo model, less on a
+    GPU). Off with MEMORY_PLANNING=off: the config's limits alone decide."""
+    if not config.CFG.memory_planning:
+        return
+    import platform
+
+    import torch
+
+    device, autocast = state().device, state().autocast
+    where = Path(config.CFG.model)
+    identity = (config.CFG.model, *((where.stat().st_size, where.stat().st_mtime) if where.exists() else ()))
+    hardware = torch.cuda.get_device_name() if device == "cuda" else f"cpu {platform.machine()}"
+    key = memory.cache_key(identity, hardware, str(autocast), torch.__version__, config.CFG.local_attention_context)
+    with state().model_lock:
+        runner = memory.encoder_pass(model, device, lambda mode: set_attention(model, mode == memory.LOCAL), autocast)
+        try:
+            memory.planner().fit(device, runner, key, memory.default_cache())
+        finally:
+            set_attention(model, False)
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
 
 def _prefetch(path: Path) -> None:
@@ -454,9 +498,9 @@ def forward_decode(
     return list(hyps)
 
 
-# Called under the model lock before a batch runs, with the batch's longest row in seconds: how
-# the caller sets the encoder up for it (handler._maybe_set_local_attention).
-Prepare = Callable[[Any, float], None]
+# Called under the model lock before a batch runs, with the batch's longest row in seconds and
+# its rows: how the caller sets the encoder up for it (handler._maybe_set_local_attention).
+Prepare = Callable[[Any, float, int], None]
 
 
 def run_model(
@@ -474,7 +518,7 @@ def run_model(
         return [Transcript(DRY_RUN_TEXT) for _ in lengths]
     with state().model_lock:
         if prepare is not None:
-            prepare(model, max(lengths) / SAMPLE_RATE)
+            prepare(model, max(lengths) / SAMPLE_RATE, len(lengths))
         if any(m.training for m in model.modules()):
             model.eval()  # see _maybe_set_local_attention
         if state().timestamps != timestamps:
