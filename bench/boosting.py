@@ -3,11 +3,11 @@
     make bench-boost                          # the demo model
     python -m bench.boosting --repeats 9      # more repeats
 
-1. Trees: lists of 100 and 1,000 phrases through the worker's tree cache (handler._TREES), as a
+1. Trees: lists of 100 and 1,000 phrases through the worker's tree cache (boosting.trees()), as a
    request pays for them: cold (a new list each repeat: tokenizer check + NeMo's tree build) and
    cached (the same list again); what registering one with the decoder costs per batch
    (add_model + remove_model); the tree's size in memory.
-2. Batches: 16 clips of clear speech (30 s of audio) through handler._run_model, the worker's
+2. Batches: 16 clips of clear speech (30 s of audio) through asr.run_model, the worker's
    model call (encoder + greedy TDT decoding + results), in the decoder the worker builds with
    BOOSTING=off and with boosting on: nothing boosted, one item boosted, every item boosted with
    one shared list of 10 / 100 / 1,000 phrases, every item with its own list of 100. The
@@ -34,6 +34,9 @@ from typing import Any
 import numpy as np
 
 from bench import common
+from parakeet_worker import config
+from parakeet_worker import model as asr
+from parakeet_worker.analysis import boosting
 from tools import synth
 
 TEXTS = ["one two three four five six seven eight nine zero", "hello world", "stop go left right up down",
@@ -54,7 +57,7 @@ def phrases(n: int, seed: int, letters: str) -> list[str]:
 
 
 def known_letters(handler: Any) -> str:
-    tokenizer = handler._MODEL.tokenizer
+    tokenizer = asr.loaded_model().tokenizer
     return "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if tokenizer.unk_id not in tokenizer.text_to_ids(c))
 
 
@@ -71,12 +74,12 @@ def timed(fn: Callable[[], Any]) -> float:
 
 def request_boost(handler: Any, raw: list[str]) -> Any:
     """What a request's list costs the worker: the lexical check, then the cache (or a build)."""
-    return handler._resolve_boost(handler._clean_phrases(raw), 1.0)
+    return boosting.resolve_boost(boosting.clean_phrases(raw), 1.0)
 
 
 def tree_costs(handler: Any, repeats: int, letters: str) -> dict[str, Any]:
     """Cold and cached lists through the worker's own path, registration, memory."""
-    multi = handler._multi_model(handler._MODEL)
+    multi = boosting.multi_model(asr.loaded_model())
     out: dict[str, Any] = {}
     for n in (100, 1000):
         cold, hot, register = [], [], []
@@ -95,7 +98,7 @@ def tree_costs(handler: Any, repeats: int, letters: str) -> dict[str, Any]:
             "tree_states": int(boost.tree.num_states), "tree_arcs": int(boost.tree.num_arcs),
             "tree_mb": round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 3),
         }  # fmt: skip
-    out["cache"] = handler._TREES.info()
+    out["cache"] = boosting.trees().info()
     return out
 
 
@@ -110,8 +113,8 @@ def batch_costs(handler: Any, repeats: int, letters: str) -> dict[str, Any]:
     audio_sec = sum(lengths) / synth.SAMPLE_RATE
     lists = {n: tuple(phrases(n, seed=n, letters=letters)) for n in (10, 100, 1000)}
     own = [tuple(phrases(100, seed=50_000 + i, letters=letters)) for i in range(len(clips))]
-    boost = {n: handler._resolve_boost(p, 1.0) for n, p in lists.items()}  # built before timing
-    own_boosts = [handler._resolve_boost(p, 1.0) for p in own]
+    boost = {n: boosting.resolve_boost(p, 1.0) for n, p in lists.items()}  # built before timing
+    own_boosts = [boosting.resolve_boost(p, 1.0) for p in own]
     rows = len(clips)
     cases: dict[str, tuple[bool, list[Any]]] = {
         "BOOSTING=off (the decoder without boosting)": (False, [None] * rows),
@@ -126,30 +129,30 @@ def batch_costs(handler: Any, repeats: int, letters: str) -> dict[str, Any]:
     cpus: dict[str, list[float]] = {name: [] for name in cases}
     decoder: dict[str, list[float]] = {name: [] for name in cases}
     texts: dict[str, list[str]] = {}
-    model, on_cfg = handler._MODEL, handler.CFG
+    model, on_cfg = asr.loaded_model(), config.CFG
     with torch.inference_mode():  # the encoder's output, for timing the decoder alone
         signal, signal_len = torch.from_numpy(audio), torch.tensor(lengths)
         encoded, encoded_len = model.forward(input_signal=signal, input_signal_length=signal_len)
 
     def decode_only(boosts: list[Any]) -> None:
-        with handler._registered(model, boosts) as seeds, torch.inference_mode():
+        with boosting.registered(model, boosts) as seeds, torch.inference_mode():
             model.decoding.rnnt_decoder_predictions_tensor(
                 encoded, encoded_len, return_hypotheses=True, partial_hypotheses=seeds
             )
 
     for rep in range(repeats + 1):  # the first round warms up and is not counted
         for name, (on, boosts) in cases.items():
-            handler.CFG = dataclasses.replace(on_cfg, boosting=on)
-            handler._configure_decoding(model, timestamps=False)
+            config.CFG = dataclasses.replace(on_cfg, boosting=on)
+            asr.configure_decoding(model, timestamps=False)
             started, cpu = time.perf_counter(), time.process_time()
-            result = handler._run_model(model, audio, lengths, False, boosts)
+            result = asr.run_model(model, audio, lengths, False, boosts)
             if rep:
                 walls[name].append(time.perf_counter() - started)
                 cpus[name].append(time.process_time() - cpu)
                 decoder[name].append(timed(lambda b=boosts: decode_only(b)))
             texts[name] = [t.text for t in result]
-    handler.CFG = on_cfg
-    handler._configure_decoding(model, timestamps=False)
+    config.CFG = on_cfg
+    asr.configure_decoding(model, timestamps=False)
     first = next(iter(cases))
     base, base_cpu, base_decoder = (statistics.median(x[first]) for x in (walls, cpus, decoder))
     padded_sec = rows * max(lengths) / synth.SAMPLE_RATE
@@ -166,16 +169,16 @@ def batch_costs(handler: Any, repeats: int, letters: str) -> dict[str, Any]:
 
 
 def rebuild_costs(handler: Any, repeats: int) -> dict[str, Any]:
-    """handler._configure_decoding, as the worker runs it when a batch's timestamps flag differs
+    """asr.configure_decoding, as the worker runs it when a batch's timestamps flag differs
     from the last one's: with boosting on, NeMo also allocates a new multi-model."""
-    model, on_cfg = handler._MODEL, handler.CFG
+    model, on_cfg = asr.loaded_model(), config.CFG
     out = {}
     for on in (False, True):
-        handler.CFG = dataclasses.replace(on_cfg, boosting=on)
-        out["on" if on else "off"] = ms([timed(lambda stamps=r % 2 == 0: handler._configure_decoding(model, stamps))
+        config.CFG = dataclasses.replace(on_cfg, boosting=on)
+        out["on" if on else "off"] = ms([timed(lambda stamps=r % 2 == 0: asr.configure_decoding(model, stamps))
                                          for r in range(repeats)])  # fmt: skip
-    handler.CFG = on_cfg
-    handler._configure_decoding(model, timestamps=False)
+    config.CFG = on_cfg
+    asr.configure_decoding(model, timestamps=False)
     return out
 
 

@@ -4,7 +4,7 @@
     python -m bench.cold_start --nemo M.nemo --unpacked M-dir --repeats 5
 
 Each run is a new Python process that starts the way the deployed worker does: it imports
-handler and loads the model (handler.load_model imports torch and NeMo, then restores, moves to
+handler and loads the model (asr.load_model imports torch and NeMo, then restores, moves to
 the device and warms up), then answers one job (samples/digits.wav) through handler(). The
 process writes when each phase ended to a file, so the split is: imports (interpreter start,
 handler, torch and NeMo), restore, to device, warm-up, first job.
@@ -18,7 +18,7 @@ machine slows both alike:
 
 - `nemo`: PARAKEET_MODEL=path.nemo, i.e. plain `ASRModel.restore_from(path.nemo)`, which
   extracts the archive to a temp dir on every start (what the worker did before);
-- `unpacked`: PARAKEET_MODEL=the unpacked directory the image bakes in (handler._restore_unpacked).
+- `unpacked`: PARAKEET_MODEL=the unpacked directory the image bakes in (asr.restore_unpacked).
 
 Reports the median of each phase per variant, the spread (min-max), and the ratio of medians
 (unpacked / nemo), and writes everything to bench/out/cold_start.json.
@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from parakeet_worker import model as asr
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"  # bench.common.OUT; the child imports nothing it need not (its imports are timed)
 PHASES = ("imports", "restore", "to_device", "warm_up", "first_job", "total")
@@ -62,11 +64,11 @@ def child(result_file: Path, spawned_at: float) -> None:
 
     getattr(handler, "ensure_model", lambda: None)()
     marks["loaded"] = time.time()
-    if handler._MODEL is None:
-        raise SystemExit(f"the model did not load: {handler._MODEL_ERROR}")
+    if asr.loaded_model() is None:
+        raise SystemExit(f"the model did not load: {asr.MODEL.error}")
     import torch
 
-    load = dict(handler.LOAD_TIMINGS)
+    load = dict(asr.state().load_timings)
     out = answer(handler, {"id": "cold-start", "input": {"inputs": [{"source": str(FIRST_JOB_SOURCE)}]}})
     marks["answered"] = time.time()
     if "error" in out or "error" in out["results"][0]:

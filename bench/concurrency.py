@@ -35,6 +35,7 @@ from typing import Any
 
 from bench import common
 from bench.common import OUT
+from parakeet_worker import config
 from tools import synth
 from tools.testkit import FakeRunpodQueue, start_worker, stop_worker
 
@@ -42,11 +43,13 @@ CLIPS = 48
 TARGETS = {"jobs_vs_one_job": 3.0, "mean_batch_size": 4.0, "lone_overhead_sec": 0.2}
 SLOW_MODEL = """
 import time
-_real_run_model = handler._run_model
+from parakeet_worker import config
+from parakeet_worker import model as asr
+_real_run_model = asr.run_model
 def _slow(model, audio, lengths, timestamps, *rest):
     time.sleep(3.0)  # the model is slower than intake: decoded WAVs wait on disk
     return _real_run_model(model, audio, lengths, timestamps, *rest)
-handler._run_model = _slow
+asr.run_model = _slow
 """
 
 
@@ -252,7 +255,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     common.configure_env(**({"PARAKEET_MODEL": args.model} if args.model else {}))
-    import handler  # the default settings only: importing loads no model
 
     result: dict[str, Any] = {"args": vars(args), "machine": common.machine_info(os.environ["PARAKEET_MODEL"])}
     if args.wait_quiet:
@@ -262,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with common.ForeignLoad() as load:
         result["concurrency"] = []
         for limit in args.concurrency:
-            limit = limit or handler.CFG.max_concurrent_jobs
+            limit = limit or config.CFG.max_concurrent_jobs
             print(f"MAX_CONCURRENT_JOBS={limit} ...", flush=True)
             result["concurrency"].append(measure_concurrency(limit, clips))
         if not args.skip_disk:

@@ -5,7 +5,7 @@ their sample count).
     python -m bench.decode_cost
 
 FLAC digital silence of several rates and channel counts (a few KB each, so the file size says
-nothing) is decoded the way the worker does (handler._ffmpeg_cmd); each run's user+sys CPU time,
+nothing) is decoded the way the worker does (ffmpeg.ffmpeg_cmd); each run's user+sys CPU time,
 the best of --repeat, minus an empty run's (ffmpeg's start-up), is fitted by least squares as
 a * million input samples (all channels) + b * seconds of audio. CPU time, not wall time: on a
 shared machine it moves far less with the neighbours' load.
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import REPO, markdown_table
+from parakeet_worker.audio import ffmpeg
 
 # (sample rate, channel layout, channels, seconds)
 CASES = ((16000, "mono", 1, 600), (48000, "stereo", 2, 300), (44100, "stereo", 2, 300),
@@ -44,7 +45,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["SKIP_MODEL_LOAD"] = "1"
     sys.path.insert(0, str(REPO))
-    import handler
 
     with tempfile.TemporaryDirectory(prefix="decode-cost-") as tmp:
         work = Path(tmp)
@@ -52,14 +52,14 @@ def main() -> None:
         empty = work / "empty.flac"
         subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
                         "anullsrc=r=16000:cl=mono", "-t", "0.01", "-c:a", "flac", str(empty)], check=True)  # fmt: skip
-        start = min(child_cpu(handler._ffmpeg_cmd([(empty, out)])) for _ in range(args.repeat))
+        start = min(child_cpu(ffmpeg.ffmpeg_cmd([(empty, out)])) for _ in range(args.repeat))
         rows, x, y = [], [], []
         for rate, layout, channels, seconds in CASES:
             src = work / f"{rate}-{channels}.flac"
             subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
                             f"anullsrc=r={rate}:cl={layout}", "-t", str(seconds), "-c:a", "flac", str(src)],
                            check=True)  # fmt: skip
-            cpu = min(child_cpu(handler._ffmpeg_cmd([(src, out)])) for _ in range(args.repeat)) - start
+            cpu = min(child_cpu(ffmpeg.ffmpeg_cmd([(src, out)])) for _ in range(args.repeat)) - start
             msamples = rate * channels * seconds / 1e6
             x.append((msamples, seconds))
             y.append(cpu * 1000)

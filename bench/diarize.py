@@ -5,7 +5,7 @@ attribution scores of the tests' conversations, and peak memory for an hour.
     python -m bench.diarize --hour-min 0    # without the long file
     python -m bench.diarize --only-hour     # only the long file, merged into the last report
 
-Every measurement runs handler.diarize() in a child process (the model loaded and warmed up on
+Every measurement runs speakers.diarize() in a child process (the model loaded and warmed up on
 a short clip first), so the peak RSS it reports is the diarization's own, and so is its CPU time.
 The conversations are tools/testkit.conversation (the tests' voices and seeds); the long file is
 2-minute two-voice conversations (one seed each, never a repeat: exact copies of windows would
@@ -34,13 +34,14 @@ import json, resource, sys, threading, time
 import soundfile as sf
 import handler
 from tools import synth
+from parakeet_worker.analysis import speakers
 path, warm = sys.argv[1], sys.argv[2]
-handler.diarize(synth.write(warm, synth.speak("one two three four five six seven", "en-us")), 0,
-                sf.info(warm).frames, handler.SpeakerCount(), threading.Event())
+speakers.diarize(synth.write(warm, synth.speak("one two three four five six seven", "en-us")), 0,
+                sf.info(warm).frames, speakers.SpeakerCount(), threading.Event())
 base = resource.getrusage(resource.RUSAGE_SELF)
 frames = sf.info(path).frames
 t0, c0 = time.perf_counter(), time.process_time()
-turns = handler.diarize(__import__("pathlib").Path(path), 0, frames, handler.SpeakerCount(), threading.Event())
+turns = speakers.diarize(__import__("pathlib").Path(path), 0, frames, speakers.SpeakerCount(), threading.Event())
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"audio_sec": frames / 16000, "wall_sec": wall, "cpu_sec": cpu, "rss_before_mb": base.ru_maxrss / 1024,
@@ -137,7 +138,7 @@ def clustering(report: dict[str, Any]) -> None:
     import time
     import tracemalloc
 
-    import handler
+    from parakeet_worker.analysis import speakers
 
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 192))
@@ -146,7 +147,7 @@ def clustering(report: dict[str, Any]) -> None:
     emb = np.where(who[:, None] == 0, a, b) + 0.6 * np.linalg.norm(a) / np.sqrt(192) * rng.standard_normal((4800, 192))
     tracemalloc.start()
     t0 = time.perf_counter()
-    labels = handler._cluster(emb.astype(np.float32), handler.SpeakerCount())
+    labels = speakers.cluster(emb.astype(np.float32), speakers.SpeakerCount())
     wall = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

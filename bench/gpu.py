@@ -39,6 +39,7 @@ import numpy as np
 
 from bench import cold_start, common, throughput
 from bench.common import OUT, REPO, fmt, timed
+from parakeet_worker import model as asr
 from tools import testkit
 
 FULL = {"layers": 24, "files": 24, "min_sec": 1.0, "max_sec": 1200.0, "bank": 300, "cold_repeats": 3,
@@ -79,7 +80,7 @@ def load_worker() -> tuple[Any, float]:
 def model_memory(worker: Any) -> dict[str, Any]:
     import torch
 
-    model = worker._MODEL
+    model = asr.loaded_model()
     out: dict[str, Any] = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameter_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
@@ -120,7 +121,7 @@ def with_gpu_peak(run: Any) -> Any:
 
 def measure_methods(worker: Any, ctx: dict[str, Any], repeat: int, phases: dict[str, Any]) -> dict[str, Any]:
     paths, urls, seconds = ctx["paths"], ctx["urls"], ctx["seconds"]
-    model = worker._MODEL
+    model = asr.loaded_model()
     out: dict[str, Any] = {}
     with common.phase(phases, "handler"):
         out["handler"] = throughput.best_of(repeat, "handler", with_gpu_peak(lambda: run_handler(worker, urls)))

@@ -35,6 +35,8 @@ from typing import Any
 
 from bench import common
 from bench.common import OUT, REPO, SAMPLE_RATE, timed
+from parakeet_worker import config, pieces
+from parakeet_worker import model as asr
 from tools import testkit
 
 SPEC_VERSION = 1
@@ -90,8 +92,8 @@ def run_child(request_file: Path) -> None:
         "wall_sec": wall,
         "phase_sec": spent,
         "split_cuts_sec": [c / SAMPLE_RATE for c in cuts],
-        "local_attention_at_end": handler._STATE.local_attention,
-        "config": {k: getattr(handler.CFG, k) for k in ("local_attention_after_sec", "local_attention_context",
+        "local_attention_at_end": asr.state().local_attention,
+        "config": {k: getattr(config.CFG, k) for k in ("local_attention_after_sec", "local_attention_context",
                                                         "max_single_pass_sec", "short_max_sec", "prepare_workers")},
         "peak_rss_mb": {"handler_phase": phases["handler"]["peak_rss_mb"], "process": common.process_peak_mb(),
                         "ffmpeg": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
@@ -100,16 +102,16 @@ def run_child(request_file: Path) -> None:
 
 
 def record_split_points(worker: Any) -> list[int]:
-    """Wrap handler._split_points to keep the frame offsets where the long item was cut."""
+    """Wrap pieces.split_points to keep the frame offsets where the long item was cut."""
     cuts: list[int] = []
-    original = worker._split_points
+    original = pieces.split_points
 
     def wrapped(item: Any, piece_sec: float, *rest: Any) -> list[int]:
         found = original(item, piece_sec, *rest)
         cuts.extend(found)
         return found
 
-    worker._split_points = wrapped
+    pieces.split_points = wrapped
     return cuts
 
 

@@ -39,6 +39,10 @@ import requests
 
 from bench import common
 from bench.common import OUT, REPO, SAMPLE_RATE, fmt, timed
+from parakeet_worker import config, transcript
+from parakeet_worker import job as jobs
+from parakeet_worker import model as asr
+from parakeet_worker.audio import disk
 from tools import testkit
 
 # (suffix, ffmpeg codec arguments, sample rate, channels); file i gets FORMATS[i % len].
@@ -54,6 +58,7 @@ FORMATS: tuple[tuple[str, tuple[str, ...], int, int], ...] = (
     ("flac", ("-c:a", "flac"), 44100, 2),
     ("mp3", ("-c:a", "libmp3lame", "-b:a", "48k"), 22050, 2),
 )
+
 WORKLOAD_VERSION = 1  # bump when the generator changes, so cached workloads are rebuilt
 NEMO_BATCH_SIZE = 16
 # Full attention needs memory ~ items x longest^2 (~6 GB for one 10-minute item with the demo
@@ -126,17 +131,17 @@ def build_workload(spec: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
 
 def prepare_with_handler(worker: Any, urls: Sequence[str]) -> tuple[float, float]:
     """(audio seconds, wall seconds) of the handler's prepare path, exactly as handler() runs it."""
-    Path(worker.CFG.tmp_dir).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=worker.CFG.tmp_dir))
+    Path(config.CFG.tmp_dir).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=config.CFG.tmp_dir))
     items: list[Any] = []
     try:
         started = time.perf_counter()
-        futures = [worker._pool().submit(worker._fetch_to_wav, i, {"source": u}, workdir) for i, u in enumerate(urls)]
+        futures = [jobs.prepare_pool()().submit(worker._fetch_to_wav, i, {"source": u}, workdir) for i, u in enumerate(urls)]
         items = [f.result() for f in cf.as_completed(futures)]
         wall = time.perf_counter() - started
     finally:
         for item in items:
-            worker._DISK.release(item.wav)
+            disk.budget().release(item.wav)
         shutil.rmtree(workdir, ignore_errors=True)
     return sum(p.duration for p in items), wall
 
@@ -286,7 +291,7 @@ def padding_efficiency(seconds: Sequence[float], calls: Sequence[list[int]]) -> 
     import handler
 
     runs = [call[s : s + NEMO_BATCH_SIZE] for call in calls for s in range(0, len(call), NEMO_BATCH_SIZE)]
-    batches = [[handler.Prepared(i, "", Path(), round(seconds[i] * SAMPLE_RATE)) for i in run] for run in runs]
+    batches = [[transcript.Prepared(i, "", Path(), round(seconds[i] * SAMPLE_RATE)) for i in run] for run in runs]
     return round(handler._padding_efficiency(batches), 4)
 
 
@@ -307,7 +312,7 @@ def best_of(repeat: int, name: str, run: Any) -> dict[str, Any]:
 
 def measure_end_to_end(worker: Any, ctx: dict[str, Any], repeat: int, phases: dict[str, Any]) -> dict[str, Any]:
     paths, urls, seconds = ctx["paths"], ctx["urls"], ctx["seconds"]
-    model = worker._MODEL
+    model = asr.loaded_model()
     spent = common.instrument(worker)
     with common.phase(phases, "handler"):
         handler = best_of(repeat, "handler", lambda: run_handler(worker, urls))
@@ -325,8 +330,8 @@ def warm_up(worker: Any, ctx: dict[str, Any], count: int = 4) -> float:
     short = sorted(range(len(ctx["paths"])), key=ctx["seconds"].__getitem__)[:count]
     started = time.perf_counter()
     run_handler(worker, [ctx["urls"][i] for i in short])
-    run_nemo_paths(worker._MODEL, [ctx["paths"][i] for i in short], [ctx["seconds"][i] for i in short])
-    run_floor(worker._MODEL, decode_all([ctx["paths"][i] for i in short]))
+    run_nemo_paths(asr.loaded_model(), [ctx["paths"][i] for i in short], [ctx["seconds"][i] for i in short])
+    run_floor(asr.loaded_model(), decode_all([ctx["paths"][i] for i in short]))
     return time.perf_counter() - started
 
 

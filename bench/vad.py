@@ -35,6 +35,8 @@ import soundfile as sf
 
 from bench import common
 from bench.common import OUT, SAMPLE_RATE, timed
+from parakeet_worker import config, transcript
+from parakeet_worker.analysis import vad
 from tools import synth, testkit
 
 SPEC_VERSION = 1
@@ -129,8 +131,8 @@ def vad_alone(worker: Any, calls: Sequence[tuple[Path, list[str], float]]) -> di
     started = time.perf_counter()
     for path, _, _ in calls:
         frames = sf.info(str(path)).frames
-        item = worker.Prepared(index=0, source=str(path), wav=path, frames=frames)
-        regions = worker._speech_regions(item)
+        item = transcript.Prepared(index=0, source=str(path), wav=path, frames=frames)
+        regions = vad.speech_regions(item)
         padded += sum(hi - lo for lo, hi in regions) / SAMPLE_RATE
     sec = time.perf_counter() - started
     audio = sum(sf.info(str(p)).frames for p, _, _ in calls) / SAMPLE_RATE
@@ -175,12 +177,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import handler as worker
 
     worker.ensure_model()
-    _, load_sec = timed(worker.ensure_vad)
+    _, load_sec = timed(vad.ensure_vad)
     some = calls if args.model_minutes is None else calls[: max(1, round(args.model_minutes / CALL_MIN))]
     some_speech = sum(s for _, _, s in some)
-    r: dict[str, Any] = {"machine": common.machine_info(str(worker.CFG.model)), "wait_quiet": waited,
+    r: dict[str, Any] = {"machine": common.machine_info(str(config.CFG.model)), "wait_quiet": waited,
                          "spec": spec, "calls": len(calls), "speech_sec": round(speech, 1), "vad_load_sec": round(load_sec, 3),
-                         "pad_sec": worker.VAD_PAD_SEC, "bridge_sec": worker.VAD_BRIDGE_SEC}  # fmt: skip
+                         "pad_sec": vad.VAD_PAD_SEC, "bridge_sec": vad.VAD_BRIDGE_SEC}  # fmt: skip
     with common.ForeignLoad() as load:
         print("VAD alone on every call ...", flush=True)
         r["vad_alone"] = vad_alone(worker, calls)

@@ -1,7 +1,8 @@
 """Shared test set-up: the worker with the bundled demo model, real speech, a real HTTP server.
 
-The environment is fixed here, before any test imports handler (which reads its config once, at
-import; the model loads on the first job, or in the `worker` fixture, once per session).
+The environment is fixed here, before anything reads the worker's config (config.CFG is read from
+the environment on first use; the model loads on the first job, or in the `worker` fixture, once
+per session).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ for var in ("SKIP_MODEL_LOAD", "RUNPOD_SERVERLESS", "http_proxy", "https_proxy",
     os.environ.pop(var, None)
 sys.path.insert(0, str(REPO))
 
+from parakeet_worker import config as settings  # noqa: E402
+from parakeet_worker import model as asr  # noqa: E402
 from tools import synth  # noqa: E402
 from tools.testkit import (  # noqa: E402, F401 - encode, word_errors, until: for the tests
     LocalServer,
@@ -48,6 +51,40 @@ from tools.testkit import (  # noqa: E402, F401 - encode, word_errors, until: fo
     until,
     word_errors,
 )
+
+
+def _defined_in(path: Path) -> frozenset[str]:
+    """The names a module defines itself at top level (not those it imports)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return frozenset(names)
+
+
+HANDLER_OWN = _defined_in(REPO / "handler.py")
+_setattr = pytest.MonkeyPatch.setattr
+
+
+def _guarded_setattr(self, target, *args, **kwargs):
+    """monkeypatch.setattr, refusing a patch of a name handler.py only imports: such a patch
+    changes nothing the worker runs (its parts look the name up where it lives), so the test
+    would test nothing. Patch the name in its own module (config.CFG, model.forward_decode...)."""
+    if isinstance(target, str):
+        where, attr = target.rsplit(".", 1)
+    else:
+        where, attr = getattr(target, "__name__", None), args[0] if args else kwargs.get("name")
+    if where == "handler" and isinstance(attr, str) and attr not in HANDLER_OWN:
+        raise AssertionError(f"handler.{attr} is only imported by handler.py; patch it where it is defined")
+    return _setattr(self, target, *args, **kwargs)
+
+
+pytest.MonkeyPatch.setattr = _guarded_setattr  # type: ignore[method-assign]
 
 LOOPBACK = LoopbackOnly()  # LOOPBACK.refused: the names tests tried to resolve
 
@@ -76,8 +113,8 @@ def config(worker, monkeypatch):
     """Change the worker's config for one test: config(batch_max_items=2)."""
 
     def apply(**changes):
-        monkeypatch.setattr(worker, "CFG", dataclasses.replace(worker.CFG, **changes))
-        return worker.CFG
+        monkeypatch.setattr(settings, "CFG", dataclasses.replace(settings.CFG, **changes))
+        return settings.CFG
 
     return apply
 
@@ -101,14 +138,14 @@ def hold_model(worker, monkeypatch) -> tuple[threading.Event, threading.Event]:
     """Hold the real model thread inside its model calls until the second event is set; the
     first is set once a call has begun. Meanwhile units pile up in the real scheduler."""
     entered, release = threading.Event(), threading.Event()
-    real = worker._forward_decode
+    real = asr.forward_decode
 
     def held(*args, **kwargs):
         entered.set()
         release.wait(120)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(worker, "_forward_decode", held)
+    monkeypatch.setattr(asr, "forward_decode", held)
     return entered, release
 
 
@@ -124,7 +161,7 @@ def run_together(worker, monkeypatch, jobs: list[dict], ready_units: int) -> lis
         await until(entered.is_set, "the model call")
         tasks = [asyncio.ensure_future(worker.handler(job)) for job in jobs]
         try:
-            await until(lambda: len(worker._SCHEDULER.ready) >= ready_units, f"{ready_units} ready units")
+            await until(lambda: len(worker.model_thread().ready) >= ready_units, f"{ready_units} ready units")
         finally:
             release.set()
         assert "error" not in await first

@@ -10,30 +10,25 @@ from pathlib import Path
 
 import pytest
 
-import handler
-from handler import (
-    SAMPLE_RATE,
-    Prepared,
-    Unit,
-    _bucketize_by_duration,
-    _FairShare,
-    _make_batches,
-    _padding_efficiency,
-    _plan_next,
-)  # fmt: skip
+from handler import _bucketize_by_duration, _make_batches, _padding_efficiency, _plan_next
+from parakeet_worker import config as settings
+from parakeet_worker.config import SAMPLE_RATE
+from parakeet_worker.fairshare import FairShare
+from parakeet_worker.scheduler import Unit
+from parakeet_worker.transcript import Prepared
 
 CFG = dataclasses.replace(
-    handler.CFG, short_max_sec=600, batch_max_items=16, batch_max_total_sec=1200, local_attention_after_sec=1440
+    settings.CFG, short_max_sec=600, batch_max_items=16, batch_max_total_sec=1200, local_attention_after_sec=1440
 )
 
 
 @pytest.fixture(autouse=True)
 def use(monkeypatch):
     """The planning functions read the worker's one config, CFG: each test sets its own."""
-    monkeypatch.setattr(handler, "CFG", CFG)
+    monkeypatch.setattr(settings, "CFG", CFG)
 
     def apply(**changes):
-        monkeypatch.setattr(handler, "CFG", dataclasses.replace(CFG, **changes))
+        monkeypatch.setattr(settings, "CFG", dataclasses.replace(CFG, **changes))
 
     return apply
 
@@ -43,7 +38,7 @@ def items(*durations: float) -> list[Prepared]:
 
 
 def check_limits(batches, given) -> None:
-    cfg = handler.CFG
+    cfg = settings.CFG
     flat = [p.index for b in batches for p in b]
     assert sorted(flat) == sorted(p.index for p in given), "every item in exactly one batch"
     for batch in batches:
@@ -175,13 +170,13 @@ def test_among_earlier_long_units_one_needing_no_switch_goes_first():
 def simulate(
     arrivals: list[tuple[float, Unit]], pieces: dict[str, list[float]] | None = None
 ) -> tuple[list[list[Unit]], int, dict[int, tuple[float, float]]]:
-    """Drive _plan_next and _FairShare as _Scheduler does: the model time of a batch is its
+    """Drive _plan_next and FairShare as the Scheduler does: the model time of a batch is its
     padded audio seconds / 100; units arrive at their times (a unit that arrives while a batch
     runs waits for it); a split item sends its next piece when the previous one is done. Returns
     the batches run, the number of attention switches, and each unit's (arrival, done) time."""
     pieces = pieces or {}
     clock, seq, ready, ran, switches, local = 0.0, 0, [], [], 0, False
-    fair, running, times = _FairShare(), [], {}
+    fair, running, times = FairShare(), [], {}
     pending = sorted(arrivals, key=lambda a: a[0])
     while pending or ready:
         while pending and pending[0][0] <= clock:
@@ -195,10 +190,10 @@ def simulate(
             clock = pending[0][0]
             continue
         batch = _plan_next(ready, local_mode=local, served=fair.served)
-        fair.charge(batch)
+        fair.charge((u.job, u.duration) for u in batch)
         running = batch
         ready = [u for u in ready if u not in batch]
-        wants_local = max(u.duration for u in batch) > handler.CFG.local_attention_after_sec
+        wants_local = max(u.duration for u in batch) > settings.CFG.local_attention_after_sec
         switches += wants_local != local
         local = wants_local
         clock += len(batch) * max(u.duration for u in batch) / 100
@@ -234,7 +229,7 @@ def test_short_clips_run_between_the_pieces_of_a_split_item():
     piece_at = [i for i, batch in enumerate(ran) if batch[0].job == "long"]
     assert len(piece_at) == 3 and piece_at[1] > piece_at[0] + 1  # clips ran between the pieces
     for batch in ran:
-        assert len(batch) <= handler.CFG.batch_max_items
+        assert len(batch) <= settings.CFG.batch_max_items
     assert switches <= 2 * 3
 
 

@@ -18,6 +18,10 @@ import pytest
 import soundfile as sf
 from conftest import DATA_ROOT, REPO, call_handler, run_job, run_together, speech_file, temp_leftovers, words_of
 
+from parakeet_worker import config as settings
+from parakeet_worker import model as asr
+from parakeet_worker import pieces, transcript
+from parakeet_worker.analysis import boosting
 from tools import synth
 
 
@@ -65,8 +69,8 @@ def test_word_ends_do_not_depend_on_batch_neighbours(worker, monkeypatch):
     """NeMo 3.0's stale TDT durations (patched by the worker, see _fix_tdt_durations) moved the
     end of "no" from 0.56 to 0.64 s when "four two stop" shared its batch, and "two"'s end the
     other way; with the fix each clip's timestamps are the same alone and batched."""
-    assert worker._STATE.durations_fixed is True
-    assert getattr(type(worker._MODEL.decoding.decoding.decoding_computer).torch_impl, "_durations_fixed", False)
+    assert asr.state().durations_fixed is True
+    assert getattr(type(asr.loaded_model().decoding.decoding.decoding_computer).torch_impl, "_durations_fixed", False)
     a, b = str(speech_file("yes no", "wav")), str(speech_file("four two stop", "wav"))
     alone = [solo(worker, a), solo(worker, b)]
     jobs = [{"id": f"j{n}", "input": {"inputs": [{"source": s}], "timestamps": True}} for n, s in enumerate((a, b))]
@@ -79,7 +83,7 @@ def test_halves_of_a_failed_batch_keep_each_rows_boosting(worker, config, monkey
     config(batch_overhead_sec=1000)  # everything in one batch first
     bad = str(speech_file("nine zero nine", "wav"))
     poison = sf.info(bad).frames
-    real = worker._MODEL.forward
+    real = asr.loaded_model().forward
     calls: list[int] = []
 
     def forward(*, input_signal, input_signal_length):
@@ -88,7 +92,7 @@ def test_halves_of_a_failed_batch_keep_each_rows_boosting(worker, config, monkey
             raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
         return real(input_signal=input_signal, input_signal_length=input_signal_length)
 
-    monkeypatch.setattr(worker._MODEL, "forward", forward)
+    monkeypatch.setattr(asr.loaded_model(), "forward", forward)
     seven, yes = misheard["seven"], misheard["yes"]
     boosted = {"id": "b", "input": {"boost_phrases": ["seven"], "inputs": [{"source": seven}, {"source": bad}]}}
     own = {"source": yes, "boost_phrases": ["yes"]}
@@ -126,7 +130,7 @@ def test_split_item_is_boosted_piece_by_piece_with_timestamps_and_srt(worker, co
     audio = np.concatenate(parts)
     path = synth.write(DATA_ROOT / "fast-phrases.wav", audio)
     config(max_single_pass_sec=6.0)
-    cuts = [*worker._split_points(worker.Prepared(0, str(path), path, len(audio)), 6.0), len(audio)]
+    cuts = [*pieces.split_points(transcript.Prepared(0, str(path), path, len(audio)), 6.0), len(audio)]
     phrases = ["go five six yes"]
     whole = run_job(worker, [{"source": str(path)}], timestamps=True, output_format="srt", boost_phrases=phrases)
     result = whole["results"][0]
@@ -151,17 +155,17 @@ def test_split_item_is_boosted_piece_by_piece_with_timestamps_and_srt(worker, co
 
 def test_same_list_is_built_once(worker):
     clip = {"source": str(speech_file("left right go", "wav"))}
-    before = worker._TREES.info()
+    before = boosting.trees().info()
     first = run_job(worker, [clip], boost_phrases=["left", "right  go", "up"])
-    mid = worker._TREES.info()
+    mid = boosting.trees().info()
     inputs = [clip, {**clip, "boost_phrases": [" up", "left", "right go"]}]
     again = run_job(worker, inputs, boost_phrases=["up", "right go", "left"])
-    after = worker._TREES.info()
+    after = boosting.trees().info()
     assert mid["misses"] == before["misses"] + 1  # built once
     assert after["misses"] == mid["misses"] and after["hits"] == mid["hits"] + 2  # any order or spacing: a hit
     shared = [{**clip, "boost_phrases": ["stop", "hello"]}] * 3  # three items ask for one new list at once
     run_job(worker, shared)
-    assert worker._TREES.info()["misses"] == after["misses"] + 1
+    assert boosting.trees().info()["misses"] == after["misses"] + 1
     assert first["results"][0]["text"] == again["results"][0]["text"] == "left right go"
 
 
@@ -236,15 +240,6 @@ def test_malformed_item_lists_cost_that_item_only(worker, http_server):
     assert results[4]["code"] == "invalid_source" and "'boost_phrases'" in results[4]["error"]
 
 
-DRY_SCRIPT = r"""
-import asyncio, json, pathlib, sys
-import handler
-outs = [asyncio.run(handler.handler({"id": "dry", "input": job})) for job in json.loads(sys.argv[1])]
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nemo", "lightning"))
-pathlib.Path(sys.argv[2]).write_text(json.dumps({"outs": outs, "heavy": heavy}))
-"""
-
-
 def test_dry_run_checks_lists_without_nemo(tmp_path):
     """SKIP_MODEL_LOAD=1: lists are checked lexically (no tokenizer to ask), nothing heavy imported."""
     clip = str(speech_file("yes", "wav"))
@@ -254,8 +249,9 @@ def test_dry_run_checks_lists_without_nemo(tmp_path):
         {"inputs": [{"source": clip}], "boost_weight": 11},
     ]  # fmt: skip
     env = {**os.environ, "SKIP_MODEL_LOAD": "1", "PARAKEET_MODEL": "nvidia/parakeet-tdt-0.6b-v3"}
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run(
-        [sys.executable, "-c", DRY_SCRIPT, json.dumps(jobs), str(tmp_path / "report.json")],
+        [sys.executable, "tests/workers.py", "dry", str(tmp_path / "jobs.json"), str(tmp_path / "report.json")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -286,16 +282,16 @@ def test_boosting_work_per_job_is_capped(worker, config):
 def test_tree_cache_is_bounded_by_bytes(worker, config):
     """Past BOOST_CACHE_BYTES the least recently used trees go, whatever BOOST_CACHE_SIZE allows;
     the bytes counted are the tree's tensors, as measured on the built tree."""
-    trees = worker._TreeCache()
-    tokenizer = worker._MODEL.tokenizer
+    trees = boosting.TreeCache()
+    tokenizer = asr.loaded_model().tokenizer
     lists = [("one two",), ("three four", "five"), ("six seven eight",)]
-    one = worker._tree_bytes(trees.get(tokenizer, lists[0]))
+    one = boosting.tree_bytes(trees.get(tokenizer, lists[0]))
     assert one > 0 and trees.info()["bytes"] == one
-    config(boost_cache_size=64, boost_cache_bytes=one * 2 + worker._tree_bytes(worker._build_tree(tokenizer, lists[1])) - 1)
+    config(boost_cache_size=64, boost_cache_bytes=one * 2 + boosting.tree_bytes(boosting.build_tree(tokenizer, lists[1])) - 1)
     for phrases in lists[1:]:
         trees.get(tokenizer, phrases)
     info = trees.info()
-    assert info["size"] < 3 and info["bytes"] <= worker.CFG.boost_cache_bytes, info
+    assert info["size"] < 3 and info["bytes"] <= settings.CFG.boost_cache_bytes, info
     assert (id(tokenizer), lists[2]) in trees.entries  # the newest stays
     assert (id(tokenizer), lists[0]) not in trees.entries  # the oldest went first
     with pytest.raises(ValueError, match="tokenizer does not know"):

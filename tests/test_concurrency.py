@@ -16,7 +16,9 @@ import pytest
 import soundfile as sf
 from conftest import DATA_ROOT, encode, hold_model, run_job, speech_file, until, words_of
 
-from handler import Config
+from parakeet_worker import config as settings
+from parakeet_worker.audio import disk
+from parakeet_worker.config import Config
 from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker, wait_for
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -40,13 +42,13 @@ def job_dirs(tmp: Path) -> list[Path]:
 
 
 class Worker:
-    def __init__(self, tmp: Path, script: str | None = None, **env: str):
+    def __init__(self, tmp: Path, hook: str | None = None, **env: str):
         self.tmp = tmp / "worker-tmp"
         self.log = tmp / "worker.log"
         self.queue = FakeRunpodQueue()
         base = loopback_only_env()
         base.update(WORKER_TMP_DIR=str(self.tmp), LOG_LEVEL="INFO", **env)
-        self.proc = start_worker(self.queue, base, self.log, script)
+        self.proc = start_worker(self.queue, base, self.log, hook)
 
     def run(self, *job_inputs: dict, timeout: float = 300) -> list[dict]:
         ids = [self.queue.add(job) for job in job_inputs]
@@ -131,30 +133,6 @@ def test_a_stopped_job_goes_and_the_others_are_unaffected(queue_worker, http_ser
     assert job_dirs(queue_worker.tmp) == []
 
 
-FAULTS = """
-import json, os, threading, time
-_real, _held = handler._forward_decode, [False]
-_poison = {int(k): v for k, v in json.loads(os.environ["PW_POISON"]).items()}
-
-def _faulty(model, audio, lengths, *rest):
-    # The first batch the model thread runs says so (the file PW_HELD) and waits until PW_HOLD
-    # units are ready, so that the next batch holds all of them (jobs sharing a batch for
-    # certain); listed lengths fail.
-    if threading.current_thread().name == "model" and not _held[0]:
-        _held[0] = True
-        open(os.environ["PW_HELD"], "w").close()
-        deadline = time.monotonic() + 120
-        while len(handler._SCHEDULER.ready) < int(os.environ["PW_HOLD"]) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for n in lengths:
-        if n in _poison:
-            raise RuntimeError(_poison[n])
-    return _real(model, audio, lengths, *rest)
-
-handler._forward_decode = _faulty
-"""
-
-
 def test_model_failures_in_a_batch_shared_by_jobs(tmp_path):
     """Four jobs share one batch; one clip makes the model fail: only that clip's job gets an
     error for it. Then a GPU fault: its job asks Runpod to replace the worker (stopPod), and so
@@ -166,7 +144,7 @@ def test_model_failures_in_a_batch_shared_by_jobs(tmp_path):
     poison = {sf.info(str(clips[2])).frames: "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED",
               sf.info(str(sick)).frames: "CUDA error: an illegal memory access was encountered"}  # fmt: skip
     held = tmp_path / "model-held"
-    w = Worker(tmp_path, FAULTS, PW_POISON=json.dumps(poison), PW_HOLD="4", PW_HELD=str(held))
+    w = Worker(tmp_path, "poisoned-batch", PW_POISON=json.dumps(poison), PW_HOLD="4", PW_HELD=str(held))
     try:
         w.queue.add(one_clip("hello"))
         wait_for(held.exists, 300, "the first job's batch to hold the model")
@@ -203,27 +181,27 @@ def test_intake_waits_at_the_temp_disk_bound_and_every_item_comes_back(worker, c
     w = worker
     texts = ["one two three", "four five six", "seven eight nine", "up down", "left right", "stop go"]
     paths = [speech_file(t, "wav") for t in texts]
-    largest = max(w._wav_bytes_estimate(p) for p in paths)
+    largest = max(disk.wav_bytes_estimate(p) for p in paths)
     bound = 2 * largest + 1000
     config(tmp_max_bytes=bound)
     entered, release = hold_model(w, monkeypatch)
-    tmp_root = Path(w.CFG.tmp_dir)
+    tmp_root = Path(settings.CFG.tmp_dir)
 
     async def main():
         task = asyncio.ensure_future(w.handler({"id": "bounded", "input": {"inputs": [{"source": str(p)} for p in paths]}}))
         await until(entered.is_set, "the model call")
         # the model holds one clip (read, its WAV gone); intake fills the bound and waits
-        await until(lambda: len(w._SCHEDULER.ready) >= 2, "two ready units", 60)
+        await until(lambda: len(w.model_thread().ready) >= 2, "two ready units", 60)
         on_disk = sorted(tmp_root.rglob("*.wav"))
         used = bytes_under(tmp_root)
         release.set()
         return await task, on_disk, used
 
     out, on_disk, used = asyncio.run(main())
-    assert len(w._SCHEDULER.ready) == 0
+    assert len(w.model_thread().ready) == 0
     assert len(on_disk) == 2 and used <= bound, (on_disk, used, bound)
     assert [words_of(r["text"]) for r in out["results"]] == [t.split() for t in texts]
-    assert w._DISK.used == 0
+    assert disk.budget().used == 0
     assert list(tmp_root.rglob("*")) == []
 
 
@@ -238,7 +216,7 @@ def test_audio_longer_than_its_estimate_is_decoded_again_whole(worker, tmp_path,
                     str(padded)], check=True)  # fmt: skip
     mp3 = DATA_ROOT / "low-rate-4min.mp3"
     encode(padded, mp3, codec=["-c:a", "libmp3lame", "-q:a", "2"], rate=16000, channels=1)  # VBR: silence at 8 kbit/s
-    assert w._wav_bytes_estimate(mp3) < 240 * w.WAV_BYTES_PER_SEC
+    assert disk.wav_bytes_estimate(mp3) < 240 * disk.WAV_BYTES_PER_SEC
     with caplog.at_level("INFO", logger="parakeet-worker"):
         (result,) = run_job(w, [{"source": str(mp3)}])["results"]
     assert words_of(result["text"]) == ["nine", "eight", "seven"]

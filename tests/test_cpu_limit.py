@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from parakeet_worker import config as settings
+
 
 def tree(root: Path, files: dict[str, str], self_cgroup: str = "0::/\n") -> tuple[Path, Path]:
     """A cgroup mount at root/fs with `files` (paths relative to it), and a /proc/self/cgroup."""
@@ -46,14 +48,14 @@ def tree(root: Path, files: dict[str, str], self_cgroup: str = "0::/\n") -> tupl
 )  # fmt: skip
 def test_cpu_limit_from_cgroup_files(worker, tmp_path, files, self_cgroup, affinity, expected):
     root, me = tree(tmp_path, files, self_cgroup)
-    assert worker._cpu_limit(root, me, affinity=affinity) == expected
+    assert settings.cpu_limit(root, me, affinity=affinity) == expected
 
 
 def test_prepare_workers_defaults_to_the_cpu_limit(worker, monkeypatch):
     """The default is the container's limit (on this machine, its affinity mask and any quota);
     PREPARE_WORKERS still overrides it."""
     monkeypatch.delenv("PREPARE_WORKERS", raising=False)
-    default = worker.Config.from_env().prepare_workers
-    assert default == worker._cpu_limit() <= len(os.sched_getaffinity(0))
+    default = settings.Config.from_env().prepare_workers
+    assert default == settings.cpu_limit() <= len(os.sched_getaffinity(0))
     monkeypatch.setenv("PREPARE_WORKERS", "3")
-    assert worker.Config.from_env().prepare_workers == 3
+    assert settings.Config.from_env().prepare_workers == 3

@@ -22,6 +22,7 @@ import torch
 from conftest import DATA_ROOT, DEMO_MODEL, REPO, run_job, speech_file, word_errors
 
 from bench import common
+from parakeet_worker import model as asr
 from tools import make_parakeet_shaped as shaped
 
 pytestmark = pytest.mark.skipif(
@@ -72,15 +73,15 @@ def test_bf16_text_equals_fp32_on_demo_model(tmp_path, clips):
 
 
 def test_cuda_graph_decoding_equals_plain_decoding(worker, clips):
-    model = worker._MODEL
+    model = asr.loaded_model()
     with_graphs = run_job(worker, clips, timestamps=True)
     assert graphs_mode(model) is not None, "the worker did not decode with CUDA graphs"
     try:
-        worker._configure_decoding(model, timestamps=True, cuda_graphs=False)
+        asr.configure_decoding(model, timestamps=True, cuda_graphs=False)
         without = run_job(worker, clips, timestamps=True)
         assert graphs_mode(model) is None
     finally:
-        worker._configure_decoding(model, timestamps=False, cuda_graphs=True)
+        asr.configure_decoding(model, timestamps=False, cuda_graphs=True)
     for a, b in zip(with_graphs["results"], without["results"], strict=True):
         assert a["text"] and a["text"] == b["text"]
         assert [w["word"] for w in a["timestamps"]["word"]] == [w["word"] for w in b["timestamps"]["word"]]
@@ -88,7 +89,7 @@ def test_cuda_graph_decoding_equals_plain_decoding(worker, clips):
 
 def test_warm_up_falls_back_when_graph_decoding_fails(worker, monkeypatch, caplog):
     """Force the CUDA-graph decoder to fail in the warm-up: load_model must retry without graphs."""
-    original = worker._forward_decode
+    original = asr.forward_decode
     calls: list[bool] = []
 
     def failing_with_graphs(model, audio, lengths):
@@ -98,17 +99,17 @@ def test_warm_up_falls_back_when_graph_decoding_fails(worker, monkeypatch, caplo
             raise RuntimeError("forced failure of CUDA-graph decoding")
         return original(model, audio, lengths)
 
-    saved_state = dataclasses.replace(worker._STATE)
-    monkeypatch.setattr(worker, "_forward_decode", failing_with_graphs)
+    saved_state = dataclasses.replace(asr.state())
+    monkeypatch.setattr(asr, "forward_decode", failing_with_graphs)
     try:
         with caplog.at_level(logging.WARNING, logger="parakeet-worker"):
-            model = worker.load_model(str(DEMO_MODEL))
+            model = asr.load_model(str(DEMO_MODEL))
     finally:
-        worker._STATE.__dict__.update(saved_state.__dict__)
+        asr.state().__dict__.update(saved_state.__dict__)
     assert calls == [True, False]
     assert model.cfg.decoding.greedy.use_cuda_graph_decoder is False
     assert "falling back" in caplog.text
-    monkeypatch.setattr(worker, "_forward_decode", original)
+    monkeypatch.setattr(asr, "forward_decode", original)
     audio = np.zeros((1, 16000), np.float32)
     assert original(model, audio, [16000])  # decodes without graphs
 
@@ -187,13 +188,13 @@ def test_split_path_past_max_single_pass_sec(worker, config, monkeypatch):
     path = DATA_ROOT / "split-14min.wav"
     script = common.write_speech(path, 840.0, seed=14, bank=bank)
     config(max_single_pass_sec=300, short_max_sec=600, local_attention_after_sec=1440)
-    original, calls = worker._forward_decode, []
+    original, calls = asr.forward_decode, []
 
     def counting(model, audio, lengths):
         calls.append(audio.shape)
         return original(model, audio, lengths)
 
-    monkeypatch.setattr(worker, "_forward_decode", counting)
+    monkeypatch.setattr(asr, "forward_decode", counting)
     result = run_job(worker, [{"source": str(path)}], timestamps=True)["results"][0]
     assert "error" not in result, result
     assert len(calls) == 3 and all(shape[0] == 1 and shape[1] <= 300 * 16000 for shape in calls)

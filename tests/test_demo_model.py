@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from conftest import DATA_ROOT, DEMO_MODEL, run_job, word_errors
 
+from parakeet_worker import model as asr
 from tools import synth
 from tools.tdt_loss import check_against_nemo
 
@@ -18,7 +19,7 @@ def test_cpu_tdt_loss_matches_nemo_reference():
 
 def test_demo_model_is_a_small_parakeet_style_tdt(worker):
     assert DEMO_MODEL.stat().st_size <= 5 * 1024 * 1024
-    model = worker._MODEL
+    model = asr.loaded_model()
     cfg = model.cfg
     assert type(model).__name__ == "EncDecRNNTBPEModel"
     assert cfg.encoder.subsampling == "dw_striding" and cfg.encoder.subsampling_factor == 8

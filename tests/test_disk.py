@@ -14,6 +14,9 @@ import pytest
 import soundfile as sf
 from conftest import DATA_ROOT, call_handler, run_job, speech_file, tmpfs, words_of
 
+from parakeet_worker import errors
+from parakeet_worker.audio import decoder, disk
+
 GOOD_TEXT = "one two three"
 
 
@@ -62,7 +65,7 @@ def test_disk_full_costs_only_the_items_it_hits(worker, config, monkeypatch):
     short_wav_bytes = 44 + 2 * round(sf.info(str(speech_file(GOOD_TEXT, "wav"))).duration * 16000)
     # one ffmpeg at a time: two decodes sharing the last bytes would make the outcome a race
     config(prepare_workers=1)
-    monkeypatch.setattr(worker, "_DECODER", None)
+    monkeypatch.setattr(decoder.shared_decoder, "value", None)  # made again, for one slot
     with tmpfs("size=512k") as disk:
         config(tmp_dir=str(disk))
         fill(disk, leave=short_wav_bytes + 64 * 1024)
@@ -77,27 +80,27 @@ def test_make_job_dir(worker, config, tmp_path):
     """_make_job_dir: a fresh dir under WORKER_TMP_DIR (made if missing), or a JobError that
     names WORKER_TMP_DIR and the cause, never an OSError."""
     config(tmp_dir=str(tmp_path / "a" / "b"))
-    first, second = worker._make_job_dir(), worker._make_job_dir()
+    first, second = disk.make_job_dir(), disk.make_job_dir()
     assert first != second and first.parent == second.parent == tmp_path / "a" / "b"
     assert first.is_dir() and not any(first.iterdir())
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     config(tmp_dir=str(blocker / "tmp"))
-    with pytest.raises(worker.JobError, match=r"WORKER_TMP_DIR=.*a-file/tmp: Not a directory"):
-        worker._make_job_dir()
+    with pytest.raises(errors.JobError, match=r"WORKER_TMP_DIR=.*a-file/tmp: Not a directory"):
+        disk.make_job_dir()
 
-    with tmpfs("size=1m,nr_inodes=8") as disk:
-        config(tmp_dir=str(disk / "worker"))
-        worker._make_job_dir()  # still room for one
+    with tmpfs("size=1m,nr_inodes=8") as small:
+        config(tmp_dir=str(small / "worker"))
+        disk.make_job_dir()  # still room for one
         with contextlib.suppress(OSError):
             for n in range(100):  # use up the inodes
-                (disk / f"f{n}").touch()
+                (small / f"f{n}").touch()
         with pytest.raises(OSError) as full:
-            (disk / "one-more").touch()
+            (small / "one-more").touch()
         assert full.value.errno == errno.ENOSPC
-        with pytest.raises(worker.JobError, match="ran out of disk space or inodes"):
-            worker._make_job_dir()
+        with pytest.raises(errors.JobError, match="ran out of disk space or inodes"):
+            disk.make_job_dir()
 
 
 def test_handler_answers_when_its_temp_dir_cannot_be_made(worker, config, tmp_path):

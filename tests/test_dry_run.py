@@ -13,16 +13,6 @@ import soundfile as sf
 from conftest import DATA_ROOT, REPO, encode
 from test_headers import HANG_HEADERS
 
-DRY_SCRIPT = r"""
-import asyncio, json, pathlib, sys, time
-t0 = time.perf_counter()
-import handler
-import_sec = time.perf_counter() - t0
-out = asyncio.run(handler.handler({"id": "dry", "input": {"inputs": json.loads(sys.argv[1]), "vad": True}}))
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nemo", "librosa", "lightning", "silero_vad", "onnxruntime"))
-pathlib.Path(sys.argv[2]).write_text(json.dumps({"out": out, "heavy": heavy, "import_sec": import_sec}))
-"""
-
 
 def dry_env() -> dict[str, str]:
     return {**os.environ, "SKIP_MODEL_LOAD": "1", "PARAKEET_MODEL": "nvidia/parakeet-tdt-0.6b-v3"}
@@ -43,14 +33,15 @@ def test_dry_run_imports_nothing_heavy_and_measures_durations(http_server, tmp_p
         {"source": "file://" + str(encode(made["c"][0], DATA_ROOT / "dry-c.m4a"))},
         {"source": str(hostile)},  # a header that made libsndfile spin for ever (tests/test_headers.py)
     ]
+    (tmp_path / "jobs.json").write_text(json.dumps([{"inputs": inputs, "vad": True}]))
     proc = subprocess.run(
-        [sys.executable, "-c", DRY_SCRIPT, json.dumps(inputs), str(tmp_path / "report.json")],
+        [sys.executable, "tests/workers.py", "dry", str(tmp_path / "jobs.json"), str(tmp_path / "report.json")],
         cwd=REPO, env=dry_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())  # a file: SDK log lines cannot glue onto it
     assert report["heavy"] == [], f"dry run imported {report['heavy'][:5]}"
-    results = report["out"]["results"]
+    results = report["outs"][0]["results"]
     assert [r["index"] for r in results] == [0, 1, 2, 3]
     assert results[3]["code"] == "not_audio", results[3]
     for result, (_, seconds) in zip(results[:3], [made["a"], made["b"], made["c"]], strict=True):

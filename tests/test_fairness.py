@@ -11,40 +11,9 @@ import pytest
 from conftest import DATA_ROOT, speech_file, words_of
 from test_concurrency import Worker, job_dirs, one_clip, phrase, wait_for
 
+from parakeet_worker import errors
+from parakeet_worker.audio import decoder, download, ffmpeg
 from tools import synth
-
-# Jobs whose id starts with "hold-N-" are held: their first batch (of their units alone) waits
-# until units of N other jobs are ready, and every later batch of their units alone waits for
-# the file <PW_FLAGS>/<id>.release. The model runs out of memory on batches of jobs whose id
-# starts with "oom" as soon as a row is over 12 s.
-SCRIPT = """
-import os, threading, time, pathlib
-_real, _started = handler._forward_decode, set()
-_flags = pathlib.Path(os.environ["PW_FLAGS"])
-
-def _wait(condition):
-    deadline = time.monotonic() + 240
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-def _scripted(model, audio, lengths, *rest):
-    if threading.current_thread().name == "model":
-        ids = {u.job.id for u in handler._SCHEDULER.running if u.job is not None}
-        if len(ids) == 1 and next(iter(ids)).startswith("hold-"):
-            job = next(iter(ids))
-            if job not in _started:
-                _started.add(job)
-                (_flags / f"{job}.running").touch()
-                want = int(job.split("-")[1])
-                _wait(lambda: len({u.job.id for u in list(handler._SCHEDULER.ready)} - {job}) >= want)
-            else:
-                _wait(lambda: (_flags / f"{job}.release").exists())
-        if any(i.startswith("oom") for i in ids) and max(lengths) > 12 * 16000:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
-    return _real(model, audio, lengths, *rest)
-
-handler._forward_decode = _scripted
-"""
 
 WORDS = ["one", "hello", "seven", "stop", "three", "world", "nine", "left", "go", "five", "up", "eight", "no", "two"]
 
@@ -64,7 +33,7 @@ def fair_worker(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fair-worker")
     flags = tmp / "flags"
     flags.mkdir()
-    w = Worker(tmp, SCRIPT, PW_FLAGS=str(flags), MAX_SINGLE_PASS_SEC="20", PIECE_MIN_SEC="5", SHORT_MAX_SEC="10",
+    w = Worker(tmp, "hold-and-fail", PW_FLAGS=str(flags), MAX_SINGLE_PASS_SEC="20", PIECE_MIN_SEC="5", SHORT_MAX_SEC="10",
                LOCAL_ATTENTION_AFTER_SEC="600")  # fmt: skip
     w.flags = flags
     yield w
@@ -166,7 +135,7 @@ def test_download_slots_are_shared_fairly_and_given_back(worker):
     after DOWNLOAD_SLOT_SEC); a stopped job's wait ends at once."""
     import threading
 
-    slots = worker._DownloadSlots(2)
+    slots = download.DownloadSlots(2)
     a, b, c = threading.Event(), threading.Event(), threading.Event()
     first, second = slots.held(a), slots.held(a)
     give_back = first.__enter__()
@@ -193,7 +162,7 @@ def test_download_slots_are_shared_fairly_and_given_back(worker):
         try:
             with slots.held(a, c):
                 pass
-        except worker.ItemError as exc:
+        except errors.ItemError as exc:
             cancelled.append(exc.code)
         stopped.set()
 
@@ -216,9 +185,9 @@ def test_a_stopped_job_ends_at_once_while_another_jobs_ffmpeg_runs(worker, monke
 
     from conftest import TMP_ROOT, until
 
-    monkeypatch.setattr(worker, "_DECODER", worker._Decoder(1))
+    monkeypatch.setattr(decoder.shared_decoder, "value", decoder.Decoder(1))
     release, held = threading.Event(), threading.Event()
-    real = worker._to_wavs
+    real = ffmpeg.to_wavs
 
     def holding(pairs, *args, **kwargs):
         if any("fair-held" in str(src) for src, _ in pairs):
@@ -226,7 +195,7 @@ def test_a_stopped_job_ends_at_once_while_another_jobs_ffmpeg_runs(worker, monke
             release.wait(600)
         return real(pairs, *args, **kwargs)
 
-    monkeypatch.setattr(worker, "_to_wavs", holding)
+    monkeypatch.setattr(ffmpeg, "to_wavs", holding)
     a_clip = speech_file("seven eight", "wav", name="fair-held")
     b_clips = [speech_file(t, "wav") for t in ("one two", "three four")]
 
@@ -235,14 +204,14 @@ def test_a_stopped_job_ends_at_once_while_another_jobs_ffmpeg_runs(worker, monke
         await until(held.is_set, "A's decode")
         dirs_before = set(TMP_ROOT.glob("job-*"))
         b = asyncio.ensure_future(worker.handler({"id": "b", "input": {"inputs": [{"source": str(p)} for p in b_clips]}}))
-        await until(lambda: len(worker._DECODER.pending) == 2, "B's clips waiting for ffmpeg")
+        await until(lambda: len(decoder.shared_decoder().pending) == 2, "B's clips waiting for ffmpeg")
         (b_dir,) = set(TMP_ROOT.glob("job-*")) - dirs_before
         b.cancel()
         try:  # B's end must not wait for A's decode (held for 10 minutes unless released)
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(b, 120)
             assert not b_dir.exists() and not release.is_set()  # B is gone, A's decode still held
-            assert worker._DECODER.pending == []
+            assert decoder.shared_decoder().pending == []
         finally:
             release.set()
         return await a

@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import speech_file
 
+from parakeet_worker import errors
+from parakeet_worker.audio import decoder as decoding
+from parakeet_worker.audio import ffmpeg, headers
+
 
 @pytest.fixture
 def fifo(tmp_path) -> Path:
@@ -83,8 +87,8 @@ def test_timeout_kills_the_whole_process_group(worker, config, monkeypatch, tmp_
     monkeypatch.setenv("FFMPEG_BIN", str(wrapper))
     config(ffmpeg_timeout_sec=1.0)
     try:
-        out, _ = in_thread(lambda: worker._to_wav(fifo, tmp_path / "out.wav"), limit=60)
-        assert isinstance(out, worker.ItemError) and out.code == "decode_timeout", out
+        out, _ = in_thread(lambda: ffmpeg.to_wav(fifo, tmp_path / "out.wav"), limit=60)
+        assert isinstance(out, errors.ItemError) and out.code == "decode_timeout", out
         assert gone([int(pidfile.read_text())]), "the wrapper's ffmpeg outlived the timeout"
     finally:
         if pidfile.exists() and alive(int(pidfile.read_text())):
@@ -97,8 +101,8 @@ def test_stop_kills_a_running_decode(worker, config, tmp_path, fifo):
     config(ffmpeg_timeout_sec=300.0)
     stop = threading.Event()
     threading.Timer(0.5, stop.set).start()
-    out, took = in_thread(lambda: worker._to_wav(fifo, tmp_path / "out.wav", stop=stop), limit=60)
-    assert isinstance(out, worker.ItemError) and out.code == "cancelled", out
+    out, took = in_thread(lambda: ffmpeg.to_wav(fifo, tmp_path / "out.wav", stop=stop), limit=60)
+    assert isinstance(out, errors.ItemError) and out.code == "cancelled", out
     assert gone(ffmpeg_pids_reading(fifo))
     assert not (tmp_path / "out.wav").exists()
     assert took < 60
@@ -108,16 +112,16 @@ def test_stop_through_the_decoder(worker, config, tmp_path, fifo):
     """_Decoder.decode(stop=...): a running decode is killed; one whose job was cancelled
     before it started never starts an ffmpeg at all."""
     config(ffmpeg_timeout_sec=300.0)
-    decoder = worker._Decoder(slots=1)
+    decoder = decoding.Decoder(slots=1)
     stop = threading.Event()
     threading.Timer(0.5, stop.set).start()
     out, _ = in_thread(lambda: decoder.decode(fifo, tmp_path / "a.wav", stop=stop), limit=60)
-    assert isinstance(out, worker.ItemError) and out.code == "cancelled", out
+    assert isinstance(out, errors.ItemError) and out.code == "cancelled", out
     assert gone(ffmpeg_pids_reading(fifo))
 
     good = speech_file("one two three", "mp3")
     out, _ = in_thread(lambda: decoder.decode(good, tmp_path / "b.wav", stop=stop), limit=60)
-    assert isinstance(out, worker.ItemError) and out.code == "cancelled", out
+    assert isinstance(out, errors.ItemError) and out.code == "cancelled", out
     assert not (tmp_path / "b.wav").exists(), "ffmpeg ran for a cancelled item"
     assert decoder.running == 0 and decoder.pending == []
     assert decoder.decode(good, tmp_path / "c.wav", stop=threading.Event())[0] > 0  # an unset event: decoded
@@ -130,22 +134,22 @@ def test_hung_file_in_a_group_costs_one_timeout(worker, config, monkeypatch, tmp
     timeout = 8.0
     config(ffmpeg_timeout_sec=timeout)
     limits: list[float] = []  # the time limit of each ffmpeg run, as _run_ffmpeg applies it
-    real = worker._run_ffmpeg
+    real = ffmpeg.run_ffmpeg
 
     def recording(pairs, *args, **kwargs):
         started = time.monotonic()
         try:
             return real(pairs, *args, **kwargs)
-        except worker.ItemError as exc:
+        except errors.ItemError as exc:
             if exc.code == "decode_timeout":
                 limits.append(time.monotonic() - started)
             raise
 
-    monkeypatch.setattr(worker, "_run_ffmpeg", recording)
+    monkeypatch.setattr(ffmpeg, "run_ffmpeg", recording)
     goods = [speech_file("one two three", "mp3"), speech_file("seven eight", "wav")]
     pairs = [(fifo, tmp_path / "hung.wav")] + [(g, tmp_path / f"{i}.wav") for i, g in enumerate(goods)]
-    out, took = in_thread(lambda: worker._to_wavs(pairs), limit=120)
-    assert isinstance(out[0], worker.ItemError) and out[0].code == "decode_timeout", out
+    out, took = in_thread(lambda: ffmpeg.to_wavs(pairs), limit=120)
+    assert isinstance(out[0], errors.ItemError) and out[0].code == "decode_timeout", out
     assert all(isinstance(r, tuple) and r[0] > 0 for r in out[1:]), out
     assert len(limits) == 2 and limits[0] < timeout / 2 <= timeout <= limits[1], limits  # short group, then one full
     assert took < 2 * timeout, took
@@ -166,13 +170,13 @@ def test_cost_estimate_reads_the_header_not_just_the_size(worker, tmp_path, name
     subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", lavfi, "-t", str(seconds),
                     *args, str(bomb)], check=True)  # fmt: skip
     assert bomb.stat().st_size < 300_000
-    cost = worker._decode_cost_ms(bomb)
-    assert cost > worker._Decoder.GROUP_BELOW_MS, cost
+    cost = headers.decode_cost_ms(bomb)
+    assert cost > decoding.Decoder.GROUP_BELOW_MS, cost
     small = speech_file("one two three", "mp3")
-    decoder = worker._Decoder(slots=1)
+    decoder = decoding.Decoder(slots=1)
     decoder.pending = sorted(
-        [worker._Decode(small, tmp_path / f"s{i}.wav", worker._decode_cost_ms(small)) for i in range(3)]
-        + [worker._Decode(bomb, tmp_path / "bomb.wav", cost)],
+        [decoding.Decode(small, tmp_path / f"s{i}.wav", headers.decode_cost_ms(small)) for i in range(3)]
+        + [decoding.Decode(bomb, tmp_path / "bomb.wav", cost)],
         key=lambda d: d.cost_ms, reverse=True,
     )  # fmt: skip
     assert [d.src for d in decoder._take()] == [bomb]
@@ -183,23 +187,23 @@ def test_decoder_takes_turns_by_job_costliest_first_within_each(worker, tmp_path
     """Job A queued three costly files, then job B one: B's file does not wait for all of A's
     (fair by decode time given), and A's files still go costliest first; a cheap file of a job
     C that comes later goes before the costly ones still waiting."""
-    decoder = worker._Decoder(slots=1)
+    decoder = decoding.Decoder(slots=1)
     a, b = threading.Event(), threading.Event()
-    big = worker._Decoder.GROUP_BELOW_MS  # never grouped
-    decoder.pending = [worker._Decode(Path(f"a{n}"), tmp_path / f"a{n}.wav", big + n, owner=a) for n in (1, 3, 2)]
-    decoder.pending.append(worker._Decode(Path("b"), tmp_path / "b.wav", big + 100, owner=b))
+    big = decoding.Decoder.GROUP_BELOW_MS  # never grouped
+    decoder.pending = [decoding.Decode(Path(f"a{n}"), tmp_path / f"a{n}.wav", big + n, owner=a) for n in (1, 3, 2)]
+    decoder.pending.append(decoding.Decode(Path("b"), tmp_path / "b.wav", big + 100, owner=b))
     order = [[d.src.name for d in decoder._take()] for _ in range(2)]
-    decoder.pending.append(worker._Decode(Path("c"), tmp_path / "c.wav", big - 1, owner=threading.Event()))
+    decoder.pending.append(decoding.Decode(Path("c"), tmp_path / "c.wav", big - 1, owner=threading.Event()))
     order += [[d.src.name for d in decoder._take()] for _ in range(3)]
     assert order == [["a3"], ["b"], ["c"], ["a2"], ["a1"]]
-    assert decoder.pending == [] and decoder.served == {}
+    assert decoder.pending == [] and decoder.fair.served == {}
 
 
 def test_a_stopped_jobs_wait_for_ffmpeg_ends_at_once(worker, config, tmp_path, fifo):
     """One ffmpeg slot, held by another job's file that hangs: a stopped job's item leaves its
     wait for the slot as soon as the stop is signalled, without waiting for that run."""
     config(ffmpeg_timeout_sec=300.0)
-    decoder = worker._Decoder(slots=1)
+    decoder = decoding.Decoder(slots=1)
     other, mine = threading.Event(), threading.Event()
     holder = threading.Thread(target=lambda: decoder.decode(fifo, tmp_path / "hung.wav", stop=other), daemon=True)
     holder.start()

@@ -15,6 +15,9 @@ import pytest
 import soundfile as sf
 from conftest import DATA_ROOT, call_handler, run_job, speech_file, temp_leftovers, tmpfs, words_of
 
+from parakeet_worker import model as asr
+from parakeet_worker.audio import disk
+
 TEXTS = ["one two three", "four five six", "seven eight nine"]
 
 
@@ -35,7 +38,7 @@ def test_a_planning_bug_costs_no_item(worker, monkeypatch):
     monkeypatch.setattr(worker, "_plan_next", buggy)
     out = asyncio.run(asyncio.wait_for(worker.handler(clip_job("planned", *TEXTS)), 120))  # a dead thread: no answer
     assert [words_of(r["text"]) for r in out["results"]] == [t.split() for t in TEXTS]
-    assert len(calls) >= 3 and worker.worker_healthy()
+    assert len(calls) >= 3 and asr.worker_healthy()
     assert "refresh_worker" not in out and temp_leftovers() == []
 
 
@@ -44,7 +47,7 @@ class ThreadKiller(BaseException):
 
 
 def test_a_dead_model_thread_answers_every_job_and_asks_for_a_new_worker(worker, monkeypatch):
-    monkeypatch.setattr(worker._STATE, "model_thread_died", None)  # restored (healthy) after the test
+    monkeypatch.setattr(asr.state(), "model_thread_died", None)  # restored (healthy) after the test
 
     def killer(*args):
         raise ThreadKiller("injected into planning")
@@ -60,8 +63,8 @@ def test_a_dead_model_thread_answers_every_job_and_asks_for_a_new_worker(worker,
         assert out["refresh_worker"] is True, out
         assert out["results"] and all(r["code"] == "model_failed" for r in out["results"]), out
         assert "ThreadKiller" in out["results"][0]["error"]
-    assert not worker.worker_healthy()
-    assert worker._STATE.unhealthy.startswith("ThreadKiller")
+    assert not asr.worker_healthy()
+    assert asr.state().unhealthy.startswith("ThreadKiller")
     later = call_handler(worker, clip_job("c", TEXTS[1]))
     assert later["refresh_worker"] is True and "model thread died" in later["error"], later
     assert temp_leftovers() == []
@@ -85,14 +88,14 @@ def test_proc_paths_are_forbidden(worker):
 
 def spoiled_job_dir(worker, monkeypatch, spoil) -> None:
     """The next job's temp dir is made for real, then `spoil(dir)` runs before any item writes."""
-    real = worker._make_job_dir
+    real = disk.make_job_dir
 
     def made() -> Path:
         workdir = real()
         spoil(workdir)
         return workdir
 
-    monkeypatch.setattr(worker, "_make_job_dir", made)
+    monkeypatch.setattr(disk, "make_job_dir", made)
 
 
 def sources_of_every_kind(http_server) -> list[dict]:

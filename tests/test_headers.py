@@ -15,6 +15,8 @@ import numpy as np
 import soundfile as sf
 from conftest import DATA_ROOT, run_job, speech_file, words_of
 
+from parakeet_worker.audio import disk, headers
+
 # A RIFF header whose LIST chunk (0xFFFFFFF0 or 0xFFFFFFFF bytes) holds an INFO list with a
 # sub-chunk claiming 0xFFFFFFF0 bytes: sf.info() on any of these never returned (libsndfile 1.2).
 HANG_HEADERS = [
@@ -71,8 +73,8 @@ def test_fuzzed_headers_are_read_in_bounded_time(worker):
         try:
             for data in cases:
                 path.write_bytes(data)
-                estimates.append(worker._wav_bytes_estimate(path))
-                worker._decode_cost_ms(path)
+                estimates.append(disk.wav_bytes_estimate(path))
+                headers.decode_cost_ms(path)
         except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
             failures.append(exc)
 
@@ -81,7 +83,7 @@ def test_fuzzed_headers_are_read_in_bounded_time(worker):
     reader.join(FUZZ_BUDGET_SEC)
     assert not reader.is_alive(), f"header reading hung at case {len(estimates)} of {len(cases)}"
     assert not failures, failures
-    cap = worker._max_wav_bytes()
+    cap = disk.max_wav_bytes()
     assert all(0 < e <= cap for e in estimates)
 
 
@@ -98,8 +100,8 @@ def test_wav_estimate_reads_real_headers(worker, tmp_path):
             data = data[:4] + struct.pack("<I", len(data) - 8 + len(extra)) + data[8:at] + extra + data[at:]
             path.write_bytes(data)
         assert abs(sf.info(str(path)).duration - seconds) < 1e-3
-        expected = seconds * worker.WAV_BYTES_PER_SEC * 1.01 + 65536
-        assert abs(worker._wav_bytes_estimate(path) - expected) < 64, (fmt, channels)
+        expected = seconds * disk.WAV_BYTES_PER_SEC * 1.01 + 65536
+        assert abs(disk.wav_bytes_estimate(path) - expected) < 64, (fmt, channels)
 
 
 def test_hostile_headers_next_to_a_good_item(worker):

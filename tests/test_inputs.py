@@ -19,6 +19,11 @@ import soundfile as sf
 import torch
 from conftest import DATA_ROOT, call_handler, encode, run_job, run_together, speech_file, temp_leftovers, words_of
 
+from parakeet_worker import errors
+from parakeet_worker import model as asr
+from parakeet_worker.audio import decoder as decoding
+from parakeet_worker.audio import download, ffmpeg, sources
+
 GOOD_TEXT = "one two three"
 
 
@@ -119,7 +124,7 @@ def test_the_download_clock_starts_with_the_download_not_the_wait_for_a_slot(wor
     """Two download slots, a 3 s limit, two trickling URLs and three good ones in one job: the
     good ones wait for a slot, then get their own full 3 s, and keep their text."""
     config(download_workers=2, download_total_sec=3.0, download_read_timeout=1.0)
-    monkeypatch.setattr(worker, "_DOWNLOAD_SLOTS", None)  # made again, for DOWNLOAD_WORKERS=2
+    monkeypatch.setattr(download.shared_slots, "value", None)  # made again, for DOWNLOAD_WORKERS=2
     trickle = [{"source": f"{http_server.url}/trickle/slot{n}.mp3"} for n in range(2)]
     fine = [{"source": http_server.add(good, f"slot-good{n}.mp3")} for n in range(3)]
     results = run_job(worker, trickle + fine)["results"]
@@ -321,7 +326,7 @@ def test_too_many_inputs(worker, config):
 
 def failing_forward(worker, monkeypatch, poison_frames: int, exc: Exception) -> list[int]:
     """Wrap the real model's forward: fail any batch that holds the poisoned item."""
-    real = worker._MODEL.forward
+    real = asr.loaded_model().forward
     calls: list[int] = []
 
     def forward(*, input_signal, input_signal_length):
@@ -330,7 +335,7 @@ def failing_forward(worker, monkeypatch, poison_frames: int, exc: Exception) -> 
             raise exc
         return real(input_signal=input_signal, input_signal_length=input_signal_length)
 
-    monkeypatch.setattr(worker._MODEL, "forward", forward)
+    monkeypatch.setattr(asr.loaded_model(), "forward", forward)
     return calls
 
 
@@ -380,16 +385,16 @@ def test_grouped_decode_keeps_each_files_result(worker, tmp_path, good, bad_file
     sources = [good, bad_files["text_as_mp3"], bad_files["longer"], bad_files["silent_video"], bad_files["truncated"]]
     sources += [speech_file(text, fmt) for text, fmt in (("yes no", "ogg"), ("stop go", "flac"), ("left", "m4a"))]
     pairs = [(src, tmp_path / f"group-{i}.wav") for i, src in enumerate(map(Path, sources))]
-    grouped = worker._to_wavs(pairs)
+    grouped = ffmpeg.to_wavs(pairs)
     assert len(grouped) == len(pairs)
-    assert isinstance(grouped[1], worker.ItemError) and grouped[1].code == "not_audio"
-    assert isinstance(grouped[3], worker.ItemError) and grouped[3].code == "no_audio"
+    assert isinstance(grouped[1], errors.ItemError) and grouped[1].code == "not_audio"
+    assert isinstance(grouped[3], errors.ItemError) and grouped[3].code == "no_audio"
     for i in (0, 2, 4, 5, 6, 7):  # 4: a truncated mp3, transcribed as far as it decodes
         grouped_audio = sf.read(pairs[i][1], dtype="int16")[0]
-        alone = worker._to_wav(pairs[i][0], tmp_path / "alone.wav")
+        alone = ffmpeg.to_wav(pairs[i][0], tmp_path / "alone.wav")
         assert grouped[i] == alone and alone[0] > 0
         assert np.array_equal(grouped_audio, sf.read(tmp_path / "alone.wav", dtype="int16")[0])
-    clean = worker._to_wavs([pairs[i] for i in (0, 2, 5, 6, 7)])  # all good: one process
+    clean = ffmpeg.to_wavs([pairs[i] for i in (0, 2, 5, 6, 7)])  # all good: one process
     assert clean == [grouped[i] for i in (0, 2, 5, 6, 7)]
 
 
@@ -398,19 +403,19 @@ def test_decoder_shared_by_many_threads(worker, tmp_path, good, bad_files):
     thread gets its own file's answer."""
     import concurrent.futures as cf
 
-    decoder = worker._Decoder(slots=1)
+    decoder = decoding.Decoder(slots=1)
     sources = [good, bad_files["text_as_mp3"], bad_files["longer"]] * 4
     expect = {0: None, 1: "not_audio", 2: None}
 
     def one(i: int):
         try:
             return decoder.decode(Path(sources[i]), tmp_path / f"{i}.wav")
-        except worker.ItemError as exc:
+        except errors.ItemError as exc:
             return exc.code
 
     with cf.ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(one, range(12)))
-    alone = {k: worker._to_wav(Path(sources[k]), tmp_path / "alone.wav")[0] for k in (0, 2)}
+    alone = {k: ffmpeg.to_wav(Path(sources[k]), tmp_path / "alone.wav")[0] for k in (0, 2)}
     for i, answer in enumerate(answers):
         if expect[i % 3]:
             assert answer == expect[i % 3], (i, answer)
@@ -527,7 +532,7 @@ def test_base64_decoded_in_chunks(worker, config, monkeypatch):
     falling across a chunk boundary change nothing (chunks of 7 characters here, so every
     boundary case occurs), and an invalid character in a later chunk still fails the item and
     leaves no partial file behind."""
-    monkeypatch.setattr(worker, "BASE64_CHUNK_CHARS", 7)
+    monkeypatch.setattr(sources, "BASE64_CHUNK_CHARS", 7)
     data = speech_file(GOOD_TEXT, "wav", name="b64-exact").read_bytes()
     text = base64.b64encode(data).decode()
     mime = "\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\n"  # as `base64` prints it

@@ -11,6 +11,8 @@ import pytest
 import soundfile as sf
 from conftest import DATA_ROOT, run_job, speech_file
 
+from parakeet_worker import model as asr
+from parakeet_worker import pieces, transcript
 from tools import synth
 
 WORDS = ["one", "hello", "seven", "stop", "three", "world", "nine", "left", "go", "five", "up", "eight", "no", "two"]
@@ -45,12 +47,12 @@ def test_local_attention_switch_and_back(worker, config, long_clip):
     mixed = run_job(worker, [{"source": path}, short], timestamps=True)  # either may run first
     check_words(mixed["results"][0], offsets)
     check_words(run_job(worker, [{"source": path}], timestamps=True)["results"][0], offsets)
-    assert worker._STATE.local_attention is True  # the long item ran last, with local attention
+    assert asr.state().local_attention is True  # the long item ran last, with local attention
     # NeMo builds the swapped-in attention modules in training mode: dropout must not stay on
-    assert [n for n, m in worker._MODEL.named_modules() if m.training] == []
+    assert [n for n, m in asr.loaded_model().named_modules() if m.training] == []
 
     after = run_job(worker, [short], timestamps=True)["results"][0]
-    assert worker._STATE.local_attention is False  # switched back for short work
+    assert asr.state().local_attention is False  # switched back for short work
     for result in (mixed["results"][1], after):
         assert result["text"] == alone["text"] == "four two stop"
         assert result["timestamps"] == alone["timestamps"]
@@ -63,7 +65,7 @@ def test_long_item_with_full_attention_runs_alone(worker, config, long_clip):
     check_words(out["results"][0], offsets)
     assert out["results"][1]["text"] == "yes no"
     assert out["stats"]["batches"] == 2
-    assert worker._STATE.local_attention is False
+    assert asr.state().local_attention is False
 
 
 @pytest.mark.parametrize("piece_sec", [13.0, 21.0])
@@ -84,8 +86,8 @@ def test_split_points_fall_in_pauses(worker, long_clip):
     """Every cut lands in silence between words, and no piece is longer than allowed."""
     path, _ = long_clip
     samples, rate = sf.read(path, dtype="float32")
-    item = worker.Prepared(index=0, source=path, wav=Path(path), frames=len(samples))
-    cuts = worker._split_points(item, 13.0)
+    item = transcript.Prepared(index=0, source=path, wav=Path(path), frames=len(samples))
+    cuts = pieces.split_points(item, 13.0)
     assert len(cuts) >= 4 and cuts[0] == 0
     for prev, cut in itertools.pairwise(cuts):
         assert 0 < cut - prev <= 13.0 * rate
@@ -101,15 +103,15 @@ def test_a_piece_that_runs_out_of_memory_is_split_smaller_and_the_transcript_is_
     whole, every word once, on the original timeline. At the floor it is out_of_memory."""
     path, offsets = long_clip
     config(max_single_pass_sec=30.0, piece_min_sec=5.0, short_max_sec=10, local_attention_after_sec=600)
-    real, tried = worker._forward_decode, []
+    real, tried = asr.forward_decode, []
 
     def small_memory(model, audio, lengths, *rest):
-        tried.append(max(lengths) / worker.SAMPLE_RATE)
-        if max(lengths) > 16 * worker.SAMPLE_RATE:
+        tried.append(max(lengths) / config.SAMPLE_RATE)
+        if max(lengths) > 16 * config.SAMPLE_RATE:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, audio, lengths, *rest)
 
-    monkeypatch.setattr(worker, "_forward_decode", small_memory)
+    monkeypatch.setattr(asr, "forward_decode", small_memory)
     out = run_job(worker, [{"source": path}], timestamps=True)
     check_words(out["results"][0], offsets)
     assert any(sec > 16 for sec in tried) and max(tried) <= 30.0 and all(sec > 5 for sec in tried)

@@ -14,13 +14,16 @@ from collections import Counter
 
 from conftest import DATA_ROOT, speech_file, temp_leftovers, until, words_of
 
-from handler import DRY_RUN_TEXT
+from parakeet_worker import errors, scheduler, transcript
+from parakeet_worker import job as jobs
+from parakeet_worker.analysis import boosting
+from parakeet_worker.model import DRY_RUN_TEXT
 from tools.testkit import FakeRunpodQueue, loopback_only_env, start_worker, stop_worker
 
 
 def per_job_types(worker) -> tuple[type, ...]:
-    return (worker._Job, worker._Progress, worker.Prepared, worker.Unit, worker.UnitResult, worker.Transcript,
-            worker.Boost, worker.ItemError, worker.Span, worker.BatchInfo, cf.Future, asyncio.Future)  # fmt: skip
+    return (jobs.Job, jobs.Progress, transcript.Prepared, scheduler.Unit, scheduler.UnitResult, transcript.Transcript,
+            boosting.Boost, errors.ItemError, transcript.Span, scheduler.BatchInfo, cf.Future, asyncio.Future)  # fmt: skip
 
 
 def alive(types: tuple[type, ...]) -> Counter:

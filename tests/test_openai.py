@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API over HTTP (server.py, WORKER_MODE=http): the official `openai`
+"""The OpenAI-compatible API over HTTP (parakeet_worker/http_server.py, WORKER_MODE=http): the official `openai`
 Python client against the real server (uvicorn on 127.0.0.1, in this process, with the
 session's model), on the same scheduler as every other job."""
 
@@ -16,8 +16,10 @@ import openai
 import pytest
 import requests
 from conftest import DATA_ROOT, TMP_ROOT, call_handler, hold_model, speech_file, temp_leftovers, words_of
-from test_concurrency import FAULTS
 
+from parakeet_worker import config as settings
+from parakeet_worker import model as asr
+from parakeet_worker.audio import disk
 from tools import synth, testkit
 from tools.testkit import UvicornThread, multipart
 
@@ -26,9 +28,7 @@ PLACED = ["one", "hello", "seven", "stop", "three", "world"]
 
 @pytest.fixture(scope="module")
 def api(worker):
-    import server
-
-    with UvicornThread(server.create_app()) as running:
+    with UvicornThread(worker.http_app()) as running:
         yield running
 
 
@@ -192,7 +192,7 @@ def test_undecodable_file_is_a_bad_request_with_the_item_code(client, tmp_path):
 
 def test_models(client, worker):
     (model,) = client.models.list().data
-    assert model.id == worker.CFG.model and model.object == "model"
+    assert model.id == settings.CFG.model and model.object == "model"
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_upload_over_the_cap_is_413_and_leaves_nothing(client, config, worker, t
     with pytest.raises(openai.APIStatusError) as too_big:
         transcribe(client, big)
     assert too_big.value.status_code == 413 and too_big.value.body["code"] == "too_large"
-    assert temp_leftovers() == [] and worker._DISK.used == 0
+    assert temp_leftovers() == [] and disk.budget().used == 0
 
 
 def test_busy_worker_answers_429(client, config, worker, monkeypatch):
@@ -268,7 +268,7 @@ def test_busy_worker_answers_429(client, config, worker, monkeypatch):
 
 def test_gpu_fault_makes_ping_503(api, client, worker, monkeypatch):
     assert requests.get(f"{api.url}/ping", timeout=30).status_code == 200
-    monkeypatch.setattr(worker._STATE, "gpu_fault", "CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(asr.state(), "gpu_fault", "CUDA error: an illegal memory access was encountered")
     assert requests.get(f"{api.url}/ping", timeout=30).status_code == 503
     with pytest.raises(openai.InternalServerError) as refused:
         transcribe(client, speech_file("yes", "wav"))
@@ -277,25 +277,23 @@ def test_gpu_fault_makes_ping_503(api, client, worker, monkeypatch):
 
 def test_ping_is_204_while_the_model_loads_then_200(worker, monkeypatch):
     """A fresh server whose model load is held: /ping 204 until it is done, then 200."""
-    import server
-
     loading, release = threading.Event(), threading.Event()
-    model = worker._MODEL
+    model = asr.loaded_model()
 
     def held_load(name):
         loading.set()
         assert release.wait(60)
         return model
 
-    monkeypatch.setattr(worker, "_LOADED", False)
-    monkeypatch.setattr(worker, "load_model", held_load)
-    with UvicornThread(server.create_app()) as fresh:
+    monkeypatch.setattr(asr.MODEL, "loaded", False)
+    monkeypatch.setattr(asr, "load_model", held_load)
+    with UvicornThread(worker.http_app()) as fresh:
         assert loading.wait(60)  # the load runs in the background, the server already answers
         assert requests.get(f"{fresh.url}/ping", timeout=30).status_code == 204
         assert requests.get(f"{fresh.url}/ping", timeout=30).status_code == 204
         release.set()
         wait_for(lambda: requests.get(f"{fresh.url}/ping", timeout=30).status_code == 200, "ping 200")
-    assert worker._MODEL is model
+    assert asr.loaded_model() is model
 
 
 # --- concurrency and stops ------------------------------------------------------------------
@@ -324,7 +322,7 @@ def test_16_requests_at_once_share_batches_and_get_their_own_words(client, worke
         try:
             assert entered.wait(60)
             outs = [pool.submit(transcribe, client, clip) for clip in clips]
-            wait_for(lambda: len(worker._SCHEDULER.ready) >= 16, "16 ready units", 120)
+            wait_for(lambda: len(worker.model_thread().ready) >= 16, "16 ready units", 120)
         finally:
             release.set()
         assert words_of(first.result().text) == ["hello"]
@@ -347,10 +345,10 @@ def test_client_disconnect_stops_its_job(api, client, worker, monkeypatch):
             head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
             sock.sendall(head + body)
-            wait_for(lambda: len(worker._SCHEDULER.ready) == 1, "the second clip to wait for the model")
+            wait_for(lambda: len(worker.model_thread().ready) == 1, "the second clip to wait for the model")
             assert len(job_dirs()) == 2
             sock.close()
-            wait_for(lambda: len(job_dirs()) == 1 and not worker._SCHEDULER.ready, "the stopped job to go")
+            wait_for(lambda: len(job_dirs()) == 1 and not worker.model_thread().ready, "the stopped job to go")
         finally:
             release.set()
         assert words_of(first.result().text) == ["three", "up"]
@@ -413,12 +411,12 @@ def test_run_job_reports_text_events_and_is_stopped_by_cancel(worker, monkeypatc
         while not entered.is_set():
             await asyncio.sleep(0.01)
         task = asyncio.ensure_future(worker.run_job({"inputs": [{"source": clip}]}))
-        while not worker._SCHEDULER.ready:
+        while not worker.model_thread().ready:
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        left = (list(worker._SCHEDULER.ready), job_dirs())
+        left = (list(worker.model_thread().ready), job_dirs())
         release.set()
         await blocker
         return left
@@ -442,7 +440,7 @@ def test_queue_route_through_the_sdk_shares_batches_with_native_jobs(tmp_path, h
     held = tmp_path / "held"
     env = loopback_only_env()
     env.update(WORKER_TMP_DIR=str(tmp_path / "tmp"), PW_HOLD="6", PW_HELD=str(held), PW_POISON="{}")
-    proc = start_worker(queue, env, tmp_path / "worker.log", FAULTS)  # holds the first batch; fails nothing
+    proc = start_worker(queue, env, tmp_path / "worker.log", "poisoned-batch")  # holds the first batch; fails nothing
 
     def route(path, **body):
         return {"openai_route": path, "openai_input": body}
@@ -506,7 +504,7 @@ def test_queue_route_through_the_sdk_shares_batches_with_native_jobs(tmp_path, h
 
 HOLD_DRY = """
 import os, sys, time
-_real = handler._run_resilient
+_real = engine.run_resilient
 
 def _held(*args):
     # The first batch says whether torch or NeMo were imported (PW_HELD), then waits for PW_RELEASE.
@@ -518,7 +516,7 @@ def _held(*args):
             time.sleep(0.02)
     return _real(*args)
 
-handler._run_resilient = _held
+engine.run_resilient = _held
 """
 
 

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-import handler
+from parakeet_worker import config as settings
+from parakeet_worker import model as asr
+from parakeet_worker import patches, request
+from parakeet_worker.audio import ffmpeg
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 README = (REPO / "README.md").read_text()
@@ -80,7 +83,7 @@ def test_fetch_model_unpacks_where_the_worker_looks():
     fetch_model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fetch_model)
     for repo_id in ("nvidia/parakeet-tdt-0.6b-v3", "someone/other-model"):
-        assert fetch_model.unpacked_dir(repo_id) == handler._unpacked_dir(repo_id)
+        assert fetch_model.unpacked_dir(repo_id) == asr.unpacked_dir(repo_id)
 
 
 def test_runpod_hub_listing():
@@ -97,7 +100,7 @@ def test_runpod_hub_listing():
         field = entry["input"]
         assert field["type"] in ("string", "number", "boolean", "select") and field["name"] and field["description"]
         assert f"`{entry['key']}`" in README, f"{entry['key']} is not documented in README.md"
-        default = getattr(handler.Config(), entry["key"].lower(), None)
+        default = getattr(settings.Config(), entry["key"].lower(), None)
         if isinstance(default, int | float) and not isinstance(default, bool):
             assert field["default"] == default, entry["key"]
     for preset in config["presets"]:
@@ -109,7 +112,7 @@ def test_runpod_hub_tests_use_bundled_samples():
     assert tests["config"]["gpuCount"] == 1 and tests["config"]["gpuTypeId"].startswith("NVIDIA")
     for case in tests["tests"]:
         assert case["name"] and case["timeout"] > 0
-        params, error = handler._check_input(case["input"])
+        params, error = request.check_input(case["input"])
         assert error is None, error
         for item in params["inputs"]:
             assert (REPO / item["source"]).is_file()
@@ -118,7 +121,7 @@ def test_runpod_hub_tests_use_bundled_samples():
 @pytest.mark.parametrize("name", ["test_input.json"])
 def test_local_test_input_is_a_valid_job(name):
     job = json.loads((REPO / name).read_text())
-    params, error = handler._check_input(job["input"])
+    params, error = request.check_input(job["input"])
     assert error is None, error
     assert all((REPO / item["source"]).is_file() for item in params["inputs"])
 
@@ -133,9 +136,9 @@ def test_every_env_variable_the_config_reads_is_documented(monkeypatch):
             return super().get(key, default)
 
     monkeypatch.setattr(os, "environ", Recording(os.environ))
-    handler.Config.from_env()
-    handler._configure_logging()  # LOG_LEVEL (already applied: the same level again)
-    handler._ffmpeg_bin()  # FFMPEG_BIN
+    settings.Config.from_env()
+    patches.configure_logging()  # LOG_LEVEL (already applied: the same level again)
+    ffmpeg.ffmpeg_bin()  # FFMPEG_BIN
     assert {"LOG_LEVEL", "FFMPEG_BIN", "PARAKEET_MODEL"} <= read and len(read) >= 20
     missing = sorted(n for n in read - {"PATH"} if f"`{n}`" not in README)  # PATH: shutil.which
     assert not missing, f"undocumented in README.md: {missing}"

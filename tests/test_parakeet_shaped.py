@@ -18,6 +18,7 @@ import torch
 from conftest import DEMO_MODEL, REPO, speech_file
 from omegaconf import OmegaConf
 
+from parakeet_worker import model as asr
 from tools import make_parakeet_shaped as shaped
 
 # The published checkpoint, parakeet-tdt-0.6b-v3.nemo, is 2,509 MB (Hugging Face's file listing);
@@ -54,7 +55,7 @@ def test_tokenizer_is_8192_piece_sentencepiece(tokenizer_dir):
 
 def test_full_size_has_the_published_shape_and_parameter_count(worker, tokenizer_dir):
     """Built in memory only (no random init: only the shapes count here), never saved."""
-    with worker._no_random_init(torch):
+    with asr.no_random_init(torch):
         model = shaped.build_model(tokenizer_dir, shaped.ARCHITECTURE["n_layers"])
     try:
         counts = shaped.parameter_counts(model)
@@ -98,7 +99,7 @@ def test_unpacked_restore_is_the_saved_model(worker, small):
     """The image's path (an unpacked directory: no extraction, the checkpoint's weights assigned, no random
     init, vocabulary rebuilt from the tokenizer) gives back exactly the model that was saved."""
     _, saved, _, unpacked = small
-    restored = worker._restore_unpacked(str(unpacked))
+    restored = asr.restore_unpacked(str(unpacked))
     a, b = saved.state_dict(), restored.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = dict(saved.named_buffers()), dict(restored.named_buffers())  # persistent or not
@@ -111,7 +112,7 @@ def test_unpacked_restore_is_the_saved_model(worker, small):
     batch = audio[None]
     saved.eval()
     restored.eval()
-    outs = [worker._forward_decode(m, batch, [len(audio)])[0] for m in (saved, restored)]
+    outs = [asr.forward_decode(m, batch, [len(audio)])[0] for m in (saved, restored)]
     assert outs[0].y_sequence.tolist() == outs[1].y_sequence.tolist()
     assert outs[0].text == outs[1].text
 
@@ -125,7 +126,7 @@ def test_blank_bias_gives_a_speech_like_token_rate(worker, small):
     tokens = seconds = 0.0
     for text in texts:
         audio, _ = sf.read(speech_file(text, speed=150), dtype="float32")
-        hyp = worker._forward_decode(model, audio[None], [len(audio)])[0]
+        hyp = asr.forward_decode(model, audio[None], [len(audio)])[0]
         tokens += len(hyp.y_sequence)
         seconds += len(audio) / 16000
     assert 1.75 <= tokens / seconds <= 7.0, tokens / seconds
@@ -145,15 +146,15 @@ def test_hub_id_finds_the_unpacked_copy_the_image_bakes(worker, monkeypatch, tmp
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
     fetch = _fetch_model()
     repo = "nvidia/parakeet-tdt-0.6b-v3"
-    assert worker._resolve_model_source(repo) == ("hub", repo)  # nothing baked, nothing cached
+    assert asr.resolve_model_source(repo) == ("hub", repo)  # nothing baked, nothing cached
     baked = fetch.unpack(DEMO_MODEL, fetch.unpacked_dir(repo))
     assert sorted(p.name for p in baked.iterdir() if not p.name.endswith(("_tokenizer.model", "_vocab.txt", ".vocab"))) == [
         "model_config.yaml", "model_weights.ckpt"]  # fmt: skip
-    assert worker._resolve_model_source(repo) == ("dir", str(baked))
-    assert worker._resolve_model_source(str(baked)) == ("dir", str(baked))
-    assert worker._resolve_model_source(str(DEMO_MODEL)) == ("file", str(DEMO_MODEL))
+    assert asr.resolve_model_source(repo) == ("dir", str(baked))
+    assert asr.resolve_model_source(str(baked)) == ("dir", str(baked))
+    assert asr.resolve_model_source(str(DEMO_MODEL)) == ("file", str(DEMO_MODEL))
     with pytest.raises(FileNotFoundError):
-        worker._resolve_model_source(str(tmp_path))  # a directory that holds no model
+        asr.resolve_model_source(str(tmp_path))  # a directory that holds no model
 
 
 def test_bench_gpu_reduced_form(small):

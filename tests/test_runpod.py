@@ -17,6 +17,7 @@ import pytest
 import requests
 from conftest import DATA_ROOT, DEMO_MODEL, REPO, call_handler, speech_file, words_of
 
+from parakeet_worker import model as asr
 from tools import synth
 
 
@@ -84,15 +85,15 @@ def test_test_input_argument_and_failed_model_exit_codes(tmp_path):
 def test_model_load_failure_answers_every_job(worker, config, monkeypatch):
     """In-process, with the session's model set aside: a model that cannot load is tried once,
     and every job gets its cause, the worker staying up."""
-    for name, value in (("_MODEL", None), ("_MODEL_ERROR", None), ("_LOADED", False)):
-        monkeypatch.setattr(worker, name, value)  # restored (the demo model back) after the test
+    for name, value in (("value", None), ("error", None), ("loaded", False)):
+        monkeypatch.setattr(asr.MODEL, name, value)  # restored (the demo model back) after the test
     config(model="/nonexistent/model.nemo")
     job = {"id": "j", "input": {"inputs": [{"source": "samples/x.wav"}]}}
     outputs = [call_handler(worker, job) for _ in range(2)]
     for out in outputs:
         assert out == {"error": out["error"]}
         assert "/nonexistent/model.nemo" in out["error"] and "FileNotFoundError" in out["error"]
-    assert worker._LOADED and worker._MODEL is None
+    assert asr.MODEL.loaded and asr.loaded_model() is None
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -109,16 +110,6 @@ class _Collector(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-PROGRESS_SCRIPT = r"""
-import asyncio, dataclasses, json, sys, handler
-outs = []
-for n, (inputs, changes) in enumerate(json.loads(sys.argv[1])):
-    handler.CFG = dataclasses.replace(handler.CFG, **changes)
-    outs.append(asyncio.run(handler.handler({"id": f"progress-{n}", "input": {"inputs": inputs}})))
-open(sys.argv[2], "w").write(json.dumps(outs))
-"""
-
-
 def run_with_progress(jobs: list[tuple[list[dict], dict]], tmp_path) -> list[tuple[dict, list[dict]]]:
     """Run jobs (inputs, config changes), one after the other, in one fresh worker process whose
     SDK posts progress to a collector on 127.0.0.1 (the SDK reads the URL at import: hence the
@@ -129,8 +120,9 @@ def run_with_progress(jobs: list[tuple[list[dict], dict]], tmp_path) -> list[tup
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/job-done/$ID?gpu=test"
     result = tmp_path / "result.json"
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run(
-        [sys.executable, "-c", PROGRESS_SCRIPT, json.dumps(jobs), str(result)], cwd=REPO,
+        [sys.executable, "tests/workers.py", "progress", str(tmp_path / "jobs.json"), str(result)], cwd=REPO,
         env=worker_env(RUNPOD_WEBHOOK_POST_OUTPUT=url), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     server.shutdown()

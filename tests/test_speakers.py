@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 from conftest import DATA_ROOT, REPO, call_handler, run_job, temp_leftovers, until
 
+from parakeet_worker import job as jobs
+from parakeet_worker import openai_api
+from parakeet_worker.analysis import speakers
 from tools import synth
 from tools.testkit import attribution, conversation
 
@@ -76,7 +79,7 @@ def test_two_voices_turns_words_and_segments(worker):
     changes = sum(1 for a, b in itertools.pairwise(words) if a["speaker"] != b["speaker"])
     assert len(segments) >= changes + 1
     # The same result in OpenAI's diarized_json shape: speakers A and B, in order.
-    openai = worker.openai_diarized_json(result)
+    openai = openai_api.openai_diarized_json(result)
     assert openai["task"] == "transcribe" and openai["duration"] == result["duration"]
     assert [s["speaker"] for s in openai["segments"]] == ["AB"[int(s["speaker"][-1])] for s in segments]
     assert [s["text"] for s in openai["segments"]] == [s["segment"] for s in segments]
@@ -164,7 +167,8 @@ def test_malformed_fields_refused(worker, fields, message):
 
 def test_failed_diarization_costs_only_the_labels(worker, config, monkeypatch):
     """A speaker model that cannot load: the transcript comes back, with a warning and no turns."""
-    monkeypatch.setattr(worker, "_SPEAKER", {"model": None, "device": None, "error": None})
+    for name, value in (("value", None), ("error", None), ("loaded", False)):  # loaded again, from the path below
+        monkeypatch.setattr(speakers.CAMPPLUS, name, value)
     config(speaker_model=str(DATA_ROOT / "no-such-model.ts"))
     path, _, said = talk((0, 1, 0, 1), 41)
     (result,) = run_job(worker, [{"source": path}], diarize=True, timestamps=True)["results"]
@@ -177,14 +181,14 @@ def test_failed_diarization_costs_only_the_labels(worker, config, monkeypatch):
 def hold_embeddings(worker, monkeypatch) -> tuple[threading.Event, threading.Event]:
     """Hold diarization inside its first embedding batch until released."""
     entered, release = threading.Event(), threading.Event()
-    real = worker._embed
+    real = speakers.embed
 
     def held(*args, **kwargs):
         entered.set()
         release.wait(120)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(worker, "_embed", held)
+    monkeypatch.setattr(speakers, "embed", held)
     return entered, release
 
 
@@ -215,7 +219,7 @@ def test_job_stopped_while_diarizing(worker, monkeypatch):
     entered, release = hold_embeddings(worker, monkeypatch)
     path, _, _ = talk((0, 1) * 6, 11)
     seen: list[BaseException] = []
-    real = worker._diarize_unit
+    real = jobs.diarize_unit
 
     def watched(*args):
         try:
@@ -224,21 +228,21 @@ def test_job_stopped_while_diarizing(worker, monkeypatch):
             seen.append(exc)
             raise
 
-    monkeypatch.setattr(worker, "_diarize_unit", watched)
-    jobs: list = []
+    monkeypatch.setattr(jobs, "diarize_unit", watched)
+    made: list = []
 
-    class Recorded(worker._Job):
+    class Recorded(jobs.Job):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            jobs.append(self)
+            made.append(self)
 
-    monkeypatch.setattr(worker, "_Job", Recorded)
+    monkeypatch.setattr(jobs, "Job", Recorded)
 
     async def main():
         task = asyncio.ensure_future(worker.handler({"id": "stop", "input": {"inputs": [{"source": path}], "diarize": True}}))
         await until(entered.is_set, "the diarization", timeout=300)
         task.cancel()
-        await until(lambda: jobs[0].stop.is_set(), "the job's close() to set its stop")
+        await until(lambda: made[0].stop.is_set(), "the job's close() to set its stop")
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 from conftest import DATA_ROOT, REPO, call_handler, run_job, run_together, speech_file, temp_leftovers, until, words_of
 
+from parakeet_worker import config as settings
+from parakeet_worker import errors, pieces, transcript
+from parakeet_worker.analysis import vad
 from tools import synth
 
 SR = synth.SAMPLE_RATE
@@ -134,8 +137,8 @@ def _speech_and_pauses(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple
 def test_long_item_is_cut_in_the_pauses_vad_finds(worker):
     audio, pauses = _speech_and_pauses(np.random.default_rng(1))
     wav = synth.write(DATA_ROOT / "vad-long.wav", audio)
-    item = worker.Prepared(index=0, source="x", wav=wav, frames=len(audio))
-    cuts = worker._split_points(item, 7.0, worker._vad_pause)
+    item = transcript.Prepared(index=0, source="x", wav=wav, frames=len(audio))
+    cuts = pieces.split_points(item, 7.0, pieces.vad_pause)
     assert len(cuts) == 4  # 25 s in pieces of at most 7 s
     assert all(any(lo <= c < hi for lo, hi in pauses) for c in cuts[1:]), (cuts, pauses)
     assert all(b - a <= 7 * SR for a, b in zip(cuts, [*cuts[1:], len(audio)], strict=False))
@@ -143,10 +146,10 @@ def test_long_item_is_cut_in_the_pauses_vad_finds(worker):
 
 def test_cut_point_falls_back_to_energy_without_a_pause(worker):
     voice = synth.trim(synth.speak("one two three four five six seven eight nine"))[: 2 * SR]
-    assert worker._pause_cut(voice) is None  # no 0.2 s without speech in 2 s of a sentence
+    assert vad.pause_cut(voice) is None  # no 0.2 s without speech in 2 s of a sentence
     wav = synth.write(DATA_ROOT / "vad-no-pause.wav", voice)
-    item = worker.Prepared(index=0, source="x", wav=wav, frames=len(voice))
-    assert worker._vad_pause(item, len(voice), len(voice)) == worker._quietest_pause(item, len(voice), len(voice))
+    item = transcript.Prepared(index=0, source="x", wav=wav, frames=len(voice))
+    assert pieces.vad_pause(item, len(voice), len(voice)) == pieces.quietest_pause(item, len(voice), len(voice))
 
 
 def test_a_job_stopped_while_vad_runs(worker, monkeypatch):
@@ -156,7 +159,7 @@ def test_a_job_stopped_while_vad_runs(worker, monkeypatch):
     lands inside VAD for certain."""
     wav = synth.write(DATA_ROOT / "vad-stopped.wav", np.tile(synth.place_words(["one", "two"], [0.5, 3.0]), 10))
     entered, seen = threading.Event(), {}
-    real = worker._vad_probs
+    real = vad.vad_probs
 
     def gated(samples, frames, stop=None):
         def read(n):
@@ -170,8 +173,8 @@ def test_a_job_stopped_while_vad_runs(worker, monkeypatch):
             seen["raised"] = exc
             raise
 
-    monkeypatch.setattr(worker, "_vad_probs", gated)
-    batches = next(worker._SCHEDULER.batch_ids)
+    monkeypatch.setattr(vad, "vad_probs", gated)
+    batches = next(worker.model_thread().batch_ids)
 
     async def main() -> None:
         task = asyncio.ensure_future(worker.handler({"id": "stop", "input": {"inputs": [{"source": str(wav)}], "vad": True}}))
@@ -181,20 +184,20 @@ def test_a_job_stopped_while_vad_runs(worker, monkeypatch):
             await task
 
     asyncio.run(main())
-    assert isinstance(seen["raised"], worker.ItemError) and seen["raised"].code == "cancelled"
+    assert isinstance(seen["raised"], errors.ItemError) and seen["raised"].code == "cancelled"
     assert temp_leftovers() == []
-    assert next(worker._SCHEDULER.batch_ids) == batches + 1  # no batch ran meanwhile
-    slots, free = worker._vad_slots(), 0
+    assert next(worker.model_thread().batch_ids) == batches + 1  # no batch ran meanwhile
+    slots, free = vad.vad_slots(), 0
     while slots.acquire(blocking=False):
         free += 1
     for _ in range(free):
         slots.release()
-    assert free == worker.CFG.prepare_workers
+    assert free == settings.CFG.prepare_workers
 
 
 def test_vad_failure_costs_the_item_nothing(worker, monkeypatch, spaced):
-    monkeypatch.setattr(worker, "_VAD", None)
-    monkeypatch.setattr(worker, "_VAD_ERROR", "OSError: silero_vad.onnx: no such file")
+    for name, value in (("value", None), ("error", "OSError: silero_vad.onnx: no such file"), ("loaded", True)):
+        monkeypatch.setattr(vad.SILERO, name, value)  # a load that failed
     out = run_job(worker, [{"source": spaced}], vad=True)
     result = out["results"][0]
     assert words_of(result["text"]) == WORDS
@@ -221,18 +224,16 @@ def test_pad_and_bridge(worker):
     # 0.2 s (3200 samples) either side, out to the 1280-sample frame grid; the first two then
     # touch and become one; the last stops at the end of the audio. Without padding, a gap
     # under 0.6 s is still bridged, and one over it not.
-    assert worker._pad_and_bridge(regions, 172000, pad=0.2, bridge=0.6) == [(12800, 51200), (156160, 172000)]
-    assert worker._pad_and_bridge(regions, 400000, pad=0.0, bridge=0.0) == [(15360, 32000), (39680, 48640), (160000, 170240)]
-    assert worker._pad_and_bridge(regions, 400000, pad=0.0, bridge=0.6) == [(15360, 48640), (160000, 170240)]
-    assert worker._pad_and_bridge([], 1000) == []
+    assert vad.pad_and_bridge(regions, 172000, pad=0.2, bridge=0.6) == [(12800, 51200), (156160, 172000)]
+    assert vad.pad_and_bridge(regions, 400000, pad=0.0, bridge=0.0) == [(15360, 32000), (39680, 48640), (160000, 170240)]
+    assert vad.pad_and_bridge(regions, 400000, pad=0.0, bridge=0.6) == [(15360, 48640), (160000, 170240)]
+    assert vad.pad_and_bridge([], 1000) == []
 
 
-def test_loading_vad_keeps_the_workers_torch_threads():
+def test_loading_vad_keeps_the_workers_torch_threads(tmp_path):
     """silero_vad sets torch's thread count to 1 when imported; the worker's stays."""
-    script = (
-        "import json, torch; torch.set_num_threads(3); import handler; handler.ensure_vad(); "
-        "print(json.dumps([torch.get_num_threads(), handler._VAD is not None]))"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    report = tmp_path / "threads.json"
+    proc = subprocess.run([sys.executable, "tests/workers.py", "vad-threads", str(report)], cwd=REPO,
+                          env=dict(os.environ), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [3, True]
+    assert json.loads(report.read_text()) == [3, True]

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from parakeet_worker import model as asr
+
 
 def main(request_file: str) -> None:
     request = json.loads(Path(request_file).read_text())
@@ -36,10 +38,10 @@ def main(request_file: str) -> None:
         "model_gpu_mb": None,
         "load": dict(getattr(handler, "LOAD_TIMINGS", {})),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "autocast": str(handler._STATE.autocast),
+        "autocast": str(asr.state().autocast),
     }
     if cuda:
-        result["model_gpu_mb"] = sum(p.numel() * p.element_size() for p in handler._MODEL.parameters()) / 2**20
+        result["model_gpu_mb"] = sum(p.numel() * p.element_size() for p in asr.loaded_model().parameters()) / 2**20
     Path(request["result"]).write_text(json.dumps(result))
 
 

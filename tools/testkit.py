@@ -26,6 +26,9 @@ from urllib.parse import parse_qs, unquote, urlparse, urlsplit
 
 import numpy as np
 
+from parakeet_worker import config
+from parakeet_worker import model as asr
+
 # ---------------------------------------------------------------------------------------------
 # The worker in this process: loaded once, jobs answered as the SDK would await them.
 # ---------------------------------------------------------------------------------------------
@@ -37,8 +40,8 @@ def load_worker() -> Any:
     import handler
 
     handler.ensure_model()
-    if handler._MODEL is None and not handler.CFG.skip_model_load:
-        raise RuntimeError(f"the model did not load: {handler._MODEL_ERROR}")
+    if asr.loaded_model() is None and not config.CFG.skip_model_load:
+        raise RuntimeError(f"the model did not load: {asr.MODEL.error}")
     return handler
 
 
@@ -587,14 +590,19 @@ class FakeRunpodQueue:
         return Handler
 
 
-def start_worker(queue: FakeRunpodQueue, env: dict[str, str], log_path: Path, script: str | None = None) -> subprocess.Popen:
-    """`python handler.py` as the image runs it (RUNPOD_SERVERLESS=1), polling `queue`; with
-    `script`, that Python code runs first in the same process (to inject a fault), then main().
-    Its output goes to `log_path`, never parsed for results."""
-    code = f"import sys, handler\n{script or ''}\nhandler.main(sys.argv[1:])\n"
+def start_worker(queue: FakeRunpodQueue, env: dict[str, str], log_path: Path, hook: str | None = None,
+                 script: str | None = None) -> subprocess.Popen:  # fmt: skip
+    """`python handler.py` as the image runs it (RUNPOD_SERVERLESS=1), polling `queue`. With
+    `hook`, tests/workers.py's fault hook of that name is installed first (then main()); with
+    `script` (benchmarks), that Python code runs first. Output goes to `log_path`, never parsed
+    for results."""
+    if script is not None:
+        argv = ["-c", f"import sys, handler\n{script}\nhandler.main(sys.argv[1:])\n"]
+    else:
+        argv = [str(REPO / "tests" / "workers.py"), "serve", hook or "-"]
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, env={**env, **queue.env(), "PYTHONUNBUFFERED": "1"},
+            [sys.executable, *argv], cwd=REPO, env={**env, **queue.env(), "PYTHONUNBUFFERED": "1"},
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -621,15 +629,15 @@ def loopback_only_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The worker's own HTTP server (server.py) in a thread of this process, on 127.0.0.1.
+# The worker's own HTTP server (parakeet_worker/http_server.py) in a thread of this process, on 127.0.0.1.
 # ---------------------------------------------------------------------------------------------
 
 
 class UvicornThread:
     """An ASGI app served by uvicorn on 127.0.0.1 (a free port) in a daemon thread, with its
-    lifespan (server.create_app() starts its model load there):
+    lifespan (handler.http_app() starts its model load there):
 
-        with UvicornThread(server.create_app()) as api:
+        with UvicornThread(handler.http_app()) as api:
             OpenAI(base_url=f"{api.url}/v1", api_key="x")"""
 
     def __init__(self, app: Any, timeout: float = 60):

@@ -1,8 +1,9 @@
 """parakeet-worker's HTTP front, for Runpod load-balancing endpoints (WORKER_MODE=http).
 
 Only the HTTP layer lives here: routes, auth, multipart parsing, server-sent events, client
-disconnects, the health port and shutdown. Every job runs through handler.run_job, on the same
-scheduler as queue jobs; the OpenAI request and response shapes are handler.py's ("OpenAI API").
+disconnects, the health port and shutdown. Every job runs through the job runner handed in
+(handler.run_job), on the same scheduler as queue jobs; the OpenAI request and response shapes
+are openai_api's. handler.py builds the app (handler.http_app) and serves it (main()).
 
     GET  /ping                      204 while the model loads, 200 ready, 503 unhealthy (no auth)
     POST /v1/audio/transcriptions   OpenAI's multipart request; stream=true: text/event-stream
@@ -20,7 +21,7 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -31,7 +32,21 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-import handler as worker
+from parakeet_worker import config, errors
+from parakeet_worker.audio.uploads import UploadFile, Uploads
+from parakeet_worker.errors import ItemError, JobError
+from parakeet_worker.openai_api import (
+    TRANSLATION_MESSAGE,
+    OpenAIError,
+    OpenAIRequest,
+    RunJob,
+    job_failed,
+    openai_delta,
+    openai_done,
+    openai_models,
+    openai_request,
+    openai_transcribe,
+)
 
 log = logging.getLogger("parakeet-worker.http")
 
@@ -42,10 +57,10 @@ PING_STATUS = {"loading": 204, "ready": 200, "unhealthy": 503}
 
 
 def error(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
-    return JSONResponse(worker.OpenAIError(status, message, code, param).body(), status_code=status)
+    return JSONResponse(OpenAIError(status, message, code, param).body(), status_code=status)
 
 
-def openai_error(exc: worker.OpenAIError) -> JSONResponse:
+def openai_error(exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
@@ -54,17 +69,22 @@ def openai_error(exc: worker.OpenAIError) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------
 
 
+# What /ping says: "loading", "ready" or "unhealthy" (handler.worker_health)
+Health = Callable[[], str]
+
+
 class Admission:
-    def __init__(self) -> None:
+    def __init__(self, health: Health) -> None:
+        self.health = health
         self.in_flight = 0
 
     def refuse(self) -> JSONResponse | None:
         """Why this request cannot be taken now (None: taken, and counted until leave())."""
-        health = worker.worker_health()
+        health = self.health()
         if health == "unhealthy":
             return error(503, "this worker is unhealthy (a GPU fault); retry on another", "unavailable")
-        if self.in_flight >= worker.CFG.max_concurrent_jobs:
-            return error(429, f"this worker is busy: MAX_CONCURRENT_JOBS={worker.CFG.max_concurrent_jobs} "
+        if self.in_flight >= config.CFG.max_concurrent_jobs:
+            return error(429, f"this worker is busy: MAX_CONCURRENT_JOBS={config.CFG.max_concurrent_jobs} "
                          "requests are in flight; retry shortly", "busy")  # fmt: skip
         self.in_flight += 1
         return None
@@ -86,7 +106,7 @@ class FormError(Exception):
         self.status = status
 
 
-async def read_form(request: Request, uploads: worker.Uploads) -> dict[str, Any]:
+async def read_form(request: Request, uploads: Uploads) -> dict[str, Any]:
     """The multipart form's fields (strings; a field sent more than once, or named `x[]`, as a
     list), its file (the `file` field) an Upload streamed into `uploads` as it arrives.
     FormError for a form that is not one; ItemError (too_large, disk_full) from the upload."""
@@ -147,7 +167,7 @@ async def read_form(request: Request, uploads: worker.Uploads) -> dict[str, Any]
                  "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
                  "on_part_end": on_part_end}  # fmt: skip
     parser = MultipartParser(options[b"boundary"], callbacks)  # type: ignore[arg-type]
-    current: worker.UploadFile | None = None
+    current: UploadFile | None = None
     async for chunk in request.stream():
         try:
             parser.write(chunk)
@@ -235,7 +255,7 @@ class BearerAuth:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        key = worker.CFG.worker_api_key
+        key = config.CFG.worker_api_key
         if scope["type"] == "http" and key and scope["path"] != "/ping":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {key}".encode()):
@@ -246,18 +266,19 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(load_model: bool = True) -> FastAPI:
-    """The HTTP API. The model loads in a background thread started at the lifespan's startup,
-    just before uvicorn binds its sockets, so /ping answers (204) while it loads."""
+def create_app(run_job: RunJob, health: Health, start: Callable[[], object] | None = None) -> FastAPI:
+    """The HTTP API over `run_job`. `start` (the model load) runs in a background thread started
+    at the lifespan's startup, just before uvicorn binds its sockets, so /ping answers (204)
+    while it loads."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if load_model:
-            threading.Thread(target=worker.ensure_model, name="model-load", daemon=True).start()
+        if start is not None:
+            threading.Thread(target=start, name="model-load", daemon=True).start()
         yield
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    admission = Admission()
+    admission = Admission(health)
 
     app.add_middleware(BearerAuth)
 
@@ -271,15 +292,15 @@ def create_app(load_model: bool = True) -> FastAPI:
 
     @app.get("/ping")
     async def ping() -> Response:
-        return Response(status_code=PING_STATUS[worker.worker_health()])
+        return Response(status_code=PING_STATUS[health()])
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse(worker.openai_models())
+        return JSONResponse(openai_models())
 
     @app.post("/v1/audio/translations")
     async def translations() -> JSONResponse:
-        return error(404, worker.TRANSLATION_MESSAGE, "unknown_url")
+        return error(404, TRANSLATION_MESSAGE, "unknown_url")
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
@@ -287,29 +308,29 @@ def create_app(load_model: bool = True) -> FastAPI:
         if refused is not None:
             return refused
         streaming = False
-        uploads: worker.Uploads | None = None
+        uploads: Uploads | None = None
         try:
-            uploads = worker.Uploads()
+            uploads = Uploads()
             if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
                 fields = await read_json(request)  # as the queue route's openai_input: file by URL or base64
             else:
                 fields = await read_form(request, uploads)
-            req = worker.openai_request(fields)
+            req = openai_request(fields)
             if req.stream:
                 streaming = True
-                return StreamingResponse(stream(request, req, uploads, admission), media_type="text/event-stream")
-            gone, answer = await until_disconnect(request, worker.openai_transcribe(req, None, uploads))
+                return StreamingResponse(stream(request, req, run_job, uploads, admission), media_type="text/event-stream")
+            gone, answer = await until_disconnect(request, openai_transcribe(req, run_job, None, uploads))
             if gone:
                 return Response(status_code=499)
             if isinstance(answer, str):
                 return PlainTextResponse(answer)
             return JSONResponse(answer)
-        except worker.OpenAIError as exc:
+        except OpenAIError as exc:
             return openai_error(exc)
-        except worker.ItemError as exc:
-            return error(worker.ITEM_STATUS.get(exc.code, 500), exc.message, exc.code, "file")
-        except worker.JobError as exc:
-            return error(503, str(exc), "unavailable")
+        except ItemError as exc:
+            return error(errors.status_of(exc.code), exc.message, exc.code, "file")
+        except JobError as exc:  # no temp dir for the upload
+            return openai_error(job_failed(exc))
         except FormError as exc:
             return error(exc.status, str(exc), "invalid_request")
         except ClientDisconnect:
@@ -334,10 +355,13 @@ def create_app(load_model: bool = True) -> FastAPI:
             except FormError as exc:
                 return error(exc.status, str(exc), "invalid_request")
             job_input = job.get("input")
-            gone, out = await until_disconnect(request, worker.run_job(job_input))
+            try:
+                gone, out = await until_disconnect(request, run_job(job_input, None, None))
+            except JobError as exc:
+                return JSONResponse({"error": exc.message}, status_code=errors.status_of(exc.code))
             if gone:
                 return Response(status_code=499)
-            return JSONResponse(out, status_code=worker.job_error_status(out))
+            return JSONResponse(out)
         except ClientDisconnect:
             return Response(status_code=499)
         finally:
@@ -346,7 +370,7 @@ def create_app(load_model: bool = True) -> FastAPI:
     return app
 
 
-def stream(request: Request, req: worker.OpenAIRequest, uploads: worker.Uploads,
+def stream(request: Request, req: OpenAIRequest, run_job: RunJob, uploads: Uploads,
            admission: Admission) -> AsyncIterator[bytes]:  # fmt: skip
     """stream=true: a transcript.text.delta event as each part of the transcript becomes final
     (each item, each piece of a split file), then one transcript.text.done with the whole text;
@@ -360,7 +384,7 @@ def stream(request: Request, req: worker.OpenAIRequest, uploads: worker.Uploads,
             texts.put_nowait(payload["text"])
 
     as_json = dataclasses.replace(req, response_format="json")
-    job = asyncio.ensure_future(worker.openai_transcribe(as_json, events, uploads))
+    job = asyncio.ensure_future(openai_transcribe(as_json, run_job, events, uploads))
     cancel_on_disconnect(request, job)  # Starlette may not notice before its next send
 
     def ended(_: asyncio.Future[Any]) -> None:
@@ -380,20 +404,20 @@ async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str]) -> Asy
             if not getter.done():
                 getter.cancel()
                 continue
-            yield sse(worker.openai_delta(getter.result(), first))
+            yield sse(openai_delta(getter.result(), first))
             first = False
         if job.cancelled():  # the client went away
             return
         try:
             answer = job.result()
-        except worker.OpenAIError as exc:
+        except OpenAIError as exc:
             yield sse(exc.body())
             return
         except Exception as exc:  # a bug: the client still gets an error event
             log.exception("a streamed request failed")
-            yield sse(worker.OpenAIError(500, f"{type(exc).__name__}: {exc}", "internal_error").body())
+            yield sse(OpenAIError(500, f"{type(exc).__name__}: {exc}", "internal_error").body())
             return
-        yield sse(worker.openai_done(answer["text"]))
+        yield sse(openai_done(answer["text"]))
     finally:
         job.cancel()  # the client is gone (or the job is done already): its own task cleans up
 
@@ -407,12 +431,12 @@ def sse(event: dict[str, Any]) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def health_app() -> FastAPI:
+def health_app(health: Health) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/ping")
     async def ping() -> Response:
-        return Response(status_code=PING_STATUS[worker.worker_health()])
+        return Response(status_code=PING_STATUS[health()])
 
     return app
 
@@ -428,14 +452,14 @@ class _QuietServer(uvicorn.Server):
 def server_config(app: Any, port: int) -> uvicorn.Config:
     """On SIGTERM uvicorn stops accepting connections and lets requests in flight finish for
     SHUTDOWN_GRACE_SEC; then it cancels them, which stops their jobs (temp dirs gone)."""
-    return uvicorn.Config(app, host=worker.CFG.host, port=port, log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=int(worker.CFG.shutdown_grace_sec), lifespan="on")  # fmt: skip
+    return uvicorn.Config(app, host=config.CFG.host, port=port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=int(config.CFG.shutdown_grace_sec), lifespan="on")  # fmt: skip
 
 
-def serve() -> None:
+def serve(run_job: RunJob, health: Health, start: Callable[[], object]) -> None:
     """`WORKER_MODE=http python handler.py`: serve until SIGTERM (or SIGINT)."""
-    cfg = worker.CFG
-    main = uvicorn.Server(server_config(create_app(), cfg.port))
+    cfg = config.CFG
+    main = uvicorn.Server(server_config(create_app(run_job, health, start), cfg.port))
     health_port = cfg.port_health or cfg.port
     log.warning("serving on %s:%d (health: /ping on port %d)", cfg.host, cfg.port, health_port)
 
@@ -443,12 +467,12 @@ def serve() -> None:
         if health_port == cfg.port:
             await main.serve()
             return
-        health = _QuietServer(server_config(health_app(), health_port))
-        health_task = asyncio.ensure_future(health.serve())
+        health_server = _QuietServer(server_config(health_app(health), health_port))
+        health_task = asyncio.ensure_future(health_server.serve())
         try:
             await main.serve()
         finally:
-            health.should_exit = True
+            health_server.should_exit = True
             await health_task
 
     # uvicorn raises the signal it caught once it has drained; let that end serve() (exit 0)

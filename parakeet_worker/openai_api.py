@@ -1,0 +1,345 @@
+"""OpenAI's API: POST /v1/audio/transcriptions as OpenAI's clients speak it, over both transports
+(Runpod's queue route here, the HTTP server in http_server.py). A request becomes one native job,
+run by the job runner handed in (handler.run_job), and its result takes the shapes the official
+`openai` client parses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from parakeet_worker import config, errors, logsafe
+from parakeet_worker import model as asr
+from parakeet_worker.analysis.boosting import BOOST_WEIGHT_MAX
+from parakeet_worker.audio.uploads import Uploads
+from parakeet_worker.errors import JobError
+from parakeet_worker.job import Events
+from parakeet_worker.state import shared
+from parakeet_worker.transcript import Upload
+
+log = logging.getLogger("parakeet-worker")
+
+
+# -- the request ------------------------------------------------------------------------------
+
+OPENAI_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
+OPENAI_GRANULARITIES = ("word", "segment")
+OPENAI_OWN_FIELDS = ("file", "model", "response_format", "timestamp_granularities", "language", "prompt",
+                     "temperature", "stream", "chunking_strategy", "boost_phrases", "boost_weight", "vad", "diarize",
+                     "num_speakers", "min_speakers", "max_speakers")  # fmt: skip
+# OpenAI fields for its own models: accepted and ignored, so that clients sending them still work.
+OPENAI_IGNORED_FIELDS = ("include", "known_speaker_names", "known_speaker_references",
+                         "languages", "keywords")  # fmt: skip
+OPENAI_LANGUAGE_MAX_CHARS = 32
+TRANSLATION_MESSAGE = ("Parakeet transcribes; it does not translate: /v1/audio/translations is not served. "
+                       "Use /v1/audio/transcriptions.")  # fmt: skip
+
+
+class OpenAIError(Exception):
+    """An error as OpenAI's API reports it: an HTTP status and {"error": {message, type, param,
+    code}}; `code` is the worker's item code where one item failed."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(self.status)
+        kind = kind or ("invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """A transcription request, checked: the native job it becomes and how to shape its answer."""
+
+    job: dict[str, Any]
+    response_format: str
+    words: bool
+    segments: bool
+    language: str
+    stream: bool
+
+
+def form_field(fields: dict[str, Any], name: str) -> Any:
+    """A field by its name or as a form sends a list (`name[]`)."""
+    return fields[name] if name in fields else fields.get(f"{name}[]")
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A list field: a list, one form value, or a JSON array in one form value."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if value.strip().startswith("["):
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(value)
+                if isinstance(parsed, list):
+                    return parsed
+        return [value]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", ""):
+        return value.strip().lower() in ("true", "1")
+    raise OpenAIError(400, f"'{name}' must be true or false", "invalid_request", name)
+
+
+def _as_count(value: Any, name: str) -> int | None:
+    """A whole number (a JSON number or a form string); None when absent. Its range is the native
+    job's check (_check_speakers)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise OpenAIError(400, f"'{name}' must be a whole number", "invalid_request", name)
+
+
+def _wants_vad(fields: dict[str, Any]) -> bool | None:
+    """`vad` as given, else OpenAI's `chunking_strategy` ("auto" or {"type": "server_vad"}: its
+    own voice activity chunking) as VAD on; None: the worker's VAD setting."""
+    if fields.get("vad") not in (None, ""):
+        return _as_bool(fields["vad"], "vad")
+    strategy = fields.get("chunking_strategy")
+    if strategy in (None, ""):
+        return None
+    if isinstance(strategy, str) and strategy.strip().startswith("{"):
+        with contextlib.suppress(ValueError):
+            strategy = json.loads(strategy)
+    if strategy == "auto" or (isinstance(strategy, dict) and strategy.get("type") == "server_vad"):
+        return True
+    raise OpenAIError(400, "'chunking_strategy' must be \"auto\" or {\"type\": \"server_vad\"}", "invalid_request",
+                      "chunking_strategy")  # fmt: skip
+
+
+def _as_float(value: Any, name: str, low: float, high: float, default: float) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not low <= number <= high:
+        raise OpenAIError(400, f"'{name}' must be a number from {low:g} to {high:g}", "invalid_request", name)
+    return number
+
+
+def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
+    """Check an OpenAI transcription request (a JSON body, or form fields as strings) and turn it
+    into one native job. `file` is a URL, a data: URL or base64 (the queue route's JSON), or an
+    Upload (the HTTP server's multipart). `model` may be anything (clients send whisper-1);
+    `language`, `prompt` and `temperature` are checked and otherwise unused (README)."""
+    base = {k[:-2] if k.endswith("[]") else k for k in fields}
+    unknown = sorted(base - set(OPENAI_OWN_FIELDS) - set(OPENAI_IGNORED_FIELDS))
+    if unknown:
+        raise OpenAIError(400, f"unrecognized request argument(s): {logsafe.echo(', '.join(unknown), 300)}",
+                          "invalid_request", unknown[0])  # fmt: skip
+    file = fields.get("file")
+    if isinstance(file, Upload):
+        item: Any = file
+    elif isinstance(file, str) and file.strip():
+        key = "source" if file.lstrip()[:8].lower().startswith(("http://", "https://", "data:")) else "audio_base64"
+        item = {key: file}
+    else:
+        raise OpenAIError(400, "'file' is required: a URL, a data: URL or base64 audio (an upload over HTTP)",
+                          "invalid_request", "file")  # fmt: skip
+    fmt = fields.get("response_format") or "json"
+    if fmt not in OPENAI_FORMATS:
+        raise OpenAIError(400, f"'response_format' must be one of {list(OPENAI_FORMATS)}", "invalid_request",
+                          "response_format")  # fmt: skip
+    granularities = _as_list(form_field(fields, "timestamp_granularities")) or ["segment"]
+    if any(g not in OPENAI_GRANULARITIES for g in granularities):
+        raise OpenAIError(400, f"'timestamp_granularities' may hold {list(OPENAI_GRANULARITIES)}", "invalid_request",
+                          "timestamp_granularities")  # fmt: skip
+    language = fields.get("language") or ""
+    if not isinstance(language, str) or len(language) > OPENAI_LANGUAGE_MAX_CHARS:
+        raise OpenAIError(400, "'language' must be a language code such as 'en'", "invalid_request", "language")
+    for name in ("model", "prompt"):
+        if fields.get(name) is not None and not isinstance(fields[name], str):
+            raise OpenAIError(400, f"'{name}' must be a string", "invalid_request", name)
+    _as_float(fields.get("temperature"), "temperature", 0.0, 1.0, 0.0)
+    weight = _as_float(fields.get("boost_weight"), "boost_weight", 0.0, BOOST_WEIGHT_MAX, 1.0)
+    verbose = fmt == "verbose_json"
+    diarize = fmt == "diarized_json" or _as_bool(fields.get("diarize"), "diarize")
+    job: dict[str, Any] = {
+        "inputs": [item],
+        "timestamps": verbose or fmt in ("srt", "vtt", "diarized_json"),
+        # text with speakers is one "SPEAKER_00: ..." line per turn, as the native text output
+        "output_format": fmt if fmt in ("srt", "vtt") else "text" if fmt == "text" and diarize else "json",
+        "boost_phrases": _as_list(form_field(fields, "boost_phrases")),
+        "boost_weight": weight,
+        "vad": _wants_vad(fields),
+    }
+    if diarize:
+        job["diarize"] = True
+    for name in ("num_speakers", "min_speakers", "max_speakers"):  # refused without diarize, as natively
+        count = _as_count(fields.get(name), name)
+        if count is not None:
+            job[name] = count
+    return OpenAIRequest(job, fmt, verbose and "word" in granularities, verbose and "segment" in granularities,
+                         language, _as_bool(fields.get("stream"), "stream"))  # fmt: skip
+
+
+# -- the answer -------------------------------------------------------------------------------
+
+
+def _compression_ratio(text: str) -> float:
+    """Whisper's measure of repetition: UTF-8 bytes over their zlib-compressed bytes."""
+    data = text.encode()
+    return round(len(data) / len(zlib.compress(data)), 4) if data else 0.0
+
+
+def _verbose(result: dict[str, Any], req: OpenAIRequest) -> dict[str, Any]:
+    """verbose_json. Parakeet reports no log-probabilities, no-speech probability or token ids:
+    those fields hold 0 and [] (greedy decoding: temperature 0)."""
+    stamps = result.get("timestamps", {})
+    body: dict[str, Any] = {"task": "transcribe", "language": req.language or "unknown",
+                            "duration": result.get("duration", 0.0), "text": result["text"]}  # fmt: skip
+    if req.segments:
+        body["segments"] = [openai_segment(n, s) for n, s in enumerate(stamps.get("segment", []))]
+    if req.words:
+        body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]} for w in stamps.get("word", [])]
+    body["usage"] = {"type": "duration", "seconds": result.get("duration", 0.0)}
+    return body
+
+
+def openai_segment(n: int, s: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": n, "seek": int(s["start"] * 100), "start": s["start"], "end": s["end"], "text": s["segment"],
+        "tokens": [], "temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": _compression_ratio(s["segment"]),
+        "no_speech_prob": 0.0,
+    }  # fmt: skip
+
+
+def openai_result(out: dict[str, Any], req: OpenAIRequest) -> dict[str, Any] | str:
+    """The native job's answer in the requested response_format (text, srt, vtt: a string), or
+    OpenAIError: the job's error (400 or 503), or the item's, with its code."""
+    (result,) = out["results"]
+    if "error" in result:
+        raise OpenAIError(errors.status_of(result["code"]), result["error"], result["code"], "file")
+    if req.response_format == "text":
+        return result["text"]
+    if req.response_format in ("srt", "vtt"):
+        return result["subtitles"]
+    if req.response_format == "verbose_json":
+        return _verbose(result, req)
+    if req.response_format == "diarized_json":
+        return {**openai_diarized_json(result), "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
+    return {"text": result["text"], "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
+
+
+# The job runner (handler.run_job): (native job input, events, uploads) -> the job's answer;
+# raises JobError when the job cannot run at all.
+RunJob = Callable[[Any, Events | None, Uploads | None], Awaitable[dict[str, Any]]]
+
+
+def job_failed(exc: JobError) -> OpenAIError:
+    """A job that could not run, as OpenAI reports it: the status of its code."""
+    status = errors.status_of(exc.code)
+    return OpenAIError(status, exc.message, "invalid_request" if status == 400 else "unavailable")
+
+
+async def openai_transcribe(req: OpenAIRequest, run: RunJob, events: Events | None = None,
+                            uploads: Uploads | None = None) -> Any:  # fmt: skip
+    """Run one OpenAI request as a native job and shape its answer (OpenAIError on failure)."""
+    try:
+        out = await run(req.job, events, uploads)
+    except JobError as exc:
+        raise job_failed(exc) from None
+    return openai_result(out, req)
+
+
+def openai_models() -> dict[str, Any]:
+    """GET /v1/models: the one model this worker serves (any name is accepted in a request)."""
+    model = {"id": config.CFG.model, "object": "model", "created": started_at(), "owned_by": "nvidia"}
+    return {"object": "list", "data": [model]}
+
+
+@shared
+def started_at() -> int:
+    """When this worker started serving (Unix seconds): /v1/models' `created`."""
+    return int(time.time())
+
+
+def openai_diarized_json(result: dict[str, Any]) -> dict[str, Any]:
+    """One diarized item result (diarize and timestamps on) in OpenAI's diarized_json shape:
+    {"task": "transcribe", "duration", "text", "segments": [{"type": "transcript.text.segment",
+    "id", "start", "end", "text", "speaker"}]}. OpenAI names speakers "A", "B", ... in order of
+    appearance; SPEAKER_00 is "A". A segment without a speaker (diarization failed) is "A"."""
+
+    def letter(label: str | None) -> str:  # at most DIARIZE_MAX_SPEAKERS (20) letters
+        return chr(ord("A") + (int(label.rsplit("_", 1)[-1]) if label else 0))
+
+    segments = (result.get("timestamps") or {}).get("segment", [])
+    return {
+        "task": "transcribe",
+        "duration": result.get("duration", 0.0),
+        "text": " ".join(s["segment"] for s in segments) if segments else result.get("text", ""),
+        "segments": [
+            {
+                "type": "transcript.text.segment",
+                "id": f"seg_{i}",
+                "start": s["start"],
+                "end": s["end"],
+                "text": s["segment"],
+                "speaker": letter(s.get("speaker")),
+            }
+            for i, s in enumerate(segments)
+        ],
+    }
+
+
+# -- streaming: server-sent events as OpenAI sends them -----------------------------------------
+
+
+def openai_delta(text: str, first: bool) -> dict[str, Any]:
+    """transcript.text.delta: the next final part of the transcript (deltas joined = the text)."""
+    return {"type": "transcript.text.delta", "delta": text if first else f" {text}"}
+
+
+def openai_done(text: str) -> dict[str, Any]:
+    return {"type": "transcript.text.done", "text": text}
+
+
+# -- Runpod's OpenAI route on a queue endpoint --------------------------------------------------
+
+
+async def openai_queue_job(job_input: dict[str, Any], run: RunJob, events: Events | None = None) -> Any:
+    """{"openai_route": "/v1/...", "openai_input": {<JSON body>}}: the OpenAI response as the
+    job's output (a string for text, srt and vtt). An OpenAI error is the job's error, as the
+    JSON of the error object; an unknown route is a job error that names it. The queue
+    handler does not stream: stream=true is refused (the HTTP server streams)."""
+    route, body = job_input.get("openai_route"), job_input.get("openai_input") or {}
+    try:
+        if route in ("/v1/models", "/models"):
+            return openai_models()
+        if route in ("/v1/audio/translations", "/audio/translations"):
+            raise OpenAIError(404, TRANSLATION_MESSAGE, "unknown_url")
+        if route not in ("/v1/audio/transcriptions", "/audio/transcriptions"):
+            served = "/v1/audio/transcriptions and /v1/models"
+            raise JobError("unknown_route", f"unknown openai_route {logsafe.echo(repr(route), 200)}: this worker serves {served}")
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "openai_input must be an object (the request's JSON body)", "invalid_request")
+        req = openai_request(body)
+        if req.stream:
+            raise OpenAIError(400, "stream=true needs the worker's HTTP server (a load-balancing endpoint); "
+                              "the queue route answers once", "invalid_request", "stream")  # fmt: skip
+        return await openai_transcribe(req, run, events)
+    except OpenAIError as exc:
+        answer: dict[str, Any] = {"error": json.dumps(exc.body())}
+        if asr.state().unhealthy:
+            answer["refresh_worker"] = True
+        return answer

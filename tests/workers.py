@@ -1,0 +1,147 @@
+"""Worker processes the tests start, as real code (no code in strings): each is one subcommand,
+
+    python tests/workers.py serve HOOK [handler.main's args]   # `python handler.py` with a fault hook first
+    python tests/workers.py dry JOBS.json REPORT.json           # jobs in-process; what got imported
+    python tests/workers.py progress JOBS.json RESULT.json      # jobs one by one, config changes between
+    python tests/workers.py vad-threads REPORT.json             # torch threads after VAD's model loads
+
+A hook patches a name where it lives (model.forward_decode), as a test in-process would; the
+environment (PW_*) tells it what to do. Each writes its report to a file: a log line of another
+thread cannot glue onto it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _wait(condition: Callable[[], bool], seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def hold_and_fail() -> None:
+    """test_fairness: jobs whose id starts with "hold-N-" are held: their first batch (of their
+    units alone) waits until units of N other jobs are ready, and every later batch of their
+    units alone waits for the file <PW_FLAGS>/<id>.release. The model runs out of memory on
+    batches of jobs whose id starts with "oom" as soon as a row is over 12 s."""
+    import handler
+    from parakeet_worker import model as asr
+
+    real, started = asr.forward_decode, set()
+    flags = pathlib.Path(os.environ["PW_FLAGS"])
+
+    def scripted(model: Any, audio: Any, lengths: list[int], *rest: Any) -> Any:
+        if threading.current_thread().name == "model":
+            ids = {u.job.id for u in handler.model_thread().running if u.job is not None}
+            if len(ids) == 1 and next(iter(ids)).startswith("hold-"):
+                job = next(iter(ids))
+                if job not in started:
+                    started.add(job)
+                    (flags / f"{job}.running").touch()
+                    want = int(job.split("-")[1])
+                    _wait(lambda: len({u.job.id for u in list(handler.model_thread().ready)} - {job}) >= want)
+                else:
+                    _wait(lambda: (flags / f"{job}.release").exists())
+            if any(i.startswith("oom") for i in ids) and max(lengths) > 12 * 16000:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real(model, audio, lengths, *rest)
+
+    asr.forward_decode = scripted
+
+
+def poisoned_batch() -> None:
+    """test_concurrency: the first batch the model thread runs says so (the file PW_HELD) and
+    waits until PW_HOLD units are ready, so that the next batch holds all of them (jobs sharing
+    a batch for certain); rows of the lengths in PW_POISON fail with the given error."""
+    import handler
+    from parakeet_worker import model as asr
+
+    real, held = asr.forward_decode, [False]
+    poison = {int(k): v for k, v in json.loads(os.environ["PW_POISON"]).items()}
+
+    def faulty(model: Any, audio: Any, lengths: list[int], *rest: Any) -> Any:
+        if threading.current_thread().name == "model" and not held[0]:
+            held[0] = True
+            pathlib.Path(os.environ["PW_HELD"]).touch()
+            _wait(lambda: len(handler.model_thread().ready) >= int(os.environ["PW_HOLD"]), 120)
+        for n in lengths:
+            if n in poison:
+                raise RuntimeError(poison[n])
+        return real(model, audio, lengths, *rest)
+
+    asr.forward_decode = faulty
+
+
+HOOKS: dict[str, Callable[[], None]] = {"hold-and-fail": hold_and_fail, "poisoned-batch": poisoned_batch}
+
+
+def serve(hook: str, argv: list[str]) -> None:
+    import handler
+
+    if hook != "-":
+        HOOKS[hook]()
+    handler.main(argv)
+
+
+def dry(jobs_file: str, report: str) -> None:
+    """Jobs through handler() in this process (SKIP_MODEL_LOAD=1 in the environment): their
+    outputs, the heavy modules imported meanwhile, and what importing handler took."""
+    t0 = time.perf_counter()
+    import handler
+
+    import_sec = time.perf_counter() - t0
+    outs = [asyncio.run(handler.handler({"id": "dry", "input": job})) for job in json.loads(pathlib.Path(jobs_file).read_text())]
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in
+                   ("torch", "nemo", "lightning", "librosa", "silero_vad", "onnxruntime"))  # fmt: skip
+    pathlib.Path(report).write_text(json.dumps({"outs": outs, "heavy": heavy, "import_sec": import_sec}))
+
+
+def progress(jobs_file: str, result: str) -> None:
+    """(inputs, config changes) pairs, run one after the other through handler()."""
+    import handler
+    from parakeet_worker import config
+
+    outs = []
+    for n, (inputs, changes) in enumerate(json.loads(pathlib.Path(jobs_file).read_text())):
+        config.CFG = dataclasses.replace(config.CFG, **changes)
+        outs.append(asyncio.run(handler.handler({"id": f"progress-{n}", "input": {"inputs": inputs}})))
+    pathlib.Path(result).write_text(json.dumps(outs))
+
+
+def vad_threads(report: str) -> None:
+    """torch's thread count set to 3, then VAD's model loaded: the count the worker keeps."""
+    import torch
+
+    torch.set_num_threads(3)
+    from parakeet_worker.analysis import vad
+
+    loaded = vad.ensure_vad() is not None
+    pathlib.Path(report).write_text(json.dumps([torch.get_num_threads(), loaded]))
+
+
+if __name__ == "__main__":
+    command, args = sys.argv[1], sys.argv[2:]
+    if command == "serve":
+        serve(args[0], args[1:])
+    elif command == "dry":
+        dry(*args)
+    elif command == "progress":
+        progress(*args)
+    elif command == "vad-threads":
+        vad_threads(*args)
+    else:
+        sys.exit(f"unknown command {command!r}")
