@@ -8,7 +8,7 @@ Modules a helper adds join the layer of their concern here.
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # base: settings, the error-code table, safe logging, the shared shapes, fair sharing, state
-    ("state", "config", "logsafe", "errors", "transcript", "fairshare", "patches"),
+    ("state", "config", "logsafe", "errors", "checks", "transcript", "fairshare", "patches"),
     # audio in: every source to a 16 kHz mono WAV
     ("audio.headers", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads"),
     # analysis: each a model got once, and pure functions around it
@@ -17,6 +17,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("model", "engine", "scheduler", "pieces"),
     # one job: its request, its state, its answer
     ("request", "job", "output"),
-    # transports: OpenAI's shapes, the HTTP server
-    ("openai_api", "http_server"),
+    # transports: OpenAI's shapes, the HTTP limits and shutdown, the HTTP server
+    ("openai_api", "limits", "drain", "http_server"),
 )

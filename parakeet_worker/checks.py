@@ -36,9 +36,14 @@ class InputError(ValueError):
     ("num_speakers", "inputs[2].source"), `problem` says what is wrong; str() is both, as one
     sentence a client can act on ("num_speakers must be an integer from 1 to 20, not "²"")."""
 
-    def __init__(self, field: str, problem: str):
+    def __init__(self, field: str, problem: str, message: str | None = None):
         self.field, self.problem = field, problem
-        super().__init__(f"{field} {problem}")
+        super().__init__(message or f"{field} {problem}")
+
+    @classmethod
+    def said(cls, field: str, message: str) -> InputError:
+        """One for `field` from a message that already names it ("boost_phrases[3] must be ...")."""
+        return cls(field, message, message)
 
 
 def kind_of(value: Any) -> str:
@@ -87,40 +92,75 @@ def _refuse(field: str, wanted: str, value: Any) -> InputError:
 
 def check_depth(value: Any, field: str = "the request", max_depth: int = MAX_DEPTH) -> None:
     """Refuse containers nested more than `max_depth` deep, walking without recursion (a
-    recursive walk, repr() or json.dumps() of a list 100,000 deep raises RecursionError)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    recursive walk, repr() or json.dumps() of a list 100,000 deep raises RecursionError). The
+    error names where: `field` and the keys below it ("inputs[0].source"; a list's index only
+    where its items are objects)."""
+    stack: list[tuple[Any, int, str]] = [(value, 1, field)]
     while stack:
-        node, depth = stack.pop()
-        children: Iterable[Any]
+        node, depth, path = stack.pop()
         if isinstance(node, dict):
-            children = node.values()
+            children: Iterable[tuple[str, Any]] = ((f"{path}.{key}", child) for key, child in node.items())
         elif isinstance(node, (list, tuple)):
-            children = node
+            children = ((f"{path}[{n}]" if isinstance(child, dict) else path, child) for n, child in enumerate(node))
         else:
             continue
         if depth > max_depth:
-            raise InputError(field, f"is nested more than {max_depth} levels deep")
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+            raise InputError(path, f"is nested more than {max_depth} levels deep")
+        stack.extend((child, depth + 1, where) for where, child in children if isinstance(child, (dict, list, tuple)))
 
 
 def loads_json(data: bytes | str, field: str = "the body", max_depth: int = MAX_DEPTH) -> Any:
-    """Parse JSON text: InputError (naming `field`) for text that is not JSON, that nests more
-    than `max_depth` deep, or that holds NaN or Infinity (Python's json reads them; JSON has
-    no such numbers)."""
-
-    def no_constant(name: str) -> Any:
-        raise InputError(field, f"is not valid JSON ({name} is not a JSON number)")
-
+    """Parse JSON text: InputError for text that is not JSON, or that nests more than
+    `max_depth` deep; that one names the object keys that lead there ("input.boost_phrases"),
+    else `field`. NaN and Infinity (not JSON, but Python's json reads them, as Python's
+    json.dumps writes them) are read as floats, so that the field holding one is refused by its
+    own check, by name (as_float refuses what is not finite; no other field takes a float)."""
     try:
-        parsed = json.loads(data, parse_constant=no_constant)
+        parsed = json.loads(data)
+        check_depth(parsed, field, max_depth)
     except RecursionError:  # json's C scanner checks its depth: nothing is left half-done
-        raise InputError(field, f"is nested more than {max_depth} levels deep") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, InputError):
-            raise
+        raise _too_deep(data, field, max_depth) from None
+    except InputError as exc:
+        if exc.problem.startswith("is nested"):
+            raise _too_deep(data, field, max_depth) from None
+        raise
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
         raise InputError(field, "is not valid JSON") from None
-    check_depth(parsed, field, max_depth)
     return parsed
+
+
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
+
+
+def _too_deep(data: bytes | str, field: str, max_depth: int) -> InputError:
+    where = deep_key(data, max_depth)
+    return InputError(where or field, f"is nested more than {max_depth} levels deep")
+
+
+def deep_key(data: bytes | str, max_depth: int = MAX_DEPTH) -> str | None:
+    """The object keys ("input.boost_phrases") leading to where JSON text `data` first nests
+    deeper than `max_depth`, by a scan of its tokens (strings, brackets, colons) without
+    parsing, so text too deep for json.loads can still say which field it was."""
+    text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else data
+    keys: list[str | None] = []  # per open container: the key being read in an object
+    last = ""
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token[0] == '"':
+            last = token
+        elif token == ":" and keys and last:
+            try:
+                keys[-1] = json.loads(last)
+            except ValueError:
+                keys[-1] = last.strip('"')
+        elif token in "[{":
+            keys.append(None)
+            if len(keys) > max_depth:
+                named = [str(k) for k in keys if k]
+                return ".".join(named) if named else None
+        elif keys:
+            keys.pop()
+    return None
 
 
 # --- scalars ------------------------------------------------------------------------------------

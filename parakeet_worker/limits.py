@@ -261,20 +261,20 @@ class _TimedBody:
 
 
 class Slots:
-    """At most `size` holders at once (used on the event loop only): take() says whether one was
-    free and took it; leave() gives it back. The HTTP routes keep two: bodies being read
-    (uploads streaming to disk, JSON bodies) and jobs running (MAX_CONCURRENT_JOBS), and a
-    request holds a job slot only once its body has fully arrived."""
+    """Places held at once (used on the event loop only), up to a size given at each call (read
+    from the config then, so that a test's change is seen): take() says whether one was free
+    and took it; leave() gives it back. The HTTP routes keep two: bodies being read (uploads
+    streaming to disk, JSON bodies) and jobs running (MAX_CONCURRENT_JOBS), and a request holds
+    a job slot only once its body has fully arrived."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self) -> None:
         self.held = 0
 
-    def free(self) -> bool:
-        return self.held < self.size
+    def free(self, size: int) -> bool:
+        return self.held < size
 
-    def take(self) -> bool:
-        if self.held >= self.size:
+    def take(self, size: int) -> bool:
+        if self.held >= size:
             return False
         self.held += 1
         return True

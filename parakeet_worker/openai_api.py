@@ -6,20 +6,21 @@ run by the job runner handed in (handler.run_job), and its result takes the shap
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from parakeet_worker import config, errors, logsafe
+from parakeet_worker import checks, config, errors, logsafe
 from parakeet_worker import model as asr
+from parakeet_worker.analysis import boosting
 from parakeet_worker.analysis.boosting import BOOST_WEIGHT_MAX
+from parakeet_worker.analysis.speakers import DIARIZE_MAX_SPEAKERS
 from parakeet_worker.audio.uploads import Uploads
+from parakeet_worker.checks import InputError
 from parakeet_worker.errors import JobError
 from parakeet_worker.job import Events
 from parakeet_worker.state import shared
@@ -39,6 +40,8 @@ OPENAI_OWN_FIELDS = ("file", "model", "response_format", "timestamp_granularitie
 OPENAI_IGNORED_FIELDS = ("include", "known_speaker_names", "known_speaker_references",
                          "languages", "keywords")  # fmt: skip
 OPENAI_LANGUAGE_MAX_CHARS = 32
+OPENAI_MODEL_MAX_CHARS = 256  # accepted whatever it names; a name longer than this is no model's
+OPENAI_PROMPT_MAX_CHARS = 4096  # ignored (Parakeet takes no prompt); Whisper reads 224 tokens of it
 TRANSLATION_MESSAGE = ("Parakeet transcribes; it does not translate: /v1/audio/translations is not served. "
                        "Use /v1/audio/transcriptions.")  # fmt: skip
 
@@ -74,112 +77,111 @@ def form_field(fields: dict[str, Any], name: str) -> Any:
     return fields[name] if name in fields else fields.get(f"{name}[]")
 
 
-def _as_list(value: Any) -> list[Any]:
-    """A list field: a list, one form value, or a JSON array in one form value."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        if value.strip().startswith("["):
-            with contextlib.suppress(ValueError):
-                parsed = json.loads(value)
-                if isinstance(parsed, list):
-                    return parsed
-        return [value]
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool) or value is None:
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", ""):
-        return value.strip().lower() in ("true", "1")
-    raise OpenAIError(400, f"'{name}' must be true or false", "invalid_request", name)
+    """true/false (a form's "true", "false", "1", "0"); absent or empty: false."""
+    return False if value is None or value == "" else checks.as_bool(value, name, text=True)
 
 
 def _as_count(value: Any, name: str) -> int | None:
-    """A whole number (a JSON number or a form string); None when absent. Its range is the native
-    job's check (_check_speakers)."""
+    """A speaker count (a JSON integer or a form's ASCII digits), 1 to DIARIZE_MAX_SPEAKERS; None
+    when absent. How the counts go together is the native job's check (speakers.check_speakers)."""
     if value is None or value == "":
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    raise OpenAIError(400, f"'{name}' must be a whole number", "invalid_request", name)
+    return checks.as_int(value, name, 1, DIARIZE_MAX_SPEAKERS, text=True)
+
+
+def _as_float(value: Any, name: str, low: float, high: float, default: float) -> float:
+    return default if value is None or value == "" else checks.as_float(value, name, low, high, text=True)
+
+
+def _as_text(fields: dict[str, Any], name: str, max_chars: int, lines: bool = False) -> str:
+    value = fields.get(name)
+    return "" if value is None else checks.as_text(value, name, max_chars, lines=lines)
 
 
 def _wants_vad(fields: dict[str, Any]) -> bool | None:
-    """`vad` as given, else OpenAI's `chunking_strategy` ("auto" or {"type": "server_vad"}: its
-    own voice activity chunking) as VAD on; None: the worker's VAD setting."""
+    """`vad` as given, else OpenAI's `chunking_strategy` ("auto" or {"type": "server_vad", ...}:
+    its own voice activity chunking) as VAD on; None: the worker's VAD setting."""
     if fields.get("vad") not in (None, ""):
         return _as_bool(fields["vad"], "vad")
     strategy = fields.get("chunking_strategy")
     if strategy in (None, ""):
         return None
-    if isinstance(strategy, str) and strategy.strip().startswith("{"):
-        with contextlib.suppress(ValueError):
-            strategy = json.loads(strategy)
+    if isinstance(strategy, str) and strategy.lstrip().startswith("{"):  # a form's JSON object
+        strategy = checks.loads_json(strategy, "chunking_strategy")
     if strategy == "auto" or (isinstance(strategy, dict) and strategy.get("type") == "server_vad"):
         return True
-    raise OpenAIError(400, "'chunking_strategy' must be \"auto\" or {\"type\": \"server_vad\"}", "invalid_request",
-                      "chunking_strategy")  # fmt: skip
+    raise InputError("chunking_strategy", f'must be "auto" or {{"type": "server_vad"}}, not {checks.shown(strategy)}')
 
 
-def _as_float(value: Any, name: str, low: float, high: float, default: float) -> float:
-    if value is None or value == "":
-        return default
+def _file_item(file: Any) -> Any:
+    """The request's `file` as the native job's item: an Upload (multipart), or a URL, data: URL
+    or base64 (JSON) as a source."""
+    if isinstance(file, Upload):
+        return file
+    if file is None or file == "":
+        raise InputError("file", "is required: a URL, a data: URL or base64 audio (an upload over HTTP)")
+    if not isinstance(file, str):
+        raise InputError("file", f"must be a URL, a data: URL or base64 audio, not {checks.kind_of(file)}")
+    key = "source" if file.lstrip()[:8].lower().startswith(("http://", "https://", "data:")) else "audio_base64"
+    return {key: file}
+
+
+def _phrases(fields: dict[str, Any]) -> list[str]:
+    """boost_phrases: repeated form fields, `boost_phrases[]`, one JSON array, or a JSON list;
+    checked here (with the native job's rules) so that an error names the field."""
+    phrases = checks.as_list(form_field(fields, "boost_phrases") or [], "boost_phrases", 2**62, text=True)
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not low <= number <= high:
-        raise OpenAIError(400, f"'{name}' must be a number from {low:g} to {high:g}", "invalid_request", name)
-    return number
+        boosting.clean_phrases(phrases, "boost_phrases")
+    except ValueError as exc:
+        raise InputError.said("boost_phrases", str(exc)) from None
+    return phrases
 
 
 def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
     """Check an OpenAI transcription request (a JSON body, or form fields as strings) and turn it
-    into one native job. `file` is a URL, a data: URL or base64 (the queue route's JSON), or an
-    Upload (the HTTP server's multipart). `model` may be anything (clients send whisper-1);
-    `language`, `prompt` and `temperature` are checked and otherwise unused (README)."""
-    base = {k[:-2] if k.endswith("[]") else k for k in fields}
+    into one native job; OpenAIError (400, `param` naming the field) for a field that cannot be
+    used. Every field is checked for type, range and size first (parakeet_worker.checks): a
+    400-digit number, inf, Unicode digits or nesting 100,000 deep are a field's 400, never a 500.
+    `file` is a URL, a data: URL or base64 (the queue route's JSON), or an Upload (the HTTP
+    server's multipart). `model` may be any string (clients send whisper-1); `language`,
+    `prompt` and `temperature` are checked and otherwise unused (docs/openai.md)."""
+    base = {k[:-2] if isinstance(k, str) and k.endswith("[]") else str(k) for k in fields}
     unknown = sorted(base - set(OPENAI_OWN_FIELDS) - set(OPENAI_IGNORED_FIELDS))
     if unknown:
         raise OpenAIError(400, f"unrecognized request argument(s): {logsafe.echo(', '.join(unknown), 300)}",
-                          "invalid_request", unknown[0])  # fmt: skip
-    file = fields.get("file")
-    if isinstance(file, Upload):
-        item: Any = file
-    elif isinstance(file, str) and file.strip():
-        key = "source" if file.lstrip()[:8].lower().startswith(("http://", "https://", "data:")) else "audio_base64"
-        item = {key: file}
-    else:
-        raise OpenAIError(400, "'file' is required: a URL, a data: URL or base64 audio (an upload over HTTP)",
-                          "invalid_request", "file")  # fmt: skip
-    fmt = fields.get("response_format") or "json"
-    if fmt not in OPENAI_FORMATS:
-        raise OpenAIError(400, f"'response_format' must be one of {list(OPENAI_FORMATS)}", "invalid_request",
-                          "response_format")  # fmt: skip
-    granularities = _as_list(form_field(fields, "timestamp_granularities")) or ["segment"]
-    if any(g not in OPENAI_GRANULARITIES for g in granularities):
-        raise OpenAIError(400, f"'timestamp_granularities' may hold {list(OPENAI_GRANULARITIES)}", "invalid_request",
-                          "timestamp_granularities")  # fmt: skip
-    language = fields.get("language") or ""
-    if not isinstance(language, str) or len(language) > OPENAI_LANGUAGE_MAX_CHARS:
-        raise OpenAIError(400, "'language' must be a language code such as 'en'", "invalid_request", "language")
-    for name in ("model", "prompt"):
-        if fields.get(name) is not None and not isinstance(fields[name], str):
-            raise OpenAIError(400, f"'{name}' must be a string", "invalid_request", name)
+                          "invalid_request", logsafe.echo(unknown[0], 100))  # fmt: skip
+    try:
+        return _request(fields)
+    except InputError as exc:
+        param = exc.field.split("[", 1)[0]
+        raise OpenAIError(400, logsafe.echo(str(exc)), "invalid_request", param) from None
+
+
+def _request(fields: dict[str, Any]) -> OpenAIRequest:
+    for name, value in fields.items():  # before anything walks a value: no recursion on any of them
+        checks.check_depth(value, name[:-2] if name.endswith("[]") else name)
+    item = _file_item(fields.get("file"))
+    fmt = fields.get("response_format")
+    fmt = "json" if fmt is None or fmt == "" else checks.as_choice(fmt, "response_format", OPENAI_FORMATS)
+    raw_granularities = form_field(fields, "timestamp_granularities")
+    granularities = checks.as_list(raw_granularities or [], "timestamp_granularities", 8, text=True) or ["segment"]
+    for n, granularity in enumerate(granularities):
+        checks.as_choice(granularity, f"timestamp_granularities[{n}]", OPENAI_GRANULARITIES)
+    language = _as_text(fields, "language", OPENAI_LANGUAGE_MAX_CHARS)
+    _as_text(fields, "model", OPENAI_MODEL_MAX_CHARS)
+    _as_text(fields, "prompt", OPENAI_PROMPT_MAX_CHARS, lines=True)
     _as_float(fields.get("temperature"), "temperature", 0.0, 1.0, 0.0)
     weight = _as_float(fields.get("boost_weight"), "boost_weight", 0.0, BOOST_WEIGHT_MAX, 1.0)
+    stream = _as_bool(fields.get("stream"), "stream")
     verbose = fmt == "verbose_json"
-    diarize = fmt == "diarized_json" or _as_bool(fields.get("diarize"), "diarize")
+    diarize = _as_bool(fields.get("diarize"), "diarize") or fmt == "diarized_json"
     job: dict[str, Any] = {
         "inputs": [item],
         "timestamps": verbose or fmt in ("srt", "vtt", "diarized_json"),
         # text with speakers is one "SPEAKER_00: ..." line per turn, as the native text output
         "output_format": fmt if fmt in ("srt", "vtt") else "text" if fmt == "text" and diarize else "json",
-        "boost_phrases": _as_list(form_field(fields, "boost_phrases")),
+        "boost_phrases": _phrases(fields),
         "boost_weight": weight,
         "vad": _wants_vad(fields),
     }
@@ -190,7 +192,7 @@ def openai_request(fields: dict[str, Any]) -> OpenAIRequest:
         if count is not None:
             job[name] = count
     return OpenAIRequest(job, fmt, verbose and "word" in granularities, verbose and "segment" in granularities,
-                         language, _as_bool(fields.get("stream"), "stream"))  # fmt: skip
+                         language, stream)  # fmt: skip
 
 
 # -- the answer -------------------------------------------------------------------------------
@@ -247,9 +249,15 @@ RunJob = Callable[[Any, Events | None, Uploads | None], Awaitable[dict[str, Any]
 
 
 def job_failed(exc: JobError) -> OpenAIError:
-    """A job that could not run, as OpenAI reports it: the status of its code."""
+    """A job that could not run, as OpenAI reports it: the status of its code; an invalid input
+    names the field in `param` where the native field is the request's own ("invalid input:
+    num_speakers needs diarize: true")."""
     status = errors.status_of(exc.code)
-    return OpenAIError(status, exc.message, "invalid_request" if status == 400 else "unavailable")
+    if status != 400:
+        return OpenAIError(status, exc.message, "unavailable")
+    named = exc.message.removeprefix("invalid input:").split()
+    field = named[0].split("[", 1)[0] if named else ""
+    return OpenAIError(400, exc.message, "invalid_request", field if field in OPENAI_OWN_FIELDS else None)
 
 
 async def openai_transcribe(req: OpenAIRequest, run: RunJob, events: Events | None = None,
@@ -264,7 +272,7 @@ async def openai_transcribe(req: OpenAIRequest, run: RunJob, events: Events | No
 
 def openai_models() -> dict[str, Any]:
     """GET /v1/models: the one model this worker serves (any name is accepted in a request)."""
-    model = {"id": config.CFG.model, "object": "model", "created": started_at(), "owned_by": "nvidia"}
+    model = {"id": config.model_name(config.CFG.model), "object": "model", "created": started_at(), "owned_by": "nvidia"}
     return {"object": "list", "data": [model]}
 
 
@@ -330,7 +338,8 @@ async def openai_queue_job(job_input: dict[str, Any], run: RunJob, events: Event
             raise OpenAIError(404, TRANSLATION_MESSAGE, "unknown_url")
         if route not in ("/v1/audio/transcriptions", "/audio/transcriptions"):
             served = "/v1/audio/transcriptions and /v1/models"
-            raise JobError("unknown_route", f"unknown openai_route {logsafe.echo(repr(route), 200)}: this worker serves {served}")
+            shown = logsafe.echo(route, 200) if isinstance(route, str) else checks.shown(route)
+            raise JobError("unknown_route", f"unknown openai_route {shown}: this worker serves {served}")
         if not isinstance(body, dict):
             raise OpenAIError(400, "openai_input must be an object (the request's JSON body)", "invalid_request")
         req = openai_request(body)

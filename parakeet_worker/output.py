@@ -118,7 +118,7 @@ def response(job: Job, outputs: dict[int, Transcript | ItemError], params: dict[
     batches = [job.batches[k] for k in sorted(job.batches)]
     padded = sum(b.padded_sec for b in batches)
     answer["stats"] = {
-        "model": config.CFG.model if asr.loaded_model() is not None else None,
+        "model": config.model_name(config.CFG.model) if asr.loaded_model() is not None else None,
         "items": len(job.inputs),
         "failed": sum(1 for r in results if "error" in r),
         "audio_sec": round(sum(p.duration for p in job.prepared.values()), 3),

@@ -169,12 +169,7 @@ def in_process(cases_: list[Any]) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def api(worker):
-    try:
-        from parakeet_worker import http_server as server
-    except ImportError:  # the layout before the restructure
-        import server  # type: ignore[no-redef]
-
-    with UvicornThread(server.create_app()) as running:
+    with UvicornThread(worker.http_app()) as running:
         yield running
 
 
