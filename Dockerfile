@@ -8,7 +8,7 @@
 #
 # The same image serves both kinds of Runpod endpoint: a queue endpoint runs the SDK's worker
 # loop (the default); a load-balancing endpoint sets WORKER_MODE=http, and the worker serves
-# HTTP on PORT (80) with /ping on PORT_HEALTH (default PORT). See README, "OpenAI-compatible API".
+# HTTP on PORT (80) with /ping on PORT_HEALTH (default PORT). See docs/openai.md.
 #
 # torch 2.13.0 is built for CUDA 12.6 (Maxwell to Hopper: V100, T4, A-series, RTX 30/40, L4/L40S,
 # A100, H100/H200) and for CUDA 13.0 (Turing to Blackwell; PyPI's default build). The CUDA 13.0
@@ -52,7 +52,7 @@ RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
 
 # Bake the model in, unpacked (<HF_HOME>/nemo-unpacked/<repo id>/): a cold start neither
 # downloads nor extracts it, and reads the weights while Python imports torch and NeMo
-# (see README, "Parakeet-sized"). A network volume or Runpod's model cache is used instead
+# (see docs/performance.md, "Cold start"). A network volume or Runpod's model cache is used instead
 # when this copy is absent.
 ARG PARAKEET_MODEL=nvidia/parakeet-tdt-0.6b-v3
 ENV PARAKEET_MODEL=${PARAKEET_MODEL}
@@ -64,7 +64,8 @@ RUN python /tmp/fetch_model.py && rm /tmp/fetch_model.py
 COPY docker/fetch_speaker_model.py /tmp/fetch_speaker_model.py
 RUN python /tmp/fetch_speaker_model.py --out /app/models/campplus.ts && rm /tmp/fetch_speaker_model.py
 
-COPY handler.py server.py test_input.json ./
+COPY handler.py test_input.json ./
+COPY parakeet_worker ./parakeet_worker
 COPY samples ./samples
 
 # glibc malloc: two arenas instead of up to eight per CPU of the host (the worker's ~70 threads
@@ -72,7 +73,7 @@ COPY samples ./samples
 # more (request strings, audio rows, tensors) in its own mapping, given back to the OS when it is
 # freed: a fixed threshold, which glibc otherwise raises after each large free, until 15 MB
 # blocks land in the heap and stay there. The worker also calls malloc_trim after jobs.
-# Measured in README, "Memory over days" (bench/memory.py).
+# Measured in docs/operations.md, "Memory over days" (bench/memory.py).
 ENV RUNPOD_SERVERLESS=1 \
     MALLOC_ARENA_MAX=2 \
     MALLOC_MMAP_THRESHOLD_=131072

@@ -61,7 +61,7 @@ def _fetch_to_wav(
 ) -> Prepared:
     """Any source, any format -> a 16 kHz mono WAV in `workdir`, with its exact length.
     `stop` (the job was stopped) ends a wait for disk, a download or an ffmpeg run early;
-    `on_decoded` hears when its ffmpeg run is over (see _Decoder.decode)."""
+    `on_decoded` hears when its ffmpeg run is over (see decoder.Decoder.decode)."""
     kind, value = sources.source_of(item)
     log.debug("item %d: fetching %s", index, sources.label_of(kind, value))  # redacted: SafeLogRecords
     wav = workdir / f"{index}.wav"

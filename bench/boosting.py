@@ -74,7 +74,7 @@ def timed(fn: Callable[[], Any]) -> float:
 
 def request_boost(handler: Any, raw: list[str]) -> Any:
     """What a request's list costs the worker: the lexical check, then the cache (or a build)."""
-    return boosting.resolve_boost(boosting.clean_phrases(raw), 1.0)
+    return boosting.resolve_boost(asr.loaded_model(), boosting.clean_phrases(raw), 1.0)
 
 
 def tree_costs(handler: Any, repeats: int, letters: str) -> dict[str, Any]:
@@ -113,8 +113,8 @@ def batch_costs(handler: Any, repeats: int, letters: str) -> dict[str, Any]:
     audio_sec = sum(lengths) / synth.SAMPLE_RATE
     lists = {n: tuple(phrases(n, seed=n, letters=letters)) for n in (10, 100, 1000)}
     own = [tuple(phrases(100, seed=50_000 + i, letters=letters)) for i in range(len(clips))]
-    boost = {n: boosting.resolve_boost(p, 1.0) for n, p in lists.items()}  # built before timing
-    own_boosts = [boosting.resolve_boost(p, 1.0) for p in own]
+    boost = {n: boosting.resolve_boost(asr.loaded_model(), p, 1.0) for n, p in lists.items()}  # built before timing
+    own_boosts = [boosting.resolve_boost(asr.loaded_model(), p, 1.0) for p in own]
     rows = len(clips)
     cases: dict[str, tuple[bool, list[Any]]] = {
         "BOOSTING=off (the decoder without boosting)": (False, [None] * rows),

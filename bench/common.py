@@ -252,27 +252,45 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def instrument(
-    worker: Any, names: Sequence[str] = ("_download", "_run_ffmpeg", "_load_rows", "_forward_decode")
-) -> dict[str, float]:
-    """Wrap handler functions to add up the seconds spent in each, for the "where does the time
-    go" breakdown. handler.py calls them by their module-level names, so replacing the module
-    attribute is enough; threads add up, so prepare seconds can exceed wall seconds."""
-    totals = dict.fromkeys(names, 0.0)
-    lock = threading.Lock()
-    for name in names:
-        original = getattr(worker, name)
+# What "where does the time go" adds up: label -> "module:function" under parakeet_worker.
+PHASES = {"_download": "audio.download:fetch_url", "_run_ffmpeg": "audio.ffmpeg:run_ffmpeg",
+          "_load_rows": "model:load_rows", "_forward_decode": "model:forward_decode"}  # fmt: skip
 
-        def wrapped(*args: Any, _name: str = name, _fn: Callable[..., Any] = original, **kwargs: Any) -> Any:
+
+def instrument(targets: dict[str, str] | None = None) -> dict[str, float]:
+    """Wrap the worker's functions (label -> "module:function") to add up the seconds spent in
+    each. The worker calls them through their modules, so replacing the module attribute is
+    enough; threads add up, so prepare seconds can exceed wall seconds. uninstrument() undoes it."""
+    import importlib
+
+    targets = targets or PHASES
+    totals = dict.fromkeys(targets, 0.0)
+    lock = threading.Lock()
+    for label, where in targets.items():
+        module_name, attr = where.split(":")
+        module = importlib.import_module(f"parakeet_worker.{module_name}")
+        original = getattr(module, attr)
+
+        def wrapped(*args: Any, _label: str = label, _fn: Callable[..., Any] = original, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
                 return _fn(*args, **kwargs)
             finally:
                 with lock:
-                    totals[_name] += time.perf_counter() - started
+                    totals[_label] += time.perf_counter() - started
 
-        setattr(worker, name, wrapped)
+        wrapped.original = original  # type: ignore[attr-defined]
+        setattr(module, attr, wrapped)
     return totals
+
+
+def uninstrument(targets: dict[str, str] | None = None) -> None:
+    import importlib
+
+    for where in (targets or PHASES).values():
+        module_name, attr = where.split(":")
+        module = importlib.import_module(f"parakeet_worker.{module_name}")
+        setattr(module, attr, getattr(getattr(module, attr), "original", getattr(module, attr)))
 
 
 # ---------------------------------------------------------------------------------------------

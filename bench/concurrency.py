@@ -118,7 +118,7 @@ class QueueWorker:
         self.queue = FakeRunpodQueue()
         self.log = OUT / f"worker-{name}.log"
         env = {**common.worker_env(), "WORKER_TMP_DIR": str(self.tmp), **env}
-        self.proc = start_worker(self.queue, env, self.log, script)
+        self.proc = start_worker(self.queue, env, self.log, script=script)
 
     def run(self, jobs: Sequence[dict[str, Any]], timeout: float = 1800) -> tuple[list[str], list[dict[str, Any]]]:
         ids = [self.queue.add(job) for job in jobs]

@@ -80,7 +80,7 @@ def run_child(request_file: Path) -> None:
     started = time.perf_counter()
     handler = testkit.load_worker()
     load_sec = time.perf_counter() - started
-    spent = common.instrument(handler)
+    spent = common.instrument()
     cuts = record_split_points(handler)
     job = {"id": "bench-long", "input": {"inputs": [{"source": request["source"]}], "timestamps": True}}
     phases: dict[str, Any] = {}

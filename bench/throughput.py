@@ -136,7 +136,7 @@ def prepare_with_handler(worker: Any, urls: Sequence[str]) -> tuple[float, float
     items: list[Any] = []
     try:
         started = time.perf_counter()
-        futures = [jobs.prepare_pool()().submit(worker._fetch_to_wav, i, {"source": u}, workdir) for i, u in enumerate(urls)]
+        futures = [jobs.prepare_pool().submit(worker._fetch_to_wav, i, {"source": u}, workdir) for i, u in enumerate(urls)]
         items = [f.result() for f in cf.as_completed(futures)]
         wall = time.perf_counter() - started
     finally:
@@ -313,7 +313,7 @@ def best_of(repeat: int, name: str, run: Any) -> dict[str, Any]:
 def measure_end_to_end(worker: Any, ctx: dict[str, Any], repeat: int, phases: dict[str, Any]) -> dict[str, Any]:
     paths, urls, seconds = ctx["paths"], ctx["urls"], ctx["seconds"]
     model = asr.loaded_model()
-    spent = common.instrument(worker)
+    spent = common.instrument()
     with common.phase(phases, "handler"):
         handler = best_of(repeat, "handler", lambda: run_handler(worker, urls))
         handler["phase_sec_all_runs"] = {k: round(v, 3) for k, v in spent.items()}

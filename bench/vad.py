@@ -142,15 +142,13 @@ def vad_alone(worker: Any, calls: Sequence[tuple[Path, list[str], float]]) -> di
 
 def through_handler(worker: Any, calls: Sequence[tuple[Path, list[str], float]], vad: bool) -> dict[str, Any]:
     """One job with every call, `vad` as given: wall, model and VAD seconds, WER."""
-    names = ("_forward_decode", "_vad_probs")
-    originals = {name: getattr(worker, name) for name in names}
-    totals = common.instrument(worker, names)
+    targets = {"_forward_decode": "model:forward_decode", "_vad_probs": "analysis.vad:vad_probs"}
+    totals = common.instrument(targets)
     job = {"id": f"vad-{vad}", "input": {"inputs": [{"source": str(p)} for p, _, _ in calls], "vad": vad}}
     try:
         out, wall = timed(lambda: asyncio.run(worker.handler(job)))
     finally:
-        for name, fn in originals.items():  # the next phase measures afresh
-            setattr(worker, name, fn)
+        common.uninstrument(targets)  # the next phase measures afresh
     if "error" in out:
         raise SystemExit(f"the handler failed: {out['error']}")
     errors = words = 0

@@ -116,7 +116,7 @@ def _cgroup_cpu_quota(root: Path, self_cgroup: Path) -> float | None:
 
 @dataclass(frozen=True)
 class Config:
-    """Every knob of the worker; README.md documents each environment variable."""
+    """Every knob of the worker; docs/configuration.md documents each environment variable."""
 
     model: str = DEFAULT_MODEL
     skip_model_load: bool = False
@@ -126,7 +126,7 @@ class Config:
     batch_overhead_sec: float = 5.0
     local_attention_after_sec: float = 1440.0
     local_attention_context: tuple[int, int] = (256, 256)
-    max_single_pass_sec: float = 1800.0  # the piece length: longer items run in pieces (README: Long audio)
+    max_single_pass_sec: float = 1800.0  # the piece length: longer items run in pieces (docs/performance.md: Long audio)
     piece_min_sec: float = 60.0  # a piece that runs out of memory is split smaller, down to this
     max_audio_sec: float = 14400.0
     max_inputs: int = 500
@@ -168,7 +168,7 @@ class Config:
     boost_cache_bytes: int = 256 * 1024**2
     boost_max_job_phrases: int = 5000
     job_take_max: int = 8
-    vad: bool = False  # the `vad` field's default; README ("Voice activity") says why off
+    vad: bool = False  # the `vad` field's default; docs/vad.md says why off
     speaker_model: str = str(APP_DIR / "models" / "campplus.ts")
     speaker_preload: bool = False
     diarize_workers: int = 1

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""One job on the worker: its state (Job), the prepare pool and the fair admission to it, its
+progress reports, its speakers beside its transcription, and the heap trim at its end.
+
+A job is an async function's worth of work: everything slow (downloads, ffmpeg, VAD, the model,
+diarization) runs off the event loop, so the SDK keeps up to MAX_CONCURRENT_JOBS jobs in flight.
+"""
 
 from __future__ import annotations
 
@@ -131,7 +136,7 @@ class Progress:
     (the queue handler posts it through the SDK's result channel) while the job runs. Each item
     awaits its own report, so no post can land after the job's final result; a report that says
     nothing new, or that everything is done (the result says that), is not sent. It keeps no
-    reference to its job (the job is passed in): a _Job <-> _Progress cycle kept every finished
+    reference to its job (the job is passed in): a Job <-> Progress cycle kept every finished
     job, its request (base64 audio included) and its results alive until the garbage
     collector's next full pass."""
 
@@ -203,8 +208,13 @@ def heap() -> Heap:
 
 class Job:
     """One job on the worker: its inputs, temp dir, stop signal, the batches that carried its
-    items, and its progress. Created and used on the event loop; the model thread only sets
-    futures and calls discard()."""
+    items, and its progress.
+
+    Threads: it is made, awaited and closed on the event loop. Its prepare threads (one per
+    item in flight) call boost_of, speech_of, submit, keep and discard and write `boosts`,
+    `clips` and `speech_sec` for their own item's index only; the model thread calls discard()
+    once it has read a WAV; diarize threads call unkeep(). `kept` is the one structure several
+    threads change, under `kept_lock`; `stop` (a threading.Event) is how close() reaches them all."""
 
     def __init__(self, params: dict[str, Any], scheduler: Scheduler, boost: Boost | None = None,
                  events: Events | None = None, workdir: Path | None = None, job_id: str = ""):  # fmt: skip
@@ -327,7 +337,7 @@ class Job:
     def discard(self, wav: Path) -> None:
         """An item's decoded audio is no longer needed: delete it and give back its disk (once
         its diarization, if any, is done with it too; a read-only temp dir keeps it until the
-        job's dir is removed, see _remove_job_dir)."""
+        job's dir is removed, see remove_job_dir)."""
         with self.kept_lock:
             if wav in self.kept:
                 self.kept[wav] = True

@@ -24,7 +24,7 @@ UNSAFE_CHARS = re.compile(f"[{CONTROLS}\x80-\x9f\u2028\u2029{SURROGATES}]")  # a
 
 
 def holds(text: str, chars: str) -> bool:
-    """Whether `text` holds any of `chars` (a character class body: _CONTROLS, _SURROGATES)."""
+    """Whether `text` holds any of `chars` (a character class body: CONTROLS, SURROGATES)."""
     return re.search(f"[{chars}]", text) is not None
 
 

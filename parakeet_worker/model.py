@@ -39,10 +39,10 @@ class WorkerState:
     """What the running worker knows about its model and its own health (one per process)."""
 
     local_attention: bool = False  # the encoder's attention mode now (see _maybe_set_local_attention)
-    timestamps: bool | None = None  # the decoder's timestamp mode now (see _configure_decoding)
+    timestamps: bool | None = None  # the decoder's timestamp mode now (see configure_decoding)
     device: str = "cpu"
     autocast: Any = None  # the torch dtype of model calls, None for fp32
-    durations_fixed: bool | None = None  # whether NeMo 3.0's stale-duration patch applied (_fix_tdt_durations)
+    durations_fixed: bool | None = None  # whether NeMo 3.0's stale-duration patch applied (fix_tdt_durations)
     gpu_fault: str | None = None  # why the GPU is unusable: every job is refused, the worker asks to be replaced
     model_thread_died: str | None = None  # why the scheduler thread ended: the same, without a GPU to blame
     load_timings: dict[str, float] = field(default_factory=dict)  # seconds of the last load: restore, to_device, warm_up
@@ -70,7 +70,7 @@ def resolve_model_source(name: str) -> tuple[str, str]:
     """Where to load `name` from: ("dir", an unpacked .nemo), ("file", a .nemo) or ("hub", repo id).
 
     Order: a local directory or .nemo path; the unpacked copy baked into the image (see
-    _unpacked_dir); a .nemo already in HF_HOME; Runpod's cached models; and otherwise the hub (see
+    unpacked_dir); a .nemo already in HF_HOME; Runpod's cached models; and otherwise the hub (see
     _load_from_hub: a network volume's copy, or a download).
     """
     path = Path(name).expanduser()
@@ -201,7 +201,7 @@ def restore_unpacked(directory: str) -> Any:
     a cold start need not do:
 
     - no archive to extract: SaveRestoreConnector.model_extracted_dir restores in place;
-    - no random initialisation of the parameters (see _no_random_init): the checkpoint's tensors
+    - no random initialisation of the parameters (see no_random_init): the checkpoint's tensors
       are loaded once and become the parameters (load_state_dict(assign=True)), with no second
       copy; the load is strict, so a parameter the checkpoint lacks fails it. The weights are
       read, not memory-mapped: with mapped parameters one CPU run here was several times slower,
@@ -343,7 +343,7 @@ def configure_decoding(model: Any, timestamps: bool, cuda_graphs: bool | None = 
 
 def _use_decoding(model: Any, timestamps: bool) -> None:
     """Switch decoding to `timestamps` on or off. Each setting's decoder is built once
-    (_configure_decoding) and kept on the model, so a switch swaps two references instead of
+    (configure_decoding) and kept on the model, so a switch swaps two references instead of
     rebuilding: NeMo's decoders and their OmegaConf configs are reference cycles, and each
     rebuilt one stayed in memory (~39 MB with boosting on) until a full garbage collection."""
     from omegaconf import open_dict
@@ -423,7 +423,7 @@ def load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[in
 def forward_decode(model: Any, audio: np.ndarray, lengths: list[int], seeds: list[Any] | None = None) -> list[Any]:
     """Encoder + greedy TDT decoding on a padded batch, as transcribe() does, minus its
     per-call dataloader, temp files and mode switching. Returns NeMo Hypothesis objects.
-    `seeds` (see _registered) carry the rows' boosting requests."""
+    `seeds` (see registered) carry the rows' boosting requests."""
     import torch
 
     device = state().device

@@ -80,7 +80,7 @@ def fix_tdt_durations() -> bool:
 
 def redact_sdk_log() -> None:
     """The runpod SDK logs through RunPodLogger.log(), which prints: wrap it once so that each
-    message is made safe (_safe_lines) before the SDK formats and prints it."""
+    message is made safe (safe_lines) before the SDK formats and prints it."""
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
     printing = RunPodLogger.log

@@ -18,7 +18,7 @@ log = logging.getLogger("parakeet-worker")
 
 
 # A pause finder: (item, boundary, window) -> the frame offset (from the item's start) where to
-# cut, in [boundary - window, boundary]. _split_points takes any; the energy rule is the default.
+# cut, in [boundary - window, boundary]. split_points takes any; the energy rule is the default.
 PauseFinder = Callable[[Prepared, int, int], int]
 
 
@@ -53,7 +53,7 @@ def split_points(item: Prepared, piece_sec: float, find_pause: PauseFinder = qui
 
 def vad_pause(item: Prepared, boundary: int, window: int) -> int:
     """A PauseFinder for jobs with VAD: the middle of the longest pause silero hears in the
-    `window` frames before `boundary` (see _pause_cut), or the energy rule where it hears none."""
+    `window` frames before `boundary` (see pause_cut), or the energy rule where it hears none."""
     lo = max(0, boundary - window)
     with sf.SoundFile(str(item.wav)) as f:
         f.seek(item.start + lo)

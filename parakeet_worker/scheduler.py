@@ -36,7 +36,7 @@ class Unit:
     for the scheduler. `seq` is its place in arrival order, over every job."""
 
     item: Prepared
-    job: Any = None  # the _Job it belongs to (None in planning tests)
+    job: Any = None  # the job.Job it belongs to (None in planning tests)
     timestamps: bool = False
     final: bool = True  # the item's last piece: its WAV can go once this one is read
     seq: int = 0

@@ -109,3 +109,21 @@ def test_a_patch_of_a_name_handler_only_imports_is_refused(worker, monkeypatch):
     with pytest.raises(AssertionError, match=r"only imported by handler\.py"):
         monkeypatch.setattr("handler.asr", None)
     monkeypatch.setattr(worker, "_plan_next", worker._plan_next)
+
+
+def test_importing_any_module_reads_no_setting_and_starts_nothing(tmp_path):
+    """In a fresh process: handler and every module of the package imported; our code reads no
+    environment variable, starts no thread, adds no audit hook; no heavy library comes with
+    them (the HTTP layer only with http_server, which is imported last on purpose here)."""
+    import json
+    import subprocess
+    import sys
+
+    report = tmp_path / "imports.json"
+    proc = subprocess.run([sys.executable, "tests/workers.py", "import-all", str(report)], cwd=PACKAGE.parent,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(report.read_text())
+    assert seen["modules"] >= 25
+    assert seen["env_read"] == [] and seen["threads_started"] == 0 and seen["audit_hooks"] == 0, seen
+    assert [m for m in seen["heavy"] if not m.startswith("fastapi")] == [], seen["heavy"]

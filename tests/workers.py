@@ -4,6 +4,7 @@
     python tests/workers.py dry JOBS.json REPORT.json           # jobs in-process; what got imported
     python tests/workers.py progress JOBS.json RESULT.json      # jobs one by one, config changes between
     python tests/workers.py vad-threads REPORT.json             # torch threads after VAD's model loads
+    python tests/workers.py import-all REPORT.json              # what importing every module does
 
 A hook patches a name where it lives (model.forward_decode), as a test in-process would; the
 environment (PW_*) tells it what to do. Each writes its report to a file: a log line of another
@@ -133,6 +134,42 @@ def vad_threads(report: str) -> None:
     pathlib.Path(report).write_text(json.dumps([torch.get_num_threads(), loaded]))
 
 
+def import_all(report: str) -> None:
+    """Import handler and every module of the package, recording the environment variables our
+    own code reads meanwhile, the threads started and the audit hooks added (none may be)."""
+    import importlib
+
+    own = (str(REPO / "parakeet_worker"), str(REPO / "handler.py"))
+    read: list[str] = []
+
+    environ_class = type(os.environ)
+    real_getitem = environ_class.__getitem__
+
+    def recording_getitem(self: Any, key: str) -> Any:  # every read: [], get(), os.getenv
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.endswith(("os.py", "<frozen os>", "_collections_abc.py", "<frozen _collections_abc>")):
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_filename.startswith(own):
+            read.append(key)
+        return real_getitem(self, key)
+
+    environ_class.__getitem__ = recording_getitem  # type: ignore[method-assign]
+    threads = threading.active_count()
+    hooks: list[Any] = []
+    real_hook = sys.addaudithook
+    sys.addaudithook = hooks.append  # type: ignore[assignment]
+    import handler  # noqa: F401
+
+    names = sorted(".".join(p.relative_to(REPO).with_suffix("").parts) for p in (REPO / "parakeet_worker").rglob("*.py"))
+    for name in names:
+        importlib.import_module(name.removesuffix(".__init__"))
+    sys.addaudithook = real_hook
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nemo", "onnxruntime", "silero_vad", "fastapi"))
+    pathlib.Path(report).write_text(json.dumps({"modules": len(names), "env_read": read, "heavy": heavy,
+                                                "threads_started": threading.active_count() - threads,
+                                                "audit_hooks": len(hooks)}))  # fmt: skip
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "serve":
@@ -143,5 +180,7 @@ if __name__ == "__main__":
         progress(*args)
     elif command == "vad-threads":
         vad_threads(*args)
+    elif command == "import-all":
+        import_all(*args)
     else:
         sys.exit(f"unknown command {command!r}")

@@ -10,7 +10,7 @@ the result through PARAKEET_MODEL exactly as it loads the real model (`restore_f
 unpacked directory the image bakes in).
 
 Figures (ARCHITECTURE below) were checked against the model card of nvidia/parakeet-tdt-0.6b-v3 and the
-model_config.yaml inside its .nemo (as quoted by public ports of it); README.md ("Parakeet-sized") lists
+model_config.yaml inside its .nemo (as quoted by public ports of it); docs/performance.md ("Parakeet-sized") lists
 each one and where this copy differs.
 
 The tokenizer: SentencePiece BPE with 8192 pieces, trained on the text of this Python's own standard

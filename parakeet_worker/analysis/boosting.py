@@ -115,7 +115,7 @@ class TreeCache:
     Trees are built one at a time on a thread of their own ("boost-build"), never on a job's
     thread: NeMo's builder raises and catches OmegaConf exceptions, whose reference cycles hold
     every frame up the stack, and a job's frames would keep that job (its request, base64 audio
-    included) alive until a full garbage collection (~2 s with NeMo loaded; see README)."""
+    included) alive until a full garbage collection (~2 s with NeMo loaded; see docs/boosting.md)."""
 
     @dataclass(eq=False)
     class _Entry:

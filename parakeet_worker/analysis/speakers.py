@@ -136,7 +136,7 @@ def _vad_regions(samples: np.ndarray) -> list[tuple[float, float]]:
 # sorted and disjoint; called once per DIARIZE_BLOCK_SEC block. Jobs with `vad` use VAD's speech
 # regions (noise and music are no speaker); others the loudness rule, on which the clustering's
 # window counts were tuned (with VAD's regions on every job, 1 of the 22 speaker tests found a
-# third speaker in a two-voice conversation: README, "Speakers").
+# third speaker in a two-voice conversation: docs/diarization.md).
 SPEECH_REGIONS: Callable[[np.ndarray], list[tuple[float, float]]] = _energy_regions
 
 

@@ -209,7 +209,7 @@ def on_timeline(clip: Prepared, transcript: Transcript) -> Transcript:
 
 
 def reader(samples: np.ndarray) -> Callable[[int], np.ndarray]:
-    """`samples` handed over n at a time, as _vad_probs takes them."""
+    """`samples` handed over n at a time, as vad_probs takes them."""
     pos = 0
 
     def read(n: int) -> np.ndarray:

@@ -118,7 +118,7 @@ def fs_full(path: Path) -> bool:
 class DiskBudget:
     """Bounds the worker's temp disk (WORKER_TMP_MAX_BYTES) over all jobs. A downloaded or
     base64 source counts as its bytes arrive. Before ffmpeg runs, the item reserves what its WAV
-    should take (see _wav_bytes_estimate) and waits while that would pass the bound; once decoded
+    should take (see wav_bytes_estimate) and waits while that would pass the bound; once decoded
     it keeps just its WAV's size, and gives that back when the WAV is deleted (as soon as the
     scheduler has read it). An item bigger than the whole bound still runs, alone."""
 
@@ -183,7 +183,7 @@ def max_wav_bytes() -> int:
 
 def wav_bytes_estimate(src: Path) -> int:
     """How many bytes the WAV of `src` should take: from the length its header declares (RIFF,
-    FLAC, Ogg), else WAV_PER_SOURCE_BYTE times its size; at most _max_wav_bytes()."""
+    FLAC, Ogg), else WAV_PER_SOURCE_BYTE times its size; at most max_wav_bytes()."""
     seconds = None
     try:
         if src.is_file():

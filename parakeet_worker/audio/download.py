@@ -234,7 +234,7 @@ def _cut_off_at(
     every few seconds (of headers or of body) would hold the item, and a download slot, for
     ever. At the deadline, or when `stop` is set, a watcher shuts down every socket this thread
     connected meanwhile, which wakes the blocked read; the event it sets tells why it ended.
-    The same watcher gives the download slot back at `give_back`'s time (see _DownloadSlots)."""
+    The same watcher gives the download slot back at `give_back`'s time (see DownloadSlots)."""
     connects = _connects()
     expired, done = threading.Event(), threading.Event()
     sockets: list[socket.socket] = []

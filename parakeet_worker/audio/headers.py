@@ -80,7 +80,7 @@ def declared_length(f: Any, head: bytes) -> tuple[float, float] | None:
 
 
 # A WAV's fmt and data chunks come within its first few chunks; a file with more before its data
-# is sized by its bytes instead (see _wav_bytes_estimate).
+# is sized by its bytes instead (see wav_bytes_estimate).
 RIFF_MAX_CHUNKS = 64
 
 
@@ -121,7 +121,7 @@ def riff_header(f: Any, size: int) -> tuple[float | None, int | None]:
 
 def declared_channels(src: Path) -> int | None:
     """How many channels the header of `src` declares (WAV, Ogg Vorbis or Opus; FLAC has at most
-    8), read as _riff_header reads, bounded; None where it does not say or cannot be read."""
+    8), read as riff_header reads, bounded; None where it does not say or cannot be read."""
     if not src.is_file():  # a FIFO would block this open; ffmpeg's timeout deals with it
         return None
     try:

@@ -178,10 +178,10 @@ def _write_base64(out: Any, text: str, written: int) -> int:
 def source_label(item: Any) -> str:
     """What a result echoes as its source: the URL or path, "base64" for inline audio (never
     the payload), or a short repr of an item that is not a valid source at all; never more than
-    ECHO_MAX_CHARS characters, and always encodable (see _echo). It cannot raise: one item's
+    ECHO_MAX_CHARS characters, and always encodable (see echo). It cannot raise: one item's
     label must not cost the job."""
     try:
         return logsafe.echo(label_of(*source_of(item)))
-    except Exception:  # noqa: BLE001 - _source_of raises ItemError; anything else is a bug, still one item's
+    except Exception:  # noqa: BLE001 - source_of raises ItemError; anything else is a bug, still one item's
         source = item.get("source") if isinstance(item, dict) else None
         return logsafe.echo(source if isinstance(source, str) else repr(item)[: ECHO_MAX_CHARS + 1], 200)
