@@ -141,7 +141,7 @@ def test_download_slots_are_shared_fairly_and_given_back(worker):
     give_back = first.__enter__()
     second.__enter__()
     with slots.held(b):  # B had none running: it starts at once, past the bound
-        assert slots.held_by == {a: 2, b: 1}
+        assert slots.slots.held_by == {a: 2, b: 1}
     started = threading.Event()
 
     def third() -> None:
@@ -166,7 +166,7 @@ def test_download_slots_are_shared_fairly_and_given_back(worker):
             cancelled.append(exc.code)
         stopped.set()
 
-    slots.held_by[b] = 2  # the bound is reached by others: A (1 running) must wait
+    slots.slots.held_by[b] = 2  # the bound is reached by others: A (1 running) must wait
     thread = threading.Thread(target=waits_then_stops, daemon=True)
     thread.start()
     wait_for(lambda: len(slots.waiting) == 1, 30, "the wait")

@@ -84,8 +84,7 @@ def test_timeout_kills_the_whole_process_group(worker, config, monkeypatch, tmp_
     wrapper = tmp_path / "ffmpeg-wrapper.sh"
     wrapper.write_text(f'#!/bin/sh\n"{shutil.which("ffmpeg")}" "$@" &\necho $! > "{pidfile}"\nwait\n')
     wrapper.chmod(0o755)
-    monkeypatch.setenv("FFMPEG_BIN", str(wrapper))
-    config(ffmpeg_timeout_sec=1.0)
+    config(ffmpeg_timeout_sec=1.0, ffmpeg_bin=str(wrapper))  # FFMPEG_BIN
     try:
         out, _ = in_thread(lambda: ffmpeg.to_wav(fifo, tmp_path / "out.wav"), limit=60)
         assert isinstance(out, errors.ItemError) and out.code == "decode_timeout", out

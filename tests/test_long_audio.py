@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 from conftest import DATA_ROOT, run_job, speech_file
 
+from parakeet_worker import config as settings
 from parakeet_worker import model as asr
 from parakeet_worker import pieces, transcript
 from tools import synth
@@ -106,8 +107,8 @@ def test_a_piece_that_runs_out_of_memory_is_split_smaller_and_the_transcript_is_
     real, tried = asr.forward_decode, []
 
     def small_memory(model, audio, lengths, *rest):
-        tried.append(max(lengths) / config.SAMPLE_RATE)
-        if max(lengths) > 16 * config.SAMPLE_RATE:
+        tried.append(max(lengths) / settings.SAMPLE_RATE)
+        if max(lengths) > 16 * settings.SAMPLE_RATE:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, audio, lengths, *rest)
 

@@ -502,25 +502,6 @@ def test_queue_route_through_the_sdk_shares_batches_with_native_jobs(tmp_path, h
 
 # --- HTTP mode as the image runs it: `WORKER_MODE=http python handler.py` ---------------------
 
-HOLD_DRY = """
-import os, sys, time
-from parakeet_worker import engine
-_real = engine.run_resilient
-
-def _held(*args):
-    # The first batch says whether torch or NeMo were imported (PW_HELD), then waits for PW_RELEASE.
-    if not os.path.exists(os.environ["PW_HELD"]):
-        with open(os.environ["PW_HELD"], "w") as f:
-            f.write(repr(sorted(m for m in ("torch", "nemo") if m in sys.modules)))
-        deadline = time.monotonic() + 120
-        while not os.path.exists(os.environ["PW_RELEASE"]) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    return _real(*args)
-
-engine.run_resilient = _held
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -542,10 +523,10 @@ def test_http_mode_dry_run_health_port_and_sigterm_drain(tmp_path):
     env = loopback_only_env()
     env.update(WORKER_MODE="http", HOST="127.0.0.1", PORT=str(port), PORT_HEALTH=str(health), SKIP_MODEL_LOAD="1",
                WORKER_TMP_DIR=str(tmp_path / "tmp"), PW_HELD=str(held), PW_RELEASE=str(release))  # fmt: skip
-    code = f"import sys, handler\n{HOLD_DRY}\nhandler.main(sys.argv[1:])\n"
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "tests/workers.py", "serve", "hold-first-batch"], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     try:
 
         def answers(p: int, path: str = "/ping") -> int | None:

@@ -255,29 +255,21 @@ def test_job_stopped_while_diarizing(worker, monkeypatch):
     assert len(speakers_of(result)) == 2
 
 
-DRY_DIARIZE = r"""
-import asyncio, json, pathlib, sys
-import handler
-out = asyncio.run(handler.handler({"id": "dry", "input": {"inputs": [{"source": sys.argv[1]}], "diarize": True}}))
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nemo", "kaldi_native_fbank"))
-pathlib.Path(sys.argv[2]).write_text(json.dumps({"out": out, "heavy": heavy}))
-"""
-
-
 def dry_env() -> dict[str, str]:
     return {**os.environ, "SKIP_MODEL_LOAD": "1", "PARAKEET_MODEL": "nvidia/parakeet-tdt-0.6b-v3"}
 
 
 def test_dry_run_diarize_loads_nothing(tmp_path):
     path, _, _ = talk((0, 1, 0, 1), 41)
-    report = tmp_path / "report.json"
+    report, jobs = tmp_path / "report.json", tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"inputs": [{"source": path}], "diarize": True}]))
     proc = subprocess.run(
-        [sys.executable, "-c", DRY_DIARIZE, path, str(report)], cwd=REPO, env=dry_env(), capture_output=True, text=True, timeout=120
+        [sys.executable, "tests/workers.py", "dry", str(jobs), str(report)], cwd=REPO, env=dry_env(), capture_output=True, text=True, timeout=120
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     got = json.loads(report.read_text())
     assert got["heavy"] == [], got["heavy"][:5]
-    (result,) = got["out"]["results"]
+    (result,) = got["outs"][0]["results"]
     assert "dry run" in result["text"] and "turns" not in result
     assert result["warning"] == "no speaker labels: SKIP_MODEL_LOAD=1, no speaker model loaded"
 

@@ -87,7 +87,25 @@ def poisoned_batch() -> None:
     asr.forward_decode = faulty
 
 
-HOOKS: dict[str, Callable[[], None]] = {"hold-and-fail": hold_and_fail, "poisoned-batch": poisoned_batch}
+def hold_first_batch() -> None:
+    """test_openai's dry HTTP server: the first batch writes which of torch and NeMo are
+    imported to PW_HELD, then waits for the file PW_RELEASE."""
+    from parakeet_worker import engine
+
+    real = engine.run_resilient
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        marker = pathlib.Path(os.environ["PW_HELD"])
+        if not marker.exists():
+            marker.write_text(repr(sorted(m for m in ("torch", "nemo") if m in sys.modules)))
+            _wait(lambda: pathlib.Path(os.environ["PW_RELEASE"]).exists(), 120)
+        return real(*args, **kwargs)
+
+    engine.run_resilient = held
+
+
+HOOKS: dict[str, Callable[[], None]] = {"hold-and-fail": hold_and_fail, "poisoned-batch": poisoned_batch,
+                                        "hold-first-batch": hold_first_batch}  # fmt: skip
 
 
 def serve(hook: str, argv: list[str]) -> None:
@@ -107,7 +125,7 @@ def dry(jobs_file: str, report: str) -> None:
     import_sec = time.perf_counter() - t0
     outs = [asyncio.run(handler.handler({"id": "dry", "input": job})) for job in json.loads(pathlib.Path(jobs_file).read_text())]
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in
-                   ("torch", "nemo", "lightning", "librosa", "silero_vad", "onnxruntime"))  # fmt: skip
+                   ("torch", "nemo", "lightning", "librosa", "silero_vad", "onnxruntime", "kaldi_native_fbank"))  # fmt: skip
     pathlib.Path(report).write_text(json.dumps({"outs": outs, "heavy": heavy, "import_sec": import_sec}))
 
 
