@@ -37,7 +37,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from parakeet_worker import checks, config, errors, limits, logsafe
+from parakeet_worker import checks, config, errors, limits, logsafe, patches
 from parakeet_worker.audio.uploads import UploadFile, Uploads
 from parakeet_worker.checks import InputError
 from parakeet_worker.drain import ANSWER_SEC, SHUTDOWN_CODE, SHUTDOWN_MESSAGE, Drain, draining_server, exit_now
@@ -561,20 +561,23 @@ class _QuietServer(uvicorn.Server):
 def server_config(app: Any, port: int) -> uvicorn.Config:
     """uvicorn's settings: the request head capped in bytes and time (limits.guarded_protocol,
     for httptools or h11 alike); no log config of its own, so uvicorn's loggers reach the root
-    logger and its redaction (patches.configure_logging); no `server` header; no
+    logger and its redaction (patches.configure_logging), and no access log; no `server` header; no
     limit_concurrency (its plain-text 503 would answer /ping too). After SIGTERM the drain has
     answered everything before uvicorn's own shutdown starts: its grace only covers stragglers."""
     cfg = config.CFG
     protocol = limits.guarded_protocol(limits.default_protocol(), cfg.http_head_max_bytes, cfg.http_head_timeout_sec)
-    return uvicorn.Config(app, host=cfg.host, port=port, log_level="warning", access_log=False, log_config=None,
-                          http=protocol, h11_max_incomplete_event_size=cfg.http_head_max_bytes, server_header=False,
-                          timeout_graceful_shutdown=int(ANSWER_SEC), lifespan="on")  # fmt: skip
+    settings = uvicorn.Config(app, host=cfg.host, port=port, log_level="warning", access_log=False, log_config=None,
+                              http=protocol, h11_max_incomplete_event_size=cfg.http_head_max_bytes,
+                              server_header=False, timeout_graceful_shutdown=int(ANSWER_SEC), lifespan="on")  # fmt: skip
+    logging.getLogger("uvicorn.access").disabled = True  # no handler, no propagation: Python's last resort would print it
+    return settings
 
 
 def serve(run_job: RunJob, health: Health, start: Callable[[], object]) -> None:
     """`WORKER_MODE=http python handler.py`: serve until SIGTERM (or SIGINT), drain, and end the
     process (exit 0) without Python's finalization (drain.exit_now says why)."""
     cfg = config.CFG
+    patches.configure_logging()  # before uvicorn logs anything: its loggers reach the root's redaction
     drain = Drain(cfg.shutdown_grace_sec)
     main = draining_server(server_config(create_app(run_job, health, start, drain), cfg.port), drain)
     health_port = cfg.port_health or cfg.port

@@ -350,3 +350,29 @@ def test_models_names_the_model_not_its_path(served):
     (model,) = client_of(api).models.list().data
     assert model.id == "demo-tdt", model.id  # models/demo-tdt.nemo
     assert str(REPO) not in json.dumps(requests.get(f"{api.url}/v1/models", timeout=30).json())
+
+
+def test_uvicorns_own_loggers_go_through_the_redaction(worker, capfd):
+    """With the server's uvicorn settings, uvicorn's loggers (uvicorn.error logs exceptions and
+    protocol errors) have no handlers of their own: their records reach the root logger's
+    handlers, which the worker's logging set-up makes redact URL secrets; the access log
+    (off) writes nothing anywhere."""
+    import io
+    import logging
+
+    from parakeet_worker import http_server, patches
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        patches.configure_logging()
+        http_server.server_config(worker.http_app(), 0)  # uvicorn configures its logging here
+        for name in ("uvicorn.error", "uvicorn.access", "uvicorn"):
+            logging.getLogger(name).error("fetching https://user:pa55@host.example/a.wav?X-Amz-Signature=s3cr3t")
+    finally:
+        root.removeHandler(handler)
+    written = out.getvalue() + "".join(capfd.readouterr())
+    assert written.count("https://***@host.example/a.wav?***") == 2, written  # uvicorn.error, uvicorn
+    assert "s3cr3t" not in written and "pa55" not in written
