@@ -167,16 +167,14 @@ def deep_key(data: bytes | str, max_depth: int = MAX_DEPTH) -> str | None:
 
 
 def as_int(value: Any, field: str, low: int, high: int, *, text: bool = False) -> int:
-    """A whole number from `low` to `high`: a JSON integer (or a float with no fraction), or,
-    with `text` (form fields), ASCII digits. True and false are not numbers."""
+    """A whole number from `low` to `high`: a JSON integer, or, with `text` (form fields), ASCII
+    digits. True and false are not numbers, nor is 2.0 an integer."""
     wanted = f"an integer from {low} to {high}"
     if isinstance(value, str) and text:
         stripped = value.strip()
         if not INT_TEXT.fullmatch(stripped):
             raise _refuse(field, wanted, value)
         number: Any = int(stripped)
-    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        number = int(value)
     else:
         number = value
     if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:

@@ -88,8 +88,8 @@ def _checked(job_input: dict[str, Any]) -> dict[str, Any]:
               for key, (check, default) in FIELDS.items()}  # fmt: skip
     phrases = _job_phrase_count(params)
     if phrases > config.CFG.boost_max_job_phrases:
-        raise InputError("boost_phrases", f"lists of the job hold {phrases} phrases in all (each different list "
-                         f"counted once), more than BOOST_MAX_JOB_PHRASES={config.CFG.boost_max_job_phrases}")  # fmt: skip
+        raise InputError.said("boost_phrases", f"the job's boost_phrases lists hold {phrases} phrases in all (each "
+                              f"different list counted once), more than BOOST_MAX_JOB_PHRASES={config.CFG.boost_max_job_phrases}")  # fmt: skip
     if params["vad"] is None:  # not given (or null): the worker's VAD setting
         params["vad"] = config.CFG.vad
     speakers_error = speakers.check_speakers(params)  # how the counts go together; each names its fields
