@@ -320,9 +320,9 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
         # Kept as this item's result: without its traceback, whose frames (this one included,
         # which holds it in `out`) would make a cycle that keeps the whole job alive.
         out = exc.with_traceback(None)
-    except Exception as exc:  # a bug in one item's path costs that item, not the job
+    except Exception:  # a bug in one item's path costs that item, not the job
         log.exception("item %d failed", index)
-        out = ItemError("internal_error", f"{type(exc).__name__}: {errors.short(exc)}")
+        out = errors.bug("in its path")
     if prepared is not None:
         job.discard(prepared.wav)  # (already gone for a short item, read by the model)
     await job.settle(index)

@@ -87,6 +87,13 @@ class ItemError(Exception):
         self.duration = duration  # known when the audio was decoded (e.g. too_long)
 
 
+def bug(where: str) -> ItemError:
+    """An item's internal_error: a bug `where` ("in its path", "rendering its result"), logged in
+    full on the worker (redacted); the client's message carries neither the exception's type nor
+    its text, which may hold server paths."""
+    return ItemError("internal_error", f"the worker failed on this item ({where}): a bug, logged on the worker")
+
+
 def cancelled(when: str = "") -> ItemError:
     """The item's job was stopped (Runpod's /cancel, a timeout, or the job's end) `when`: the
     item is dropped. A stopped job posts no result, so this is seen in logs only."""

@@ -108,9 +108,9 @@ def response(job: Job, outputs: dict[int, Transcript | ItemError], params: dict[
         out = outputs.get(i) or ItemError("internal_error", "no result was produced for this item")
         try:
             results.append(_item_result(i, source, out, params, job.prepared.get(i), job.speech_sec.get(i)))
-        except Exception as exc:  # a rendering bug costs this item, not the job
+        except Exception:  # a rendering bug costs this item, not the job
             log.exception("could not render the result of item %d", i)
-            err = ItemError("internal_error", f"{type(exc).__name__}: {errors.short(exc)}")
+            err = errors.bug("rendering its result")
             results.append(_item_result(i, source, err, params, None))
     answer: dict[str, Any] = {"results": results}
     if params["output_format"] == "text":

@@ -433,3 +433,37 @@ def test_after_the_table_the_worker_still_transcribes(api, worker):
     native = call_handler(worker, {"id": "after", "input": {"inputs": [{"source": str(clip)}]}})
     assert words_of(native["results"][0]["text"]) == ["seven", "eight"]
     assert temp_leftovers() == [] and not list(TMP_ROOT.glob("job-*"))
+
+
+# --- a bug anywhere: a clean internal_error, the rest in the log ---------------------------------
+
+
+def test_a_bug_is_a_clean_internal_error_on_every_route(worker, api, clip, clip_b64, monkeypatch, caplog):
+    """An exception no check foresaw (here: injected into the native job's checks, with a
+    server path, a Python type name and a signed URL in its text) is answered as internal_error
+    (the queue: a job error; HTTP: a JSON 500) that quotes none of it; the log has the
+    traceback, the URL's secret redacted."""
+    from parakeet_worker import request
+
+    def broken(job_input):
+        raise RuntimeError("/srv/secret/job-abcdefgh/0.src <class 'int'> https://u:pw@host/a.wav?sig=SECRET")
+
+    monkeypatch.setattr(request, "check_input", broken)
+    caplog.set_level(logging.ERROR)
+    answers = [
+        json.dumps(call_handler(worker, {"id": "bug", "input": native_base(clip)})),
+        json.dumps(call_handler(worker, {"id": "bug", "input": {"openai_route": "/v1/audio/transcriptions",
+                                                                "openai_input": openai_base(clip_b64)}})),
+    ]  # fmt: skip
+    for route, body in (("/transcribe", {"input": native_base(clip)}), ("/v1/audio/transcriptions", openai_base(clip_b64))):
+        answer = requests.post(f"{api.url}{route}", json=body, timeout=60)
+        assert answer.status_code == 500 and answer.headers["content-type"].startswith("application/json"), answer.text
+        answers.append(answer.text)
+    for text in answers:
+        assert "internal_error" in text, text
+        for leak in ("/srv/secret", "job-abcdefgh", "<class", "RuntimeError", "SECRET", "Traceback"):
+            assert leak not in text, (leak, text)
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert "RuntimeError" in logged and "SECRET" not in logged and "https://***@host/a.wav?***" in logged
+    monkeypatch.undo()
+    alive(api)
