@@ -569,6 +569,9 @@ def server_config(app: Any, port: int) -> uvicorn.Config:
     settings = uvicorn.Config(app, host=cfg.host, port=port, log_level="warning", access_log=False, log_config=None,
                               http=protocol, h11_max_incomplete_event_size=cfg.http_head_max_bytes,
                               server_header=False, timeout_graceful_shutdown=int(ANSWER_SEC), lifespan="on")  # fmt: skip
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):  # whatever configured them before: the root's handlers
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # no handler, no propagation: Python's last resort would print it
     return settings
 
