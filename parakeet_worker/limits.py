@@ -76,6 +76,54 @@ async def send_error(send: Send, status: int, message: str, code: str, *, close:
 # ---------------------------------------------------------------------------------------------
 
 
+LINGER_SEC = 2.0  # after an answer sent while the client was still sending: how long its bytes are read and dropped
+LINGER_MAX_BYTES = 4 * 1024**2  # and how many at most (a client that floods gets its reset sooner)
+
+
+class _LingeringTransport:
+    """A connection's transport whose close() lingers when the client may still be sending (a
+    body not yet fully received, a head refused half-way): a plain close() with unread bytes
+    in the kernel makes it send a reset instead of a FIN, and the client's kernel then drops
+    the answer it had not read yet (the 408, the 431, a shutdown's 503), so the client sees
+    "connection reset" instead of JSON. Here the answer is flushed and the sending side shut
+    (FIN), the client's further bytes are read and dropped, and the connection closes once the
+    client closes its side, after LINGER_SEC or after LINGER_MAX_BYTES, as nginx's
+    lingering_close does. Everything else is the real transport's."""
+
+    def __init__(self, real: Any, wants_linger: Any):
+        self._real, self._wants_linger = real, wants_linger
+        self.lingering = False
+        self.dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def drop(self, data: bytes) -> None:
+        """Bytes that came while lingering: dropped, and past LINGER_MAX_BYTES the end."""
+        self.dropped += len(data)
+        if self.dropped > LINGER_MAX_BYTES:
+            self.end()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._real.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._real.is_closing() or not self._wants_linger() or not self._real.can_write_eof():
+            self.end()
+            return
+        self.lingering = True
+        self._real.write_eof()  # after what is buffered: the answer goes out whole, then a FIN
+        self._real.resume_reading()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_SEC, self.end)
+
+    def end(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._real.close()
+
+
 def guarded_protocol(base: type[asyncio.Protocol], max_bytes: int = HEAD_MAX_BYTES,
                      timeout_sec: float = HEAD_TIMEOUT_SEC) -> type[asyncio.Protocol]:  # fmt: skip
     """uvicorn's HTTP/1.1 protocol class `base` (HttpToolsProtocol or H11Protocol) with a cap on
@@ -86,12 +134,15 @@ def guarded_protocol(base: type[asyncio.Protocol], max_bytes: int = HEAD_MAX_BYT
     the cap is held). The deadline runs from the head's first byte (a new connection: from its
     opening, so a connection that sends nothing is closed too); past it, a 408. A response in
     progress is never cut: the deadline waits for it. Both parsers' own 400 ("Invalid HTTP
-    request received.", plain text) becomes JSON too.
+    request received.", plain text) becomes JSON too. A connection closed while its client may
+    still be sending (these refusals; a 408, 413 or 503 sent before the body's end) lingers
+    (_LingeringTransport), so that the client reads its answer instead of a reset.
 
-    It relies on three things both of uvicorn's HTTP/1.1 protocols have (uvicorn 0.30-0.54):
+    It relies on what both of uvicorn's HTTP/1.1 protocols have (uvicorn 0.30-0.54):
     `self.cycle`, a new object once a head has been parsed, whose `more_body` turns False
-    once its body has arrived and `response_complete` True once answered; `self.transport`;
-    and `send_400_response(msg)`. tests/test_http_limits.py fails if that changes."""
+    once its body has arrived and `response_complete` True once answered; `self.transport`
+    (handed to each cycle); `on_response_complete()`; `eof_received()`; and
+    `send_400_response(msg)`. tests/test_http_limits.py fails if that changes."""
 
     class GuardedProtocol(base):  # type: ignore[valid-type, misc]
         head_max_bytes = max_bytes
@@ -100,14 +151,39 @@ def guarded_protocol(base: type[asyncio.Protocol], max_bytes: int = HEAD_MAX_BYT
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             self._head_bytes = 0
             self._head_timer: asyncio.TimerHandle | None = None
-            super().connection_made(transport)
+            self._refused = False
+            self._lingering = _LingeringTransport(transport, self._client_may_be_sending)
+            super().connection_made(self._lingering)
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._lingering.end()
             super().connection_lost(exc)
 
+        def eof_received(self) -> bool | None:
+            if self._lingering.lingering:
+                self._lingering.end()
+                return None
+            return super().eof_received()
+
+        def on_response_complete(self) -> None:
+            """An answer sent before its request's body ended (413, 429, 408, 503): the
+            connection closes (lingering), rather than reading the rest of a body nobody wants,
+            for as long as the client cares to send it."""
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and not self.transport.is_closing():
+                self.transport.close()
+            super().on_response_complete()
+
+        def _client_may_be_sending(self) -> bool:
+            cycle = self.cycle
+            return self._refused or (cycle is not None and cycle.more_body)
+
         def data_received(self, data: bytes) -> None:
+            if self._lingering.lingering:
+                self._lingering.drop(data)  # an answer went out and the connection is closing
+                return
             in_head = self._awaiting_head()
             if in_head:
                 self._head_bytes += len(data)
@@ -159,6 +235,7 @@ def guarded_protocol(base: type[asyncio.Protocol], max_bytes: int = HEAD_MAX_BYT
 
         def _refuse(self, status: int, message: str, code: str) -> None:
             self._disarm()
+            self._refused = True
             if self._owns_transport():
                 self.transport.write(raw_response(status, message, code))
                 self.transport.close()

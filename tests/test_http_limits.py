@@ -297,6 +297,53 @@ def test_429s_carry_retry_after(served, worker, monkeypatch):
     wait_for(lambda: temp_leftovers() == [], 30, "the abandoned upload to be cleaned up")
 
 
+def test_an_early_answer_reaches_a_client_still_sending(served):
+    """A 413 sent while the client is still sending its upload (over MAX_UPLOAD_BYTES): the
+    client, which stops once it sees an answer, reads it whole, not a connection reset; then
+    the connection closes (the rest of the body is not read for as long as it comes)."""
+    api = served(max_upload_bytes=64 * 1024)
+    body, ctype = multipart({"model": "whisper-1"}, speech_file("nine", "wav"))
+    sock = connect(api)
+    sock.sendall(upload_head("/v1/audio/transcriptions", ctype, len(body) + 50 * 2**20) + body[:1000])
+    sock.setblocking(False)
+    got = b""
+    block = b"\x00" * 65536
+    for _ in range(800):  # at most 50 MiB: the server stops it long before
+        with contextlib.suppress(BlockingIOError):
+            got += sock.recv(65536)
+        if got:
+            break
+        with contextlib.suppress(BlockingIOError):
+            sock.send(block)
+    sock.setblocking(True)
+    assert got, "no answer while sending"
+    rest = read_answer_from(sock, got)
+    assert_json_error(rest, 413, "too_large")
+    assert read_answer(sock, 30) is None  # closed afterwards
+    sock.close()
+    wait_for(lambda: temp_leftovers() == [], 30, "the refused upload to be cleaned up")
+
+
+def read_answer_from(sock: socket.socket, start: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    """read_answer, with the first bytes already read."""
+    data = start
+    sock.settimeout(30)
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
 # --- multipart --------------------------------------------------------------------------------------
 
 
