@@ -31,6 +31,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/huggingface
 
+# No library's telemetry, from the build on (its model download included): onnxruntime would write
+# a device id and an event queue under ~/.cache and $TMPDIR and upload them; huggingface_hub and
+# wandb have switches of their own. The worker sets these itself too, where they are unset
+# (parakeet_worker/privacy.py; docs/operations.md, "Privacy").
+ENV ORT_DISABLE_TELEMETRY=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    DO_NOT_TRACK=1 \
+    WANDB_MODE=disabled
+
 # Python 3.11 and ffmpeg from the distribution.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv ffmpeg ca-certificates \

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL := models/demo-tdt.nemo
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps demo test lint bench bench-long bench-gpu gpu-check bench-cold parakeet-shaped bench-boost model clean
+.PHONY: setup system-deps demo test lint bench bench-long bench-gpu gpu-check bench-cold parakeet-shaped bench-boost bench-realtime model clean
 
 setup: system-deps $(STAMP)
 
@@ -49,6 +49,7 @@ bench: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072 $(PY) -m bench.memory
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.vad
 	$(PY) -m bench.diarize
+	$(PY) -m bench.language
 
 bench-long: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio
@@ -73,6 +74,9 @@ parakeet-shaped: setup
 
 bench-boost: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.boosting
+
+bench-realtime: setup
+	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.realtime
 
 # Rebuild the demo model exactly as shipped: 12 epochs from scratch, then 6 more on fresh data,
 # a third of it sent through mp3/opus (about 45 minutes on 2 CPU cores), and the samples.

@@ -35,10 +35,11 @@ from typing import Any, Protocol, TypeVar
 
 import runpod
 
-from parakeet_worker import config, engine, errors, openai_api, output, patches, pieces, request, scheduler
+from parakeet_worker import config, engine, errors, openai_api, output, patches, pieces, privacy, request, scheduler
 from parakeet_worker import job as jobs
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import vad
+from parakeet_worker.analysis import language, speakers, vad
+from parakeet_worker.analysis.known_speakers import KnownSpeaker, KnownSpeakerError, Voiceprint
 from parakeet_worker.audio import decoder, disk, download, sources
 from parakeet_worker.audio.uploads import Uploads
 from parakeet_worker.config import SAMPLE_RATE
@@ -209,6 +210,11 @@ def _plan_next(ready: Sequence[Unit], local_mode: bool, served: Mapping[Any, flo
     job with ready units, one batch more than it takes that job to pass this job's service; a job
     that just arrived starts level with the job running now, so a one-clip job waits for at most
     two batches (one piece of a long item at most each), however big any other job's backlog is.
+
+    A live session's committed turn (a unit with live_final) is not fair-queued: the oldest one
+    leads the next batch, with the other live finals packed first, so that a speaker's text waits
+    for the batch running now and no more. Live audio comes at most as fast as people speak, so
+    this cannot starve file jobs; a live partial is an ordinary unit of its session.
     """
     if not ready:
         return []
@@ -217,6 +223,9 @@ def _plan_next(ready: Sequence[Unit], local_mode: bool, served: Mapping[Any, flo
     for unit in sorted(ready, key=lambda u: u.seq):
         by_job.setdefault(unit.job, []).append(unit)
     order = sorted(by_job, key=lambda j: (served.get(j, 0.0), by_job[j][0].seq))
+    live = [u for u in sorted(ready, key=lambda u: u.seq) if u.live_final]
+    if live:
+        return _pack_short(live[0], live, [by_job[job] for job in order])
     lead = by_job[order[0]]
     first = lead[0]
     lead_buckets = _bucketize_by_duration(lead)
@@ -225,11 +234,21 @@ def _plan_next(ready: Sequence[Unit], local_mode: bool, served: Mapping[Any, flo
         alone = sorted((u for u in lead_buckets[LONG] + lead_buckets[LOCAL] if u.seq < oldest_short), key=lambda u: u.seq)
         same_mode = [u for u in alone if (u in lead_buckets[LOCAL]) == local_mode]
         return [(same_mode or alone)[0]]
-    pool: list[Unit] = []
-    for job in order:
-        pool += _bucketize_by_duration(by_job[job])[SHORT]
+    return _pack_short(first, [], [by_job[job] for job in order])
+
+
+def _pack_short(first: Unit, ahead: list[Unit], jobs_in_order: list[list[Unit]]) -> list[Unit]:
+    """The batch _make_batches puts `first` in, packed from the short units of `ahead` and then
+    of each job in turn, until there are two batches' worth to choose from (`first` runs alone
+    if it is not short)."""
+    if _bucket_of(first.duration) != SHORT:
+        return [first]
+    pool: list[Unit] = [u for u in ahead if _bucket_of(u.duration) == SHORT]
+    taken = set(map(id, pool))
+    for units in jobs_in_order:
         if len(pool) >= 2 * config.CFG.batch_max_items:
             break
+        pool += [u for u in _bucketize_by_duration(units)[SHORT] if id(u) not in taken]
     return next(batch for batch in _make_batches(pool) if first in batch)
 
 
@@ -259,10 +278,15 @@ def _maybe_set_local_attention(model: Any, duration: float) -> None:
     log.info("encoder attention: %s", "local" if want_local else "full")
 
 
-def _run_batch(model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any]) -> list[Any]:
+def _run_batch(
+    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scripts: list[Any] | None = None
+) -> list[Any]:
     """One planned batch through the model, the encoder set up for its longest row first; a
-    failing batch is retried in halves (engine.run_resilient)."""
-    return engine.run_resilient(model, audio, lengths, timestamps, boosts, prepare=_maybe_set_local_attention)
+    failing batch is retried in halves (engine.run_resilient). `scripts`: each row's language
+    hint's scripts (None: decoded as always)."""
+    return engine.run_resilient(
+        model, audio, lengths, timestamps, boosts, prepare=_maybe_set_local_attention, scripts=scripts
+    )
 
 
 @shared
@@ -279,6 +303,7 @@ def _prepare_unit(job: Job, index: int, item: Any) -> tuple[Prepared, cf.Future 
     arrival = Arrival(job.scheduler)
     try:
         job.boosts[index] = job.boost_of(item)  # before the fetch: a bad list costs no download
+        job.hints[index] = job.hint_of(item)  # so does a bad language hint
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if job.speakers is not None:
             job.keep(prepared.wav)  # before the scheduler may read it and let it go
@@ -316,6 +341,7 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
             elif index in job.clips and isinstance(out, Transcript):
                 out = vad.on_timeline(job.clips[index], out)
         out = await jobs.labelled(job, out, labels)
+        await job.detect_language(index, out)  # off the model thread, on the final text and segments
     except ItemError as exc:
         # Kept as this item's result: without its traceback, whose frames (this one included,
         # which holds it in `out`) would make a cycle that keeps the whole job alive.
@@ -361,6 +387,48 @@ async def _resplit_on_oom(job: Job, item: Prepared, out: Transcript | ItemError,
     return await _transcribe_split(job, item, piece_sec, whole)
 
 
+# --- Known speakers: each reference fetched, decoded and checked like an item, then embedded ---
+
+
+async def _enrol(job: Job, known: Sequence[KnownSpeaker]) -> None:
+    """The job's voiceprints (job.voiceprints), one per known speaker, before any item is
+    diarized: each reference is fetched and decoded on the prepare pool as an input is (any
+    source an input may be), into the job's dir, then checked and embedded in the same thread
+    (at most 10 s of audio: under a second of CAM++ on a CPU; on the diarize pool it could wait
+    behind another job's hour). A reference the client got wrong stops the job (JobError
+    invalid_input naming its field); a speaker model that cannot load only means no names
+    (every item then says why it has no labels)."""
+    if not known or config.CFG.skip_model_load:  # a dry run loads no speaker model
+        return
+    folder = job.workdir / "known"
+    folder.mkdir(exist_ok=True)
+    prints = await asyncio.gather(*(jobs.in_pool(job, _enrol_one, job, n, speaker, folder)
+                                    for n, speaker in enumerate(known)))  # fmt: skip
+    job.voiceprints = [p for p in prints if p is not None]
+
+
+def _enrol_one(job: Job, n: int, speaker: KnownSpeaker, folder: Path) -> Voiceprint | None:
+    wav = None
+    try:
+        prepared = _fetch_to_wav(n, speaker.item, folder, job.stop)
+        wav = prepared.wav
+        return speakers.enrol(speaker, prepared.wav, prepared.frames, job.stop)
+    except KnownSpeakerError as exc:
+        raise JobError("invalid_input", f"invalid input: {exc}", exc.param) from None
+    except ItemError as exc:
+        if exc.code == "diarize_failed":
+            log.warning("known speaker %d not enrolled: %s", n, exc.message)
+            return None
+        code = errors.CODES.get(exc.code)
+        why = f"{speaker.param}: the reference for '{speaker.name}': {exc.message}"
+        if code is not None and code.client_fault:
+            raise JobError("invalid_input", f"invalid input: {why}", speaker.param) from None
+        raise JobError(exc.code if code is not None else "internal_error", why, speaker.param) from None
+    finally:
+        if wav is not None:
+            job.discard(wav)
+
+
 async def transcribe_batched(job: Job) -> dict[int, Transcript | ItemError]:
     """Transcribe every item of one job; results by input index.
 
@@ -394,9 +462,13 @@ async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
 def ensure_model() -> Any:
     """Start this process as a worker, once: every log line made safe (LOG_LEVEL), then the
     model loaded (model.ensure_model). main() calls it before the SDK takes a job; a job run
-    in-process without main() calls it on its way in."""
+    in-process without main() calls it on its way in. No library's telemetry is on by then."""
+    privacy.telemetry_off()
     patches.configure_logging()
-    return asr.ensure_model()
+    model = asr.ensure_model()
+    if model is not None:
+        language.preload()  # py3langid (~1 s), on a thread of its own: the first item need not wait
+    return model
 
 
 async def run_job(
@@ -404,7 +476,8 @@ async def run_job(
 ) -> dict[str, Any]:
     """One native job, whatever brought it (Runpod's queue, the OpenAI route, the HTTP server):
     {"inputs": [...], "timestamps", "output_format", "boost_phrases", "boost_weight", "vad",
-    "diarize", "num_speakers", "min_speakers", "max_speakers"} in (request.INPUT_SCHEMA),
+    "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers", "language", "languages"} in
+    (request.INPUT_SCHEMA),
     {"results": [...], "stats": {...}} out; raises errors.JobError (its code, its message) when
     the job cannot run at all: invalid input, no model, a sick worker, no temp dir.
 
@@ -435,6 +508,7 @@ async def run_job(
         if uploads is not None:
             uploads.discard()  # whatever the job did not take over
     try:
+        await _enrol(run, params["known_speakers"])
         outputs = await transcribe_batched(run)
         return output.response(run, outputs, params, started)
     finally:
@@ -479,11 +553,42 @@ def worker_health() -> str:
 
 
 def http_app(load_model: bool = True) -> Any:
-    """The worker's HTTP API (FastAPI; docs/openai.md), wired to this file's job runner and health;
-    with `load_model`, the model loads in the background once it listens."""
+    """The worker's HTTP API (FastAPI; docs/openai.md, docs/realtime.md), wired to this file's job
+    runner, health and scheduler; with `load_model`, the model loads in the background once it
+    listens."""
     from parakeet_worker import http_server  # only here: the queue worker never imports the HTTP layer
 
-    return http_server.create_app(run_job, worker_health, ensure_model if load_model else None)
+    return http_server.create_app(run_job, worker_health, ensure_model if load_model else None, realtime_sessions())
+
+
+def realtime_sessions() -> Any:
+    """Live sessions (GET /v1/realtime) on this process's scheduler: their turns batch with every
+    job's items (realtime_engine), their turn detection is the worker's silero model."""
+    from parakeet_worker import realtime_engine, realtime_ws
+
+    settings = realtime_ws.RealtimeSettings.from_config(config.CFG)
+    return realtime_ws.SessionManager(settings, realtime_engine.SchedulerEngine(model_thread), vad.ensure_vad,
+                                      _realtime_refusal)  # fmt: skip
+
+
+def _start_http() -> None:
+    """The HTTP server's start, in a background thread once it listens: the model, then silero
+    (live sessions' turn detection; loaded now, not on the event loop by the first session)."""
+    ensure_model()
+    if asr.loaded_model() is not None:
+        vad.ensure_vad()
+
+
+def _realtime_refusal() -> tuple[int, str, str] | None:
+    """Why a live session cannot start now (HTTP status, message, code), or None."""
+    health = worker_health()
+    if health == "loading":
+        return 503, "the model is still loading; retry in a few seconds", "model_loading"
+    if asr.MODEL.error:
+        return 503, f"the model could not be loaded on this worker: {asr.MODEL.error}", "model_unavailable"
+    if health == "unhealthy":
+        return 503, "this worker is unhealthy (a GPU fault); retry on another", "unavailable"
+    return None
 
 
 def _concurrency(current: int) -> int:
@@ -497,11 +602,12 @@ def main(argv: list[str]) -> None:
     which loads the model in the background once it listens. Otherwise RUNPOD_SERVERLESS=1: the
     Runpod worker loop; or the SDK's local paths: `--test_input '{...}'`, `--rp_serve_api`, or
     test_input.json in the working directory. The model is loaded here, before the SDK takes
-    its first job."""
+    its first job. First of all, every library's telemetry is switched off (privacy.py)."""
+    privacy.telemetry_off()
     if config.CFG.worker_mode == "http":
         from parakeet_worker import http_server
 
-        http_server.serve(run_job, worker_health, ensure_model)
+        http_server.serve(run_job, worker_health, _start_http, realtime_sessions())
         return
     local_args = any(a.startswith(("--test_input", "--rp_")) for a in argv)
     if not config.CFG.runpod_serverless and not local_args and not Path("test_input.json").is_file():

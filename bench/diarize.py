@@ -41,7 +41,7 @@ speakers.diarize(synth.write(warm, synth.speak("one two three four five six seve
 base = resource.getrusage(resource.RUSAGE_SELF)
 frames = sf.info(path).frames
 t0, c0 = time.perf_counter(), time.process_time()
-turns = speakers.diarize(__import__("pathlib").Path(path), 0, frames, speakers.SpeakerCount(), threading.Event())
+turns = speakers.diarize(__import__("pathlib").Path(path), 0, frames, speakers.SpeakerCount(), threading.Event()).turns
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"audio_sec": frames / 16000, "wall_sec": wall, "cpu_sec": cpu, "rss_before_mb": base.ru_maxrss / 1024,

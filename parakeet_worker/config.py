@@ -59,6 +59,20 @@ def _env_pair(name: str, default: str) -> tuple[int, int]:
     return left, right
 
 
+def _env_languages(name: str) -> tuple[str, ...]:
+    """A comma-separated list of ISO 639-1 codes ("en,de"), lower-cased, duplicates dropped."""
+    codes: list[str] = []
+    for part in _env(name, "").split(","):
+        code = part.strip().lower()
+        if not code:
+            continue
+        if len(code) != 2 or not (code.isascii() and code.isalpha()):
+            raise SystemExit(f"{name}: {part.strip()!r} is not an ISO 639-1 language code such as 'en'")
+        if code not in codes:
+            codes.append(code)
+    return tuple(codes)
+
+
 def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup"),
                affinity: int | None = None) -> int:  # fmt: skip
     """How many CPUs this process may keep busy: its affinity mask, capped by any cgroup CPU quota
@@ -176,6 +190,17 @@ class Config:
     ffmpeg_bin: str = ""  # "": ffmpeg on PATH, else the imageio-ffmpeg wheel's
     runpod_serverless: bool = False  # set by Runpod on its workers: run the SDK's worker loop
     progress_url: str = ""  # RUNPOD_WEBHOOK_POST_OUTPUT: where the SDK posts results; progress goes there too
+    # live sessions, GET /v1/realtime (docs/realtime.md)
+    realtime_max_sessions: int = 64
+    realtime_partial_ms: int = 500
+    realtime_max_turn_sec: float = 30.0
+    realtime_max_buffer_sec: float = 120.0
+    realtime_idle_sec: float = 120.0
+    realtime_resume_sec: float = 60.0
+    realtime_max_connection_sec: float = 0.0  # 0: no limit
+    realtime_max_message_bytes: int = 1024**2
+    realtime_send_queue: int = 256
+    model_languages: tuple[str, ...] = ()  # (): the table by model name (analysis/language.py)
 
     @classmethod
     def from_env(cls) -> Config:
@@ -238,6 +263,16 @@ class Config:
             ffmpeg_bin=os.environ.get("FFMPEG_BIN", "").strip(),
             runpod_serverless=_env_flag("RUNPOD_SERVERLESS"),
             progress_url=os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT", "").strip(),
+            realtime_max_sessions=_env_num("REALTIME_MAX_SESSIONS", d.realtime_max_sessions, int),
+            realtime_partial_ms=_env_num("REALTIME_PARTIAL_MS", d.realtime_partial_ms, int),
+            realtime_max_turn_sec=max(1.0, _env_num("REALTIME_MAX_TURN_SEC", d.realtime_max_turn_sec)),
+            realtime_max_buffer_sec=max(1.0, _env_num("REALTIME_MAX_BUFFER_SEC", d.realtime_max_buffer_sec)),
+            realtime_idle_sec=_env_num("REALTIME_IDLE_SEC", d.realtime_idle_sec),
+            realtime_resume_sec=_env_num("REALTIME_RESUME_SEC", d.realtime_resume_sec),
+            realtime_max_connection_sec=_env_num("REALTIME_MAX_CONNECTION_SEC", d.realtime_max_connection_sec),
+            realtime_max_message_bytes=max(1024, _env_num("REALTIME_MAX_MESSAGE_BYTES", d.realtime_max_message_bytes, int)),
+            realtime_send_queue=max(1, _env_num("REALTIME_SEND_QUEUE", d.realtime_send_queue, int)),
+            model_languages=_env_languages("MODEL_LANGUAGES"),
         )
 
 

@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 log = logging.getLogger("parakeet-worker.http")
@@ -81,9 +82,11 @@ class Drain:
             await asyncio.wait(set(self.work), timeout=ANSWER_SEC)
 
 
-def draining_server(config: Any, drain: Drain) -> Any:
-    """A uvicorn.Server whose first SIGTERM or SIGINT runs `drain` before uvicorn's own
-    shutdown (which then finds nothing in flight). uvicorn is imported here, not at import."""
+def draining_server(config: Any, drain: Drain, also: Callable[[], Awaitable[None]] | None = None) -> Any:
+    """A uvicorn.Server whose first SIGTERM or SIGINT runs `drain`, and `also` beside it (live
+    sessions: each gets the text of what it had buffered, then a clean close), before uvicorn's
+    own shutdown, which then finds nothing in flight (and would cut every WebSocket at once,
+    1012). uvicorn is imported here, not at import."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -101,8 +104,14 @@ def draining_server(config: Any, drain: Drain) -> Any:
             self.loop.call_soon_threadsafe(self._drain)
 
         def _drain(self) -> None:
-            task = asyncio.ensure_future(drain.finish())
+            task = asyncio.ensure_future(self._both())
             task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+        async def _both(self) -> None:
+            work = [drain.finish()] if also is None else [drain.finish(), also()]
+            for failed in await asyncio.gather(*work, return_exceptions=True):
+                if isinstance(failed, BaseException):
+                    log.error("draining failed: %s", failed)
 
     return DrainingServer(config)
 

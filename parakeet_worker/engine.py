@@ -58,17 +58,18 @@ def gpu_fault_error() -> ItemError:
 
 def run_resilient(
     model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool, boosts: Sequence[Boost | None] | None = None,
-    prepare: asr.Prepare | None = None,
+    prepare: asr.Prepare | None = None, scripts: Sequence[frozenset[str] | None] | None = None,
 ) -> list[Transcript | ItemError]:
     """Run a batch; if the model fails, retry its halves, so only an item that fails alone
     gets an error. A CUDA out-of-memory takes the same path, after emptying the cache. A GPU
     fault is not retried: it fails the batch and marks the worker sick (see _is_gpu_fault).
-    `boosts` (one per row, or None) is split with the rows."""
+    `boosts` and `scripts` (one per row, or None) are split with the rows."""
     if asr.state().gpu_fault:
         return [gpu_fault_error() for _ in lengths]
     boosts = list(boosts) if boosts is not None else [None] * len(lengths)
+    scripts = list(scripts) if scripts is not None else [None] * len(lengths)
     try:
-        return list(asr.run_model(model, audio, lengths, timestamps, boosts, prepare))
+        return list(asr.run_model(model, audio, lengths, timestamps, boosts, prepare, scripts))
     except Exception as exc:
         if _is_gpu_fault(exc):
             log.error("GPU fault, asking Runpod to replace this worker: %s", errors.short(exc))
@@ -85,9 +86,9 @@ def run_resilient(
         log.warning("batch of %d failed (%s); retrying in halves", len(lengths), errors.short(exc, 120))
         half = len(lengths) // 2
         first, second = lengths[:half], lengths[half:]
-        return run_resilient(model, audio[:half, : max(first)], first, timestamps, boosts[:half], prepare) + run_resilient(
-            model, audio[half:, : max(second)], second, timestamps, boosts[half:], prepare
-        )
+        return run_resilient(
+            model, audio[:half, : max(first)], first, timestamps, boosts[:half], prepare, scripts[:half]
+        ) + run_resilient(model, audio[half:, : max(second)], second, timestamps, boosts[half:], prepare, scripts[half:])
 
 
 def model_failed_error() -> ItemError:

@@ -27,6 +27,8 @@ CODES: dict[str, Code] = {
     # the item, as the client sent it
     "invalid_source": Code(400, "the item's shape or source is wrong (see docs/errors.md)", True),
     "invalid_boost": Code(400, "the item's own boost_phrases cannot be used", True),
+    "invalid_language": Code(400, "the item's own language or languages hint is malformed, or names a language "
+                             "the model does not transcribe (the message lists those it does)", True),
     "forbidden_path": Code(400, "a local path outside ALLOWED_LOCAL_ROOTS, or one that cannot be resolved", True),
     "not_found": Code(400, "a local path inside a root, but no such regular file", True),
     "forbidden_url": Code(400, "a URL that resolves to a private, loopback or link-local address", True),
@@ -104,10 +106,11 @@ class JobError(Exception):
     """A problem that stops the whole job before any item starts: the answer is
     {"error": message, "code": code} (see job_error)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param  # the request field at fault, where one is (OpenAI's error `param`)
 
 
 def job_error(code: str, message: str, **extra: Any) -> dict[str, Any]:

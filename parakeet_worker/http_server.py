@@ -9,6 +9,7 @@ are openai_api's. handler.py builds the app (handler.http_app) and serves it (ma
     POST /v1/audio/transcriptions   OpenAI's multipart request; stream=true: text/event-stream
     GET  /v1/models                 the model list
     POST /transcribe                the native body {"input": {...}}: a queue job's output
+    GET  /v1/realtime               a WebSocket: live transcription, OpenAI's Realtime protocol (realtime_ws)
 
 Every answer is JSON, errors included, with the status of its code (errors.CODES). What a
 client may hold of the server before its request is a job is bounded (parakeet_worker.limits:
@@ -54,10 +55,21 @@ from parakeet_worker.openai_api import (
     openai_request,
     openai_transcribe,
 )
+from parakeet_worker.realtime_ws import SessionManager, realtime_router
 
 log = logging.getLogger("parakeet-worker.http")
 
 FIELD_MAX_BYTES = 64 * 1024  # one form field that is not the file
+# A known speaker's reference, as OpenAI's clients send it: a data: URL in a form field. 2-10 s of
+# audio; a 10 s 44.1 kHz stereo WAV is 2.4 MB of base64.
+REFERENCE_FIELD_MAX_BYTES = 4 * 1024 * 1024
+
+
+def field_max_bytes(name: str) -> int:
+    """The most one form field may hold."""
+    return REFERENCE_FIELD_MAX_BYTES if name.removesuffix("[]") == "known_speaker_references" else FIELD_MAX_BYTES
+
+
 FIELDS_MAX = 2000  # form fields per request (boost_phrases come one per field)
 JSON_MAX_BYTES = 64 * 1024**2  # a /transcribe body (base64 audio inline)
 PING_STATUS = {"loading": 204, "ready": 200, "unhealthy": 503}
@@ -194,9 +206,9 @@ async def read_form(request: Request, uploads: Uploads) -> dict[str, Any]:
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if "file" in part:
             pending.append(("data", bytes(data[start:end])))
-        elif len(part["data"]) + end - start > FIELD_MAX_BYTES:
+        elif len(part["data"]) + end - start > (most := field_max_bytes(part["field"])):
             name = logsafe.echo(part["field"], 100)
-            raise FormError("invalid_request", f"the form field '{name}' is over {FIELD_MAX_BYTES} bytes", name)
+            raise FormError("invalid_request", f"the form field '{name}' is over {most} bytes", name.removesuffix("[]"))
         else:
             part["data"] += data[start:end]
 
@@ -324,14 +336,15 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-ROUTES = "POST /v1/audio/transcriptions, GET /v1/models, POST /transcribe and GET /ping"
+ROUTES = "POST /v1/audio/transcriptions, GET /v1/models, POST /transcribe, GET /v1/realtime (a WebSocket) and GET /ping"
 
 
 def create_app(run_job: RunJob, health: Health, start: Callable[[], object] | None = None,
-               drain: Drain | None = None) -> FastAPI:  # fmt: skip
+               realtime: SessionManager | None = None, drain: Drain | None = None) -> FastAPI:  # fmt: skip
     """The HTTP API over `run_job`. `start` (the model load) runs in a background thread started
     at the lifespan's startup, just before uvicorn binds its sockets, so /ping answers (204)
-    while it loads. `drain` is the shutdown state SIGTERM sets (serve() makes one)."""
+    while it loads. `realtime` (live sessions) serves GET /v1/realtime. `drain` is the shutdown
+    state SIGTERM sets (serve() makes one)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -343,6 +356,8 @@ def create_app(run_job: RunJob, health: Health, start: Callable[[], object] | No
     gate = Gate(health, drain or Drain(config.CFG.shutdown_grace_sec))
     cfg = config.CFG
     app.add_middleware(BearerAuth)
+    if realtime is not None:
+        app.include_router(realtime_router(realtime))  # its own auth: a browser cannot send a header
     app.add_middleware(limits.BodyDeadline, idle_sec=cfg.http_body_idle_sec, min_rate=cfg.http_body_min_rate,
                        grace_sec=cfg.http_body_grace_sec)  # fmt: skip
 
@@ -526,7 +541,7 @@ async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str], drain:
             log.exception("a streamed request failed")
             yield sse(OpenAIError(500, INTERNAL_MESSAGE, "internal_error").body())
             return
-        yield sse(openai_done(answer["text"]))
+        yield sse(openai_done(answer["text"], answer.get("languages")))
     finally:
         job.cancel()  # the client is gone (or the job is done already): its own task cleans up
 
@@ -563,12 +578,15 @@ def server_config(app: Any, port: int) -> uvicorn.Config:
     for httptools or h11 alike); no log config of its own, so uvicorn's loggers reach the root
     logger and its redaction (patches.configure_logging), and no access log; no `server` header; no
     limit_concurrency (its plain-text 503 would answer /ping too). After SIGTERM the drain has
-    answered everything before uvicorn's own shutdown starts: its grace only covers stragglers."""
+    answered everything before uvicorn's own shutdown starts: its grace only covers stragglers. A
+    WebSocket message over 4x REALTIME_MAX_MESSAGE_BYTES is refused by uvicorn before it is
+    whole; one over the cap itself by realtime_ws, with its reason."""
     cfg = config.CFG
     protocol = limits.guarded_protocol(limits.default_protocol(), cfg.http_head_max_bytes, cfg.http_head_timeout_sec)
     settings = uvicorn.Config(app, host=cfg.host, port=port, log_level="warning", access_log=False, log_config=None,
                               http=protocol, h11_max_incomplete_event_size=cfg.http_head_max_bytes,
-                              server_header=False, timeout_graceful_shutdown=int(ANSWER_SEC), lifespan="on")  # fmt: skip
+                              server_header=False, timeout_graceful_shutdown=int(ANSWER_SEC), lifespan="on",
+                              ws_max_size=4 * cfg.realtime_max_message_bytes)  # fmt: skip
     for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):  # whatever configured them before: the root's handlers
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
@@ -576,13 +594,15 @@ def server_config(app: Any, port: int) -> uvicorn.Config:
     return settings
 
 
-def serve(run_job: RunJob, health: Health, start: Callable[[], object]) -> None:
-    """`WORKER_MODE=http python handler.py`: serve until SIGTERM (or SIGINT), drain, and end the
+def serve(run_job: RunJob, health: Health, start: Callable[[], object], realtime: SessionManager | None = None) -> None:
+    """`WORKER_MODE=http python handler.py`: serve until SIGTERM (or SIGINT), drain (requests and
+    live sessions, SessionManager.drain, at once, within SHUTDOWN_GRACE_SEC), and end the
     process (exit 0) without Python's finalization (drain.exit_now says why)."""
     cfg = config.CFG
     patches.configure_logging()  # before uvicorn logs anything: its loggers reach the root's redaction
     drain = Drain(cfg.shutdown_grace_sec)
-    main = draining_server(server_config(create_app(run_job, health, start, drain), cfg.port), drain)
+    app = create_app(run_job, health, start, realtime, drain)
+    main = draining_server(server_config(app, cfg.port), drain, realtime.drain if realtime is not None else None)
     health_port = cfg.port_health or cfg.port
     log.warning("serving on %s:%d (health: /ping on port %d)", cfg.host, cfg.port, health_port)
 

@@ -20,8 +20,9 @@ from typing import Any
 
 from parakeet_worker import config, errors
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import boosting, speakers, vad
+from parakeet_worker.analysis import boosting, language, script_mask, speakers, vad
 from parakeet_worker.analysis.boosting import Boost
+from parakeet_worker.analysis.known_speakers import Voiceprint
 from parakeet_worker.analysis.speakers import SpeakerCount
 from parakeet_worker.audio import decoder, disk, download
 from parakeet_worker.config import SAMPLE_RATE
@@ -29,7 +30,7 @@ from parakeet_worker.errors import ItemError
 from parakeet_worker.fairshare import FairSlots
 from parakeet_worker.scheduler import BatchInfo, Scheduler, Unit, UnitResult
 from parakeet_worker.state import shared
-from parakeet_worker.transcript import Prepared, Transcript, Turn
+from parakeet_worker.transcript import Prepared, Transcript
 
 log = logging.getLogger("parakeet-worker")
 
@@ -104,10 +105,10 @@ async def in_pool(job: Job, fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.wrap_future(future)
 
 
-def diarize_unit(job: Job, item: Prepared) -> list[Turn]:
+def diarize_unit(job: Job, item: Prepared) -> speakers.Diarization:
     try:
         assert job.speakers is not None
-        return speakers.diarize(item.wav, item.start, item.frames, job.speakers, job.stop, job.vad)
+        return speakers.diarize(item.wav, item.start, item.frames, job.speakers, job.stop, job.vad, job.voiceprints)
     finally:
         job.unkeep(item.wav)
 
@@ -120,15 +121,20 @@ async def labelled(job: Job, out: Transcript | ItemError, labels: cf.Future | No
         labels.cancel()
         return out
     try:
-        turns = await asyncio.wrap_future(labels)
+        found: speakers.Diarization | ItemError = await asyncio.wrap_future(labels)
     except ItemError as exc:
-        turns = exc
+        found = exc
     except Exception as exc:  # the transcript stands without speakers
         log.exception("diarization failed")
-        turns = ItemError("diarize_failed", f"{type(exc).__name__}: {errors.short(exc)}")
-    if isinstance(turns, ItemError):
-        return dataclasses.replace(out, warning=f"no speaker labels: {turns.message}")
-    return speakers.with_speakers(out, turns)
+        found = ItemError("diarize_failed", f"{type(exc).__name__}: {errors.short(exc)}")
+    if isinstance(found, ItemError):
+        return dataclasses.replace(out, warning=_noted(out.warning, f"no speaker labels: {found.message}"))
+    labelled_out = speakers.with_speakers(out, found.turns)
+    return dataclasses.replace(labelled_out, warning=_noted(out.warning, found.warning))
+
+
+def _noted(warning: str | None, note: str | None) -> str | None:
+    return "; ".join(w for w in (warning, note) if w) or None
 
 
 class Progress:
@@ -223,11 +229,15 @@ class Job:
         self.events = events
         self.inputs: list[Any] = params["inputs"]
         self.speakers: SpeakerCount | None = params.get("speakers")  # None: not diarized
+        self.voiceprints: list[Voiceprint] = []  # the known speakers', once enrolled (handler.enrol)
         # Diarized text is split by speaker at word times, so diarize needs them too.
         self.timestamps = params["timestamps"] or params["output_format"] in ("srt", "vtt") or self.speakers is not None
         self.boost = boost  # the job's boost_phrases at boost_weight (None: no boosting)
         self.weight: float = params["boost_weight"]
         self.boosts: dict[int, Boost | None] = {}  # by input index, once its item is checked
+        self.hint: tuple[str, ...] | None = params.get("language_hint")  # the job's language(s), checked
+        self.hints: dict[int, tuple[str, ...] | None] = {}  # by input index, once its item is checked
+        self.languages: dict[int, language.ItemLanguage] = {}  # by input index, once transcribed
         self.workdir = workdir or disk.make_job_dir()  # first: a JobError here leaves nothing to clean up
         self.stop = threading.Event()
         self.threads: list[cf.Future] = []
@@ -252,6 +262,38 @@ class Job:
             return boosting.resolve_boost(asr.loaded_model(), boosting.clean_phrases(item["boost_phrases"]), self.weight)
         except ValueError as exc:
             raise ItemError("invalid_boost", str(exc)) from None
+
+    def hint_of(self, item: Any) -> tuple[str, ...] | None:
+        """The languages one input is hinted to be in: its own `language` or `languages` when it
+        has either (null or []: none), else the job's. ItemError invalid_language for a hint the
+        model cannot take."""
+        if not isinstance(item, dict) or ("language" not in item and "languages" not in item):
+            return self.hint
+        try:
+            return language.check_hint(item.get("language"), item.get("languages"), language.spoken())
+        except language.HintError as exc:
+            raise ItemError("invalid_language", str(exc)) from None
+
+    def scripts_of(self, index: int) -> frozenset[str] | None:
+        """The scripts an item's decoding is kept to (its hint's), or None: decoded as always."""
+        hint = self.hints.get(index)
+        if not hint or not script_mask.can_mask(asr.loaded_model()):
+            return None
+        return script_mask.hint_scripts(hint)
+
+    async def detect_language(self, index: int, out: Transcript | ItemError) -> None:
+        """Label a transcribed item and its segments with their languages, on the event loop's
+        executor (never the model thread, never holding a batch). A dry run labels nothing; a
+        failure costs the labels only."""
+        if isinstance(out, ItemError) or asr.loaded_model() is None:
+            return
+        segments = [s.text for s in out.segments]
+        try:
+            self.languages[index] = await asyncio.get_running_loop().run_in_executor(
+                None, language.label, out.text, segments, self.hints.get(index), language.spoken()
+            )
+        except Exception as exc:  # noqa: BLE001 - the transcript stands without its language
+            log.warning("language detection failed on item %d: %s", index, errors.short(exc))
 
     def speech_of(self, item: Prepared) -> Prepared | None:
         """In a prepare thread: what of a decoded item the model is given. With VAD off, all
@@ -280,7 +322,8 @@ class Job:
         item's boosting too."""
         if self.stop.is_set():
             raise errors.cancelled()
-        return self.scheduler.submit(Unit(item, self, self.timestamps, final, boost=self.boosts.get(item.index)))
+        unit = Unit(item, self, self.timestamps, final, boost=self.boosts.get(item.index), scripts=self.scripts_of(item.index))
+        return self.scheduler.submit(unit)
 
     async def run(self, item: Prepared, final: bool = True, whole: Prepared | None = None) -> Transcript | ItemError:
         return await self.result_of(self.submit(item, final), item, whole)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from parakeet_worker import config, errors, patches
-from parakeet_worker.analysis import boosting, speakers, vad
+from parakeet_worker import config, errors, patches, privacy
+from parakeet_worker.analysis import boosting, script_mask, speakers, vad
 from parakeet_worker.analysis.boosting import Boost
 from parakeet_worker.audio import disk
 from parakeet_worker.config import SAMPLE_RATE
@@ -370,6 +370,7 @@ def _load_configured() -> Any:
     """The model named by PARAKEET_MODEL, loaded and warm; None in a dry run."""
     if config.CFG.skip_model_load:
         return None
+    privacy.telemetry_off()  # before NeMo (and huggingface_hub, wandb, lightning) are imported
     model = load_model(config.CFG.model)
     with contextlib.suppress(Exception):  # a broken silero install fails on VAD's first use
         vad.import_silero()  # see there: not while model calls run
@@ -400,12 +401,16 @@ DRY_RUN_TEXT = "[dry run: SKIP_MODEL_LOAD=1, no model loaded]"
 
 
 def load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[int, ItemError]]:
-    """Read each item's WAV frames straight into its row of one zero-padded float32 matrix (one
-    copy). An item whose audio cannot be read gets an error and an empty row."""
+    """Read each item's WAV frames (or a live turn's samples) straight into its row of one
+    zero-padded float32 matrix (one copy). An item whose audio cannot be read gets an error and
+    an empty row."""
     lengths = [p.frames for p in items]
     audio = np.zeros((len(items), max(lengths)), dtype=np.float32)
     failed: dict[int, ItemError] = {}
     for row, p in enumerate(items):
+        if p.samples is not None:  # a live turn: in memory already
+            audio[row, : p.frames] = p.samples
+            continue
         try:
             with sf.SoundFile(str(p.wav)) as f:
                 at = 0
@@ -446,10 +451,12 @@ Prepare = Callable[[Any, float], None]
 
 def run_model(
     model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool, boosts: Sequence[Boost | None] | None = None,
-    prepare: Prepare | None = None,
+    prepare: Prepare | None = None, scripts: Sequence[frozenset[str] | None] | None = None,
 ) -> list[Transcript]:
     """One model call on one batch (all rows in the same attention mode); `boosts` has one entry
-    per row, None for a row decoded without boosting; `prepare` sets the encoder up first."""
+    per row, None for a row decoded without boosting; `prepare` sets the encoder up first;
+    `scripts` (one per row, or None) keeps a row's decoding to the scripts of its language hint
+    (analysis/script_mask.py: a batch without any decodes exactly as without the mask code)."""
     if model is None:
         return [Transcript(DRY_RUN_TEXT) for _ in lengths]
     with state().model_lock:
@@ -459,7 +466,7 @@ def run_model(
             model.eval()  # see _maybe_set_local_attention
         if state().timestamps != timestamps:
             _use_decoding(model, timestamps)
-        with boosting.registered(model, boosts) as seeds:
+        with boosting.registered(model, boosts) as seeds, script_mask.masked_decoding(model, scripts):
             hyps = forward_decode(model, audio, lengths, seeds)
     stride = model.encoder.subsampling_factor * float(model.cfg.preprocessor.window_stride)
     return [to_transcript(h, stride if timestamps else None) for h in hyps]

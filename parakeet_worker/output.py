@@ -11,6 +11,7 @@ from typing import Any
 from parakeet_worker import config, errors
 from parakeet_worker import model as asr
 from parakeet_worker.analysis import speakers
+from parakeet_worker.analysis.language import ItemLanguage
 from parakeet_worker.audio import sources
 from parakeet_worker.errors import ItemError
 from parakeet_worker.job import Job
@@ -73,7 +74,8 @@ def to_vtt(transcript: Transcript) -> str:
 
 
 def _item_result(
-    index: int, source: str, out: Any, params: dict[str, Any], prepared: Prepared | None, speech_sec: float | None = None
+    index: int, source: str, out: Any, params: dict[str, Any], prepared: Prepared | None, speech_sec: float | None = None,
+    lang: ItemLanguage | None = None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"index": index, "source": source}
     duration = prepared.duration if prepared is not None else getattr(out, "duration", None)
@@ -85,13 +87,17 @@ def _item_result(
         result.update(code=out.code, error=out.message)
         return result
     result["text"] = speakers.speaker_lines(out) if params["output_format"] == "text" else out.text
+    if lang is not None:  # none in a dry run
+        result.update(lang.item.as_fields(lang.hint))
     if out.turns is not None:
         result["turns"] = [t.as_dict() for t in out.turns]
     if params["timestamps"]:
-        result["timestamps"] = {
-            "word": [w.as_dict("word") for w in out.words],
-            "segment": [s.as_dict("segment") for s in out.segments],
-        }
+        segments = [s.as_dict("segment") for s in out.segments]
+        if lang is not None and len(lang.segments) == len(segments):
+            for segment, found in zip(segments, lang.segments, strict=True):
+                segment.update(found.as_fields(lang.hint))
+                del segment["language_probability"]  # per item only: segments are short, it says little
+        result["timestamps"] = {"word": [w.as_dict("word") for w in out.words], "segment": segments}
     if params["output_format"] in ("srt", "vtt"):
         result["subtitles"] = to_srt(out) if params["output_format"] == "srt" else to_vtt(out)
     notes = [w for w in (prepared.warning if prepared is not None else None, out.warning) if w]
@@ -107,7 +113,9 @@ def response(job: Job, outputs: dict[int, Transcript | ItemError], params: dict[
         source = sources.source_label(item)
         out = outputs.get(i) or ItemError("internal_error", "no result was produced for this item")
         try:
-            results.append(_item_result(i, source, out, params, job.prepared.get(i), job.speech_sec.get(i)))
+            results.append(
+                _item_result(i, source, out, params, job.prepared.get(i), job.speech_sec.get(i), job.languages.get(i))
+            )
         except Exception:  # a rendering bug costs this item, not the job
             log.exception("could not render the result of item %d", i)
             err = errors.bug("rendering its result")

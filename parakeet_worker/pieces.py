@@ -22,19 +22,26 @@ log = logging.getLogger("parakeet-worker")
 PauseFinder = Callable[[Prepared, int, int], int]
 
 
-def quietest_pause(item: Prepared, boundary: int, window: int) -> int:
-    """The middle of the quietest 200 ms in the `window` frames before `boundary` (energy in 10 ms
-    frames, smoothed): a pause between words rather than inside one. Reads only that window."""
+def quietest(chunk: np.ndarray) -> int:
+    """The middle of the quietest 200 ms of `chunk` (energy in 10 ms frames, smoothed), as an index
+    into it: a pause between words rather than inside one; len(chunk) when it is too short to
+    tell. The rule long files are cut by, and live turns that do not pause (realtime_session)."""
     hop = SAMPLE_RATE // 100  # 10 ms energy frames
+    energy = np.add.reduceat(chunk**2, np.arange(0, len(chunk), hop)) if len(chunk) else np.zeros(0)
+    if len(energy) <= 20:
+        return len(chunk)
+    smooth = np.convolve(energy, np.ones(20), mode="same")  # 200 ms
+    return int(np.argmin(smooth[10:-10]) + 10) * hop
+
+
+def quietest_pause(item: Prepared, boundary: int, window: int) -> int:
+    """The quietest 200 ms (see quietest) in the `window` frames before `boundary`. Reads only
+    that window."""
     lo = max(0, boundary - window)
     with sf.SoundFile(str(item.wav)) as f:
         f.seek(item.start + lo)
         chunk = f.read(boundary - lo, dtype="float32")
-    energy = np.add.reduceat(chunk**2, np.arange(0, len(chunk), hop))
-    if len(energy) <= 20:
-        return boundary
-    smooth = np.convolve(energy, np.ones(20), mode="same")  # 200 ms
-    return lo + int(np.argmin(smooth[10:-10]) + 10) * hop
+    return lo + quietest(chunk)
 
 
 def split_points(item: Prepared, piece_sec: float, find_pause: PauseFinder = quietest_pause) -> list[int]:

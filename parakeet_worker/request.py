@@ -1,7 +1,7 @@
 """The native request: {"inputs": [...], "timestamps", "output_format", "boost_phrases",
-"boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers"} checked before
-anything runs, each field for its type, range and size (parakeet_worker.checks), and the job's
-own boosting list resolved.
+"boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers",
+"known_speakers", "language", "languages"} checked before anything runs, each field for its
+type, range and size (parakeet_worker.checks), and the job's own boosting list resolved.
 
 The Runpod SDK's rp_validator is not used: its messages name Python types ("timestamps should be
 <class 'bool'> type, not <class 'str'>"), its float() raises OverflowError on a 400-digit
@@ -19,12 +19,13 @@ from typing import Any
 
 from parakeet_worker import checks, config, logsafe
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import boosting, speakers
+from parakeet_worker.analysis import boosting, known_speakers, language, speakers
 from parakeet_worker.analysis.boosting import BOOST_WEIGHT_MAX, Boost
 from parakeet_worker.checks import InputError
 
 log = logging.getLogger("parakeet-worker")
 OUTPUT_FORMATS = ("json", "text", "srt", "vtt")
+LANGUAGE_MAX_CHARS = 64  # a code, or a few: language.check_hint says which
 
 
 def _inputs(value: Any, name: str) -> list[Any]:
@@ -60,6 +61,9 @@ FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "num_speakers": (_count, None),
     "min_speakers": (_count, None),
     "max_speakers": (_count, None),
+    "known_speakers": (lambda v, n: checks.as_list(v, n, 2**62), None),  # its entries: known_speakers.from_native
+    "language": (lambda v, n: checks.as_text(v, n, LANGUAGE_MAX_CHARS), None),  # a hint: the one language spoken
+    "languages": (lambda v, n: checks.as_text(v, n, 1000) if isinstance(v, str) else checks.as_list(v, n, 2**62), None),
 }
 
 
@@ -95,6 +99,16 @@ def _checked(job_input: dict[str, Any]) -> dict[str, Any]:
     speakers_error = speakers.check_speakers(params)  # how the counts go together; each names its fields
     if speakers_error:
         raise InputError.said("num_speakers", speakers_error)
+    try:
+        params["known_speakers"] = known_speakers.from_native(params.get("known_speakers"))
+    except known_speakers.KnownSpeakerError as exc:
+        raise InputError(exc.param, exc.message, str(exc)) from None
+    if params["known_speakers"] and not params["diarize"]:
+        raise InputError("known_speakers", "needs diarize: true")
+    try:  # each item may carry its own hint instead (job.Job.hint_of)
+        params["language_hint"] = language.check_hint(params["language"], params["languages"], language.spoken())
+    except language.HintError as exc:
+        raise InputError.said(exc.param, str(exc)) from None
     return params
 
 

@@ -1,9 +1,10 @@
 """The scheduler: the one thread that runs the model, for every job (continuous batching).
 
-Jobs submit units (a whole item, or one piece of a long one) as their items become ready; the
-thread runs whatever batch its planner picks from all of them (handler._plan_next, handed in),
-through its `run` (handed in too: handler.py sets the encoder up for each batch), and hands each
-unit its result through its future. Fair between jobs by model seconds (fairshare.FairShare).
+Jobs submit units (a whole item, or one piece of a long one) as their items become ready, and
+live sessions their turns (realtime_engine); the thread runs whatever batch its planner picks
+from all of them (handler._plan_next, handed in), through its `run` (handed in too: handler.py
+sets the encoder up for each batch), and hands each unit its result through its future. Fair
+between jobs by model seconds (fairshare.FairShare); a live turn's final goes in the next batch.
 """
 
 from __future__ import annotations
@@ -42,10 +43,20 @@ class Unit:
     seq: int = 0
     future: cf.Future = field(default_factory=cf.Future)
     boost: Boost | None = None  # its item's key phrases and weight; batches mix any of these
+    # A live session's unit (realtime_session; `job` is then the session): a partial decode of the
+    # turn being spoken, which a newer request of the same stream supersedes while it waits, or a
+    # committed turn's final, which the planner puts in the next batch.
+    stream: Any = None
+    partial: bool = False
+    scripts: frozenset[str] | None = None  # its item's language hint's scripts (None: no mask); mixed too
 
     @property
     def duration(self) -> float:
         return self.item.duration
+
+    @property
+    def live_final(self) -> bool:
+        return self.stream is not None and not self.partial
 
 
 @dataclass(frozen=True)
@@ -67,8 +78,10 @@ class UnitResult:
 
 # (ready units, local attention now, model seconds served by job) -> the next batch
 Plan = Callable[[Sequence[Unit], bool, Mapping[Any, float]], list[Unit]]
-# (model, padded audio, lengths, timestamps, boosts) -> one result per row
-Run = Callable[[Any, np.ndarray, list[int], bool, list[Boost | None]], list[Transcript | ItemError]]
+# (model, padded audio, lengths, timestamps, boosts, scripts) -> one result per row
+Run = Callable[
+    [Any, np.ndarray, list[int], bool, list[Boost | None], list[frozenset[str] | None]], list[Transcript | ItemError]
+]
 
 
 class Scheduler:
@@ -104,6 +117,8 @@ class Scheduler:
                 _deliver(unit, UnitResult(engine.model_failed_error(), None))
                 return unit.future
             unit.seq = next(self.arrivals)
+            if unit.stream is not None:
+                self._supersede(unit.stream)
             self.fair.arrive(unit.job, any(u.job is unit.job for u in itertools.chain(self.ready, self.running)))
             self.ready.append(unit)
             if self.thread is None:
@@ -111,6 +126,13 @@ class Scheduler:
                 self.thread.start()
             self.cond.notify_all()
         return unit.future
+
+    def _supersede(self, stream: Any) -> None:
+        """A live stream asks again: its partial still waiting here is dropped (its future
+        cancelled), never run behind the newer request. Called holding the lock."""
+        for unit in [u for u in self.ready if u.stream is stream and u.partial]:
+            self.ready.remove(unit)
+            unit.future.cancel()
 
     def expect(self) -> None:
         with self.cond:
@@ -167,7 +189,10 @@ class Scheduler:
         """Wait for work; take the batch _plan_next picks. Should planning fail (a bug), the
         oldest ready unit runs alone: the planner's bug costs no unit its result."""
         with self.cond:
-            while not self.ready:
+            while True:
+                self.ready = [u for u in self.ready if not u.future.cancelled()]  # their askers are gone
+                if self.ready:
+                    break
                 self.cond.wait()
             self._gather()
             try:
@@ -209,7 +234,8 @@ class Scheduler:
         outs: dict[int, Transcript | ItemError] = dict(failed)
         if rows:
             ran = self.run_batch(model, audio[rows] if failed else audio, [lengths[r] for r in rows],
-                                 any(batch[r].timestamps for r in rows), [batch[r].boost for r in rows])  # fmt: skip
+                                 any(batch[r].timestamps for r in rows), [batch[r].boost for r in rows],
+                                 [batch[r].scripts for r in rows])  # fmt: skip
             outs.update(zip(rows, ran, strict=True))
         real = sum(items[r].duration for r in rows)
         info = BatchInfo(next(self.batch_ids), len(rows), real, len(rows) * max((items[r].duration for r in rows), default=0))

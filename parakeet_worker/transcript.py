@@ -30,6 +30,14 @@ class Prepared:
     # A speech-only clip (see Voice activity): these WAV frame ranges, read back to back, in
     # place of [start, start+frames); `frames` is then their total.
     regions: tuple[tuple[int, int], ...] = ()
+    # A live turn's audio (realtime_session): 16 kHz float32 already in memory, read in place of
+    # any WAV (`wav` is then unused).
+    samples: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def in_memory(cls, samples: Any, source: str = "live") -> Prepared:
+        """An item whose audio is `samples` (a live turn), not a WAV."""
+        return cls(index=0, source=source, wav=Path(), frames=len(samples), samples=samples)
 
     @property
     def duration(self) -> float:

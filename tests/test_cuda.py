@@ -87,6 +87,23 @@ def test_cuda_graph_decoding_equals_plain_decoding(worker, clips):
         assert [w["word"] for w in a["timestamps"]["word"]] == [w["word"] for w in b["timestamps"]["word"]]
 
 
+def test_script_mask_on_cuda_leaves_graph_decoding_as_it_was(worker, clips, config):
+    """A hinted item is decoded without CUDA graphs, its mask on the GPU; the batch's unhinted
+    items, and every later batch, decode as before (graphs back on, same words)."""
+    model = asr.loaded_model()
+    before = run_job(worker, clips, timestamps=True)
+    mode = graphs_mode(model)
+    assert mode is not None, "the worker did not decode with CUDA graphs"
+    config(model_languages=("en", "ru"))
+    mixed = run_job(worker, [{**clips[0], "language": "ru"}, *clips[1:]], timestamps=True)
+    assert not any(ch.isascii() and ch.isalpha() for ch in mixed["results"][0]["text"])
+    assert graphs_mode(model) is mode
+    after = run_job(worker, clips, timestamps=True)
+    for a, b in zip(before["results"][1:], mixed["results"][1:], strict=True):
+        assert a["text"] == b["text"]
+    assert [r["text"] for r in before["results"]] == [r["text"] for r in after["results"]]
+
+
 def test_warm_up_falls_back_when_graph_decoding_fails(worker, monkeypatch, caplog):
     """Force the CUDA-graph decoder to fail in the warm-up: load_model must retry without graphs."""
     original = asr.forward_decode

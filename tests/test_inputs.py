@@ -276,7 +276,7 @@ def test_item_shapes(worker, good):
         {"source": "   "},
         {"source": 5},
         {"source": str(good), "audio_base64": "AAAA"},
-        {"source": str(good), "language": "en"},
+        {"source": str(good), "colour": "blue"},  # (language and languages are item keys: hints)
         "just a string",
         {"source": "ftp://example.com/a.mp3"},
         {"source": "s3://bucket/a.mp3"},
@@ -285,7 +285,7 @@ def test_item_shapes(worker, good):
     results = run_job(worker, inputs)["results"]
     for result in results[:-1]:
         assert_code(result, "invalid_source")
-    assert "language" in results[5]["error"]
+    assert "colour" in results[5]["error"]
     assert "ftp" in results[7]["error"]
     assert_good(results[-1])
 

@@ -85,7 +85,7 @@ def test_text_format_and_default_json(worker):
     assert out["text"] == "one two\nleft right"
     plain = run_job(worker, [{"source": str(a)}])
     assert "text" not in plain and "subtitles" not in plain["results"][0]
-    assert set(plain["results"][0]) == {"index", "source", "duration", "text"}
+    assert set(plain["results"][0]) == {"index", "source", "duration", "text", "language", "language_probability"}
     assert set(plain["stats"]) >= {"audio_sec", "wall_sec", "batches", "padding_efficiency", "items", "failed"}
 
 

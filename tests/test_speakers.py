@@ -111,11 +111,23 @@ def test_speaker_counts_obeyed(worker):
     assert speakers_of(one) == ["SPEAKER_00"]
 
 
-def test_more_speakers_asked_than_a_short_item_has_windows(worker):
-    path, _, _ = talk((0, 1, 0, 1), 41)  # about a dozen windows
+def test_more_speakers_asked_than_the_audio_can_hold_are_lowered_with_a_warning(worker):
+    path, _, _ = talk((0, 1, 0, 1), 41)  # about 9 s of speech, a dozen windows: room for 2 or 3
     (result,) = run_job(worker, [{"source": path}], diarize=True, num_speakers=20)["results"]
-    assert "warning" not in result, result
-    assert 2 <= len(speakers_of(result)) <= 20 and result["text"]
+    warning = result["warning"]
+    assert warning.startswith("num_speakers=20 is more than ") and "s of speech can hold" in warning, warning
+    most = int(warning.rsplit("looked for ", 1)[1])
+    assert 2 <= most < 20 and len(speakers_of(result)) == most, (warning, result["turns"])
+    (low,) = run_job(worker, [{"source": path}], diarize=True, min_speakers=15)["results"]
+    assert low["warning"].startswith("min_speakers=15 is more than "), low
+    assert len(speakers_of(low)) <= int(low["warning"].rsplit("looked for ", 1)[1])
+    # A 2 s clip holds one speaker at most; a count it can hold (and max_speakers) says nothing.
+    one = synth.write(DATA_ROOT / "one-word-speakers.wav", synth.speak("hello world", "en-us"))
+    (short,) = run_job(worker, [{"source": str(one)}], diarize=True, num_speakers=3)["results"]
+    assert short["warning"].endswith("looked for 1") and speakers_of(short) == ["SPEAKER_00"], short
+    (fits,) = run_job(worker, [{"source": path}], diarize=True, num_speakers=2, timestamps=True)["results"]
+    (bound,) = run_job(worker, [{"source": path}], diarize=True, max_speakers=20)["results"]
+    assert "warning" not in fits and "warning" not in bound, (fits, bound)
 
 
 def test_text_srt_and_vtt_show_speakers(worker):

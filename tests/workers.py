@@ -104,15 +104,35 @@ def hold_first_batch() -> None:
     engine.run_resilient = held
 
 
+AUDITED = ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
+           "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg")  # fmt: skip
+
+
+def outbound_audit() -> None:
+    """test_privacy: every connect, send to an address and name look-up this process makes from
+    Python, from before `import handler` on, one JSON line each in the file PW_AUDIT (written as
+    it happens: a worker stopped by SIGTERM loses none)."""
+    out = open(os.environ["PW_AUDIT"], "a", buffering=1)  # open for the process's life
+    lock = threading.Lock()
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event in AUDITED:
+            where = args[1] if event in ("socket.connect", "socket.sendto", "socket.sendmsg") else args[:2]
+            with lock:
+                out.write(json.dumps({"event": event, "where": repr(where)}) + "\n")
+
+    sys.addaudithook(hook)
+
+
 HOOKS: dict[str, Callable[[], None]] = {"hold-and-fail": hold_and_fail, "poisoned-batch": poisoned_batch,
-                                        "hold-first-batch": hold_first_batch}  # fmt: skip
+                                        "hold-first-batch": hold_first_batch, "outbound-audit": outbound_audit}  # fmt: skip
 
 
 def serve(hook: str, argv: list[str]) -> None:
+    if hook != "-":
+        HOOKS[hook]()  # before handler is imported: an audit hook sees the imports too
     import handler
 
-    if hook != "-":
-        HOOKS[hook]()
     handler.main(argv)
 
 

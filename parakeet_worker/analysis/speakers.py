@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ import numpy as np
 import soundfile as sf
 
 from parakeet_worker import config, errors
-from parakeet_worker.analysis import vad
+from parakeet_worker.analysis import known_speakers, vad
+from parakeet_worker.analysis.known_speakers import KnownSpeaker, Voiceprint
 from parakeet_worker.config import SAMPLE_RATE
 from parakeet_worker.errors import ItemError
 from parakeet_worker.state import LoadOnce, shared
@@ -319,10 +320,12 @@ def _merge_clusters(x: np.ndarray, labels: np.ndarray, lo: int) -> np.ndarray:
 # --- Turns, and speakers on words and segments --------------------------------------------------
 
 
-def to_turns(windows: np.ndarray, labels: np.ndarray, regions: list[tuple[float, float]]) -> list[Turn]:
+def to_turns(windows: np.ndarray, labels: np.ndarray, regions: list[tuple[float, float]],
+             names: Mapping[int, str] | None = None) -> list[Turn]:  # fmt: skip
     """Every 10 ms of speech takes the label of the window centred nearest to it; runs of one
-    label are turns; a speaker's turns under TURN_JOIN_GAP_SEC apart join; labels are numbered
-    in order of first appearance."""
+    label are turns; a speaker's turns under TURN_JOIN_GAP_SEC apart join. A cluster in `names`
+    (a known speaker) is labelled with its name; the others are numbered SPEAKER_00, ... among
+    themselves in order of first appearance."""
     if not len(windows):
         return []
     centres = windows.mean(axis=1)
@@ -343,8 +346,8 @@ def to_turns(windows: np.ndarray, labels: np.ndarray, regions: list[tuple[float,
                 raw[-1][2] = t1
             else:
                 raw.append([lab[a], t0, t1])
-    names: dict[int, str] = {}
-    return [Turn(names.setdefault(int(k), f"SPEAKER_{len(names):02d}"), t0, t1) for k, t0, t1 in raw]
+    public = known_speakers.labels_in_order([int(k) for k, _, _ in raw], names or {})
+    return [Turn(public[int(k)], float(t0), float(t1)) for k, t0, t1 in raw]
 
 
 def _speaker_of(turns: list[Turn], ends: list[float], start: float, end: float) -> str | None:
@@ -392,14 +395,77 @@ def speaker_lines(transcript: Transcript) -> str:
     )
 
 
+# --- How many speakers the audio can hold ------------------------------------------------------
+
+# The least speech in which a speaker can be found: CLUSTER_MIN_SIZE windows (3.75 s).
+SPEAKER_NEEDS_SEC = SPEAKER_WINDOW_SEC + (CLUSTER_MIN_SIZE - 1) * SPEAKER_STEP_SEC
+
+
+def within_reach(count: SpeakerCount, windows: int, speech_sec: float) -> tuple[SpeakerCount, str | None]:
+    """The request's speaker count, lowered to what `windows` windows of speech can hold (a
+    speaker needs CLUSTER_MIN_SIZE of them), and a warning that says so; unchanged (None) when
+    it fits. Only num_speakers and min_speakers are lowered: max_speakers is a bound, not a promise."""
+    most = max(1, windows // CLUSTER_MIN_SIZE)
+    asked = count.num if count.num is not None else count.lo
+    if asked <= most:
+        return count, None
+    field = "num_speakers" if count.num is not None else "min_speakers"
+    note = (f"{field}={asked} is more than {speech_sec:.1f} s of speech can hold (a speaker needs about "
+            f"{SPEAKER_NEEDS_SEC:g} s): looked for {most}")  # fmt: skip
+    if count.num is not None:
+        return dataclasses.replace(count, num=most), note
+    return dataclasses.replace(count, lo=most), note
+
+
+# --- Known speakers: a reference's voiceprint ---------------------------------------------------
+
+
+def _reference_speech(samples: np.ndarray) -> list[tuple[float, float]]:
+    """A reference's speech as silero hears it, unbridged (a pause is nobody's voice), in
+    seconds; the loudness rule where VAD cannot run."""
+    try:
+        with vad.vad_slot():
+            frames = vad.raw_regions(vad.vad_probs(vad.reader(samples), len(samples)), len(samples))
+    except Exception as exc:  # noqa: BLE001 - the loudness rule still finds clean speech
+        log.warning("voice activity detection failed on a speaker reference (%s); using loudness", errors.short(exc))
+        return _energy_regions(samples)
+    return [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in frames]
+
+
+def enrol(speaker: KnownSpeaker, wav: Path, frames: int, stop: threading.Event) -> Voiceprint:
+    """The voiceprint of one known speaker from its decoded reference (a 16 kHz WAV of `frames`
+    frames): checked first (KnownSpeakerError: not 2-10 s, or not speech), then its speech's
+    windows embedded with the diarization's own model, features and windows. ItemError
+    (diarize_failed) when the speaker model cannot load."""
+    known_speakers.check_length(speaker, frames / SAMPLE_RATE)  # first: a long file is not read
+    samples = sf.read(str(wav), dtype="float32")[0]
+    regions = _reference_speech(samples)
+    known_speakers.check_speech(speaker, sum(b - a for a, b in regions))
+    _, feats = _window_features(samples, regions)
+    if not feats:  # speech, but only in blips shorter than a window's minimum
+        known_speakers.check_speech(speaker, 0.0)
+    model, device = speaker_model()
+    return known_speakers.voiceprint(speaker.name, embed(model, device, feats, stop))
+
+
 # --- Running: one item's audio, in blocks, on the diarize pool ---------------------------------
 
 
+@dataclass(frozen=True)
+class Diarization:
+    """An item's turns, and a warning where the request could not be followed as given."""
+
+    turns: list[Turn]
+    warning: str | None = None
+
+
 def diarize(
-    wav: Path, start: int, frames: int, count: SpeakerCount, stop: threading.Event, use_vad: bool = False
-) -> list[Turn]:
+    wav: Path, start: int, frames: int, count: SpeakerCount, stop: threading.Event, use_vad: bool = False,
+    prints: Sequence[Voiceprint] = (),
+) -> Diarization:
     """Who spoke when in frames [start, start+frames) of a 16 kHz WAV. Read DIARIZE_BLOCK_SEC at
-    a time: what stays is each window's embedding (192 floats per 0.75 s), not the audio."""
+    a time: what stays is each window's embedding (192 floats per 0.75 s), not the audio. A
+    speaker whose voice matches one of `prints` (known speakers) is labelled with its name."""
     model, device = speaker_model()
     block = int(DIARIZE_BLOCK_SEC * SAMPLE_RATE)
     regions: list[tuple[float, float]] = []
@@ -419,6 +485,9 @@ def diarize(
             if feats:
                 embs.append(embed(model, device, feats, stop))
     if not windows:
-        return []
-    labels = cluster(np.concatenate(embs), count)
-    return to_turns(np.asarray(windows), labels, regions)
+        return Diarization([])
+    count, warning = within_reach(count, len(windows), sum(b - a for a, b in regions))
+    emb = np.concatenate(embs)
+    labels = cluster(emb, count)
+    names = known_speakers.match(known_speakers.centroids(emb, labels), prints) if prints else {}
+    return Diarization(to_turns(np.asarray(windows), labels, regions, names), warning)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from parakeet_worker import config, errors
+from parakeet_worker import config, errors, privacy
 from parakeet_worker.audio.ffmpeg import STOP_POLL_SEC
 from parakeet_worker.config import SAMPLE_RATE
 from parakeet_worker.state import LoadOnce, shared
@@ -51,6 +51,7 @@ VAD_MIN_PAUSE_SEC = 0.2  # the shortest stretch without speech that a long item 
 # --- The model: silero's ONNX sequence model, from the wheel, once per process ---
 
 def _load_silero() -> Any:
+    privacy.telemetry_off()  # onnxruntime's own telemetry starts with its first session
     import_silero()
     from silero_vad import load_silero_vad
 
@@ -121,13 +122,22 @@ def vad_probs(samples: Callable[[int], np.ndarray], frames: int, stop: threading
         n = -(-len(chunk) // VAD_FRAME)
         grid = np.zeros((n, VAD_FRAME), np.float32)
         grid.reshape(-1)[: len(chunk)] = chunk
-        contexts = np.concatenate([context[None], grid[:-1, -VAD_CONTEXT:]])
-        context = grid[-1, -VAD_CONTEXT:].copy()
-        out, hidden, cell = model.session.run(
-            ["speech_probs", "hn", "cn"], {"input": np.concatenate([contexts, grid], axis=1), "h": hidden, "c": cell}
-        )
-        probs.append(out.reshape(-1))
+        out, context, hidden, cell = score_frames(model, grid, context, hidden, cell)
+        probs.append(out)
     return np.concatenate(probs) if probs else np.zeros(0, np.float32)
+
+
+def score_frames(model: Any, grid: np.ndarray, context: np.ndarray, hidden: np.ndarray,
+                 cell: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """One ONNX call: the speech probability of each row of `grid` (frames of VAD_FRAME samples,
+    in order), given the VAD_CONTEXT samples before the first and the LSTM state; returns them
+    with the context and state that the next frame needs (a file's next block, a live stream's
+    next chunk)."""
+    contexts = np.concatenate([context[None], grid[:-1, -VAD_CONTEXT:]])
+    out, hidden, cell = model.session.run(
+        ["speech_probs", "hn", "cn"], {"input": np.concatenate([contexts, grid], axis=1), "h": hidden, "c": cell}
+    )
+    return np.asarray(out, np.float32).reshape(-1), grid[-1, -VAD_CONTEXT:].copy(), hidden, cell
 
 
 def raw_regions(probs: np.ndarray, frames: int) -> list[tuple[int, int]]:

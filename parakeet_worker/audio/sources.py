@@ -23,7 +23,7 @@ from parakeet_worker.transcript import Upload
 
 log = logging.getLogger("parakeet-worker")
 SOURCE_KEYS = ("source", "audio_base64")
-ITEM_KEYS = (*SOURCE_KEYS, "boost_phrases")
+ITEM_KEYS = (*SOURCE_KEYS, "boost_phrases", "language", "languages")
 
 
 def source_of(item: Any) -> tuple[str, str]:
@@ -61,6 +61,33 @@ def source_of(item: Any) -> tuple[str, str]:
     if "://" in value or (scheme and len(scheme) > 1):
         raise ItemError("invalid_source", f"unsupported source scheme {scheme!r}: use http(s), a path or base64")
     return "path", value
+
+
+URL_PREFIXES = ("http://", "https://", "file://", "data:")
+
+
+def item_of(value: str) -> dict[str, str]:
+    """The input item that one bare string names, where a request gives audio as a string with
+    no key (OpenAI's `file` in a JSON body, a known speaker's reference): one parser for every
+    route. http(s)://, file:// and data: URLs and absolute paths are a `source`, checked by
+    source_of like any native source (a path must lie under ALLOWED_LOCAL_ROOTS); anything else
+    is base64 audio. base64's alphabet holds "/" too (an MP3 without tags encodes to "//s..."),
+    so a string that starts with "/" is a path when it starts with an allowed root and "/", or
+    when it is no longer than a path can be (PATH_MAX_BYTES) and has no line breaks: base64 that
+    short is under 3 KB of audio (a tenth of a second of WAV), and wrapped base64 has breaks."""
+    text = value.strip()
+    if text[:8].lower().startswith(URL_PREFIXES) or _looks_like_path(text):
+        return {"source": value}
+    return {"audio_base64": value}
+
+
+def _looks_like_path(text: str) -> bool:
+    if not text.startswith("/"):
+        return False
+    roots = [root.rstrip("/") + "/" for root in config.CFG.allowed_local_roots if root.strip("/")]
+    if any(text.startswith(root) for root in roots):
+        return True
+    return len(text.encode("utf-8", "surrogatepass")) <= PATH_MAX_BYTES and not any(c in "\r\n" for c in text)
 
 
 def _check_url(parsed: Any) -> None:
