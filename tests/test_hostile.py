@@ -132,6 +132,7 @@ SPEAKERS = {"num_speakers", "min_speakers", "max_speakers"}
 NATIVE_FIELDS = {
     "timestamps": "bool", "output_format": "choice", "boost_phrases": "list", "boost_weight": "float",
     "vad": "bool", "diarize": "bool", "num_speakers": "int", "min_speakers": "int", "max_speakers": "int",
+    "known_speakers": "list", "language": "string", "languages": "list",
 }  # fmt: skip
 NATIVE_ITEM_FIELDS = {"source": "file", "audio_base64": "file", "boost_phrases": "list"}
 OPENAI_FIELDS = {
@@ -139,9 +140,10 @@ OPENAI_FIELDS = {
     "language": "string", "prompt": "string", "temperature": "float", "stream": "bool",
     "chunking_strategy": "choice", "boost_phrases": "list", "boost_weight": "float", "vad": "bool",
     "diarize": "bool", "num_speakers": "int", "min_speakers": "int", "max_speakers": "int",
+    "languages": "list", "keywords": "list", "known_speaker_names": "list", "known_speaker_references": "list",
 }  # fmt: skip
 # OpenAI's fields for its own models: whatever they hold is read no further than the checks
-OPENAI_OTHER_FIELDS = ("include", "known_speaker_names", "known_speaker_references", "languages", "keywords")
+OPENAI_OTHER_FIELDS = ("include",)
 
 LEAKS = re.compile(rf"Traceback|<class|\b[A-Z]\w*(Error|Exception)\b|{re.escape(str(TMP_ROOT))}|job-[a-z0-9_]{{8}}"
                    r"|\.src\b|File \"")
@@ -236,11 +238,16 @@ def assert_clean(text: str) -> None:
     assert not LEAKS.search(text), f"the answer gives something away: {LEAKS.search(text).group()!r} in {text[:300]!r}"
 
 
+# Fields checked as a pair: a bad value in one may be told as the pair's mismatch, naming the other.
+PAIRED = {"known_speaker_names": "known_speaker_references", "known_speaker_references": "known_speaker_names"}
+
+
 def assert_openai_400(error: dict[str, Any], field: str, status: int | None = None) -> None:
     assert status in (None, 400), (status, error)
     assert error["type"] == "invalid_request_error", error
     param = error["param"] or ""
-    assert param == field or param.startswith((f"{field}[", f"{field}.")), (field, error)
+    named = [field] + ([PAIRED[field]] if field in PAIRED else [])
+    assert any(param == f or param.startswith((f"{f}[", f"{f}.")) for f in named), (field, error)
     if field == "file" and error["code"] != "invalid_request":
         assert error["code"] in OPENAI_ITEM_CODES, error
     assert_clean(error["message"])
