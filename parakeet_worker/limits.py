@@ -77,7 +77,7 @@ async def send_error(send: Send, status: int, message: str, code: str, *, close:
 
 
 LINGER_SEC = 2.0  # after an answer sent while the client was still sending: how long its bytes are read and dropped
-LINGER_MAX_BYTES = 4 * 1024**2  # and how many at most (a client that floods gets its reset sooner)
+LINGER_MAX_BYTES = 16 * 1024**2  # and how many at most: over loopback's socket buffers; a flood gets its reset sooner
 
 
 class _LingeringTransport:

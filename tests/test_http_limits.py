@@ -175,8 +175,9 @@ def test_a_head_over_the_cap_is_431_and_others_are_served(served):
 
 
 def test_a_streamed_huge_header_is_cut_off_early_while_ping_answers(served):
-    """One client streams a 16 MiB header as fast as it can; the server stops it near the cap
-    (the client cannot send it all), and /ping and a transcription are answered meanwhile."""
+    """One client streams a 64 MiB header as fast as it can; the server stops it near the cap
+    (it answers 431, reads and drops at most LINGER_MAX_BYTES more, then resets: the client
+    cannot send it all), and /ping and a transcription are answered meanwhile."""
     api = served(http_head_max_bytes=64 * 1024)
     sock = connect(api)
     chunk = b"X-Pad: " + b"a" * 65_536 + b"\r\n"
@@ -187,7 +188,7 @@ def test_a_streamed_huge_header_is_cut_off_early_while_ping_answers(served):
             nonlocal sent
             sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             with contextlib.suppress(OSError):
-                while sent < 16 * 2**20:
+                while sent < 64 * 2**20:
                     sock.sendall(chunk)
                     sent += len(chunk)
             return sent
@@ -195,7 +196,7 @@ def test_a_streamed_huge_header_is_cut_off_early_while_ping_answers(served):
         flooding = pool.submit(flood)
         assert requests.get(f"{api.url}/ping", timeout=30).status_code == 200
         assert words_of(transcribe(api, "three four")) == ["three", "four"]
-        assert flooding.result(60) < 16 * 2**20, "the whole 16 MiB header was taken in"
+        assert flooding.result(60) < 64 * 2**20, "the whole 64 MiB header was taken in"
     sock.close()
 
 
@@ -316,7 +317,8 @@ def test_an_early_answer_reaches_a_client_still_sending(served):
         try:
             sent += sock.send(block) if sent < 50 * 2**20 else 0
         except BlockingIOError:
-            time.sleep(0.01)  # the server is not reading as fast: wait a little
+            pass  # the server is not reading as fast
+        time.sleep(0.005)  # ~13 MB/s: a fast client, not one that fills every buffer at once
     sock.setblocking(True)
     assert got, "no answer while sending"
     rest = read_answer_from(sock, got)
