@@ -391,9 +391,9 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
         # Kept as this item's result: without its traceback, whose frames (this one included,
         # which holds it in `out`) would make a cycle that keeps the whole job alive.
         out = exc.with_traceback(None)
-    except Exception as exc:  # a bug in one item's path costs that item, not the job
+    except Exception:  # a bug in one item's path costs that item, not the job
         log.exception("item %d failed", index)
-        out = ItemError("internal_error", f"{type(exc).__name__}: {errors.short(exc)}")
+        out = errors.bug("in its path")
     if prepared is not None:
         job.discard(prepared.wav)  # (already gone for a short item, read by the model)
     await job.settle(index)
@@ -545,7 +545,7 @@ async def run_job(
     """One native job, whatever brought it (Runpod's queue, the OpenAI route, the HTTP server):
     {"inputs": [...], "timestamps", "output_format", "boost_phrases", "boost_weight", "vad",
     "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers", "language", "languages"} in
-    (request.INPUT_SCHEMA),
+    (request.FIELDS),
     {"results": [...], "stats": {...}} out; raises errors.JobError (its code, its message) when
     the job cannot run at all: invalid input, no model, a sick worker, no temp dir.
 

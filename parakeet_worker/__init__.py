@@ -7,8 +7,9 @@ Modules a helper adds join the layer of their concern here.
 """
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # base: settings, telemetry switches, the error-code table, safe logging, the shared shapes, fair sharing, state
-    ("state", "config", "privacy", "logsafe", "errors", "transcript", "fairshare", "patches"),
+    # base: settings, telemetry switches, the error-code table, field checks, safe logging, the shared shapes,
+    # fair sharing, state
+    ("state", "config", "privacy", "logsafe", "errors", "checks", "transcript", "fairshare", "patches"),
     # audio in: every source to a 16 kHz mono WAV (a live stream to 16 kHz samples)
     ("audio.headers", "audio.jobdirs", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads",
      "audio.live"),
@@ -19,6 +20,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("memory", "model", "engine", "scheduler", "pieces"),
     # one job: its request, its state, its answer; one live session, the same for a WebSocket
     ("request", "job", "output", "realtime_events", "realtime_engine", "realtime_session"),
-    # transports: OpenAI's shapes, the live WebSocket, the HTTP server
-    ("openai_api", "realtime_ws", "http_server"),
+    # transports: OpenAI's shapes, the HTTP limits and shutdown, the live WebSocket, the HTTP server
+    ("openai_api", "limits", "drain", "realtime_ws", "http_server"),
 )

@@ -121,9 +121,9 @@ def response(job: Job, outputs: dict[int, Transcript | ItemError], params: dict[
             results.append(
                 _item_result(i, source, out, params, job.prepared.get(i), job.speech_sec.get(i), job.languages.get(i))
             )
-        except Exception as exc:  # a rendering bug costs this item, not the job
+        except Exception:  # a rendering bug costs this item, not the job
             log.exception("could not render the result of item %d", i)
-            err = ItemError("internal_error", f"{type(exc).__name__}: {errors.short(exc)}")
+            err = errors.bug("rendering its result")
             results.append(_item_result(i, source, err, params, None))
     answer: dict[str, Any] = {"results": results}
     if params["output_format"] == "text":
@@ -131,7 +131,7 @@ def response(job: Job, outputs: dict[int, Transcript | ItemError], params: dict[
     batches = [job.batches[k] for k in sorted(job.batches)]
     padded = sum(b.padded_sec for b in batches)
     answer["stats"] = {
-        "model": config.CFG.model if asr.loaded_model() is not None else None,
+        "model": config.model_name(config.CFG.model) if asr.loaded_model() is not None else None,
         "items": len(job.inputs),
         "failed": sum(1 for r in results if "error" in r),
         "audio_sec": round(sum(p.duration for p in job.prepared.values()), 3),

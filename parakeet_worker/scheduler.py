@@ -173,10 +173,10 @@ class Scheduler:
                 try:
                     batch = self._next_batch()
                     self._run(batch)
-                except Exception as exc:  # a bug outside the model call costs this batch, not the worker
+                except Exception:  # a bug outside the model call costs this batch, not the worker
                     log.exception("batch of %d failed outside the model", len(batch))
                     for unit in batch:
-                        _deliver(unit, UnitResult(ItemError("internal_error", f"{type(exc).__name__}: {errors.short(exc)}"), None))
+                        _deliver(unit, UnitResult(errors.bug("planning its batch"), None))
                 finally:
                     with self.cond:
                         self.reading = self.running = []
