@@ -177,7 +177,7 @@ def _request(fields: dict[str, Any]) -> OpenAIRequest:
     _as_text(fields, "prompt", OPENAI_PROMPT_MAX_CHARS, lines=True)
     _as_float(fields.get("temperature"), "temperature", 0.0, 1.0, 0.0)
     weight = _as_float(fields.get("boost_weight"), "boost_weight", 0.0, BOOST_WEIGHT_MAX, 1.0)
-    include = _as_list(form_field(fields, "include"))
+    include = _as_list(form_field(fields, "include"), "include")
     if any(value not in OPENAI_INCLUDES for value in include):
         raise OpenAIError(400, f"'include' may hold {list(OPENAI_INCLUDES)}", "invalid_request", "include")
     stream = _as_bool(fields.get("stream"), "stream")
