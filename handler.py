@@ -50,7 +50,7 @@ from parakeet_worker import (
 )
 from parakeet_worker import job as jobs
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import language, speakers, vad
+from parakeet_worker.analysis import confidence, language, speakers, vad
 from parakeet_worker.analysis.known_speakers import KnownSpeaker, KnownSpeakerError, Voiceprint
 from parakeet_worker.audio import decoder, disk, download, sources
 from parakeet_worker.audio.uploads import Uploads
@@ -60,7 +60,7 @@ from parakeet_worker.job import Events, Job
 from parakeet_worker.pieces import RESPLIT_FRACTION
 from parakeet_worker.scheduler import Arrival, Unit, UnitResult
 from parakeet_worker.state import shared
-from parakeet_worker.transcript import Prepared, Transcript
+from parakeet_worker.transcript import Prepared, Tokens, Transcript
 
 log = logging.getLogger("parakeet-worker")
 
@@ -301,14 +301,16 @@ def _maybe_set_local_attention(model: Any, duration: float, rows: int = 1) -> No
 
 
 def _run_batch(
-    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scripts: list[Any] | None = None
+    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scripts: list[Any] | None = None,
+    scored: list[bool] | None = None,
 ) -> list[Any]:
     """One planned batch through the model, admitted by memory first (memory.MemoryPlanner.admit):
     rows that do not fit now wait for a pass of their own after the shorter ones; a row that
     does not fit even alone, after a wait for memory, gets out_of_memory, which cuts its item
     smaller (_resplit_on_oom): the kernel's OOM killer never has to. The encoder is set up for
     each pass's longest row; a failing pass is retried in halves (engine.run_resilient).
-    `scripts`: each row's language hint's scripts (None: decoded as always)."""
+    `scripts`: each row's language hint's scripts (None: decoded as always); `scored`: the rows
+    that get confidence."""
     order = sorted(range(len(lengths)), key=lambda r: lengths[r])
     outs: dict[int, Any] = {}
     while len(outs) < len(order):
@@ -320,7 +322,8 @@ def _run_batch(
         rows = rest[: plan.rows]
         ran = engine.run_resilient(model, audio[rows, : max(lengths[r] for r in rows)], [lengths[r] for r in rows],
                                    timestamps, [boosts[r] for r in rows], prepare=_maybe_set_local_attention,
-                                   scripts=None if scripts is None else [scripts[r] for r in rows])  # fmt: skip
+                                   scripts=None if scripts is None else [scripts[r] for r in rows],
+                                   scored=None if scored is None else [scored[r] for r in rows])  # fmt: skip
         outs.update(zip(rows, ran, strict=True))
     return [outs[r] for r in range(len(lengths))]
 
@@ -349,7 +352,11 @@ def _prepare_unit(job: Job, index: int, item: Any) -> tuple[Prepared, cf.Future 
         if unit is None:  # VAD heard no speech: answered without the model
             job.discard(prepared.wav)
             done: cf.Future = cf.Future()
-            done.set_result(UnitResult(Transcript(""), None))
+            silent = Transcript("")
+            if index in job.vad_probs:  # scored: how sure VAD is that there is none
+                silent = confidence.with_vad(dataclasses.replace(silent, tokens=Tokens()), job.vad_probs[index],
+                                             vad.VAD_FRAME / SAMPLE_RATE)  # fmt: skip
+            done.set_result(UnitResult(silent, None))
             return prepared, done
         # an item that may still be split (should it run out of memory) keeps its WAV until its
         # result is in; a shorter one's WAV goes as soon as the model has read it
@@ -376,15 +383,17 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
                 out = await _resplit_on_oom(job, prepared, out, prepared)
             elif index in job.clips and isinstance(out, Transcript):
                 out = vad.on_timeline(job.clips[index], out)
+                if index in job.vad_probs:  # no_speech_prob from VAD rather than the decoder
+                    out = confidence.with_vad(out, job.vad_probs[index], vad.VAD_FRAME / SAMPLE_RATE)
         out = await jobs.labelled(job, out, labels)
         await job.detect_language(index, out)  # off the model thread, on the final text and segments
     except ItemError as exc:
         # Kept as this item's result: without its traceback, whose frames (this one included,
         # which holds it in `out`) would make a cycle that keeps the whole job alive.
         out = exc.with_traceback(None)
-    except Exception as exc:  # a bug in one item's path costs that item, not the job
+    except Exception:  # a bug in one item's path costs that item, not the job
         log.exception("item %d failed", index)
-        out = ItemError("internal_error", f"{type(exc).__name__}: {errors.short(exc)}")
+        out = errors.bug("in its path")
     if prepared is not None:
         job.discard(prepared.wav)  # (already gone for a short item, read by the model)
     await job.settle(index)
@@ -419,6 +428,10 @@ async def _transcribe_split(job: Job, item: Prepared, piece_sec: float, whole: P
         joined.text = f"{joined.text} {part.text}".strip()
         joined.words += [w.shifted(shift) for w in part.words]
         joined.segments += [s.shifted(shift) for s in part.segments]
+        if part.tokens is not None:  # scored: the pieces' tokens in order, the most speech-like piece
+            joined.tokens = (joined.tokens or Tokens()) + part.tokens
+            joined.no_speech_prob = min((x for x in (joined.no_speech_prob, part.no_speech_prob) if x is not None),
+                                        default=None)  # fmt: skip
     return joined
 
 
@@ -532,7 +545,7 @@ async def run_job(
     """One native job, whatever brought it (Runpod's queue, the OpenAI route, the HTTP server):
     {"inputs": [...], "timestamps", "output_format", "boost_phrases", "boost_weight", "vad",
     "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers", "language", "languages"} in
-    (request.INPUT_SCHEMA),
+    (request.FIELDS),
     {"results": [...], "stats": {...}} out; raises errors.JobError (its code, its message) when
     the job cannot run at all: invalid input, no model, a sick worker, no temp dir.
 

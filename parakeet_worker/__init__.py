@@ -7,18 +7,19 @@ Modules a helper adds join the layer of their concern here.
 """
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # base: settings, telemetry switches, the error-code table, safe logging, the shared shapes, fair sharing, state
-    ("state", "config", "privacy", "logsafe", "errors", "transcript", "fairshare", "patches"),
+    # base: settings, telemetry switches, the error-code table, field checks, safe logging, the shared shapes,
+    # fair sharing, state
+    ("state", "config", "privacy", "logsafe", "errors", "checks", "transcript", "fairshare", "patches"),
     # audio in: every source to a 16 kHz mono WAV (a live stream to 16 kHz samples)
     ("audio.headers", "audio.jobdirs", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads",
      "audio.live"),
     # analysis: each a model got once, and pure functions around it
-    ("analysis.vad", "analysis.live_vad", "analysis.known_speakers", "analysis.speakers", "analysis.boosting",
-     "analysis.language", "analysis.script_mask"),
+    ("analysis.vad", "analysis.confidence", "analysis.live_vad", "analysis.known_speakers", "analysis.speakers",
+     "analysis.boosting", "analysis.language", "analysis.script_mask"),
     # the model and the scheduler that runs it
     ("memory", "model", "engine", "scheduler", "pieces"),
     # one job: its request, its state, its answer; one live session, the same for a WebSocket
     ("request", "job", "output", "realtime_events", "realtime_engine", "realtime_session"),
-    # transports: OpenAI's shapes, the live WebSocket, the HTTP server
-    ("openai_api", "realtime_ws", "http_server"),
+    # transports: OpenAI's shapes, the HTTP limits and shutdown, the live WebSocket, the HTTP server
+    ("openai_api", "limits", "drain", "realtime_ws", "http_server"),
 )

@@ -175,10 +175,20 @@ class Config:
     worker_api_key: str = ""
     max_upload_bytes: int = 1024**3
     shutdown_grace_sec: float = 120.0
+    # HTTP limits (docs/operations.md, "HTTP limits"): a request head's bytes and time, a body's
+    # idle deadline and minimum rate (after a grace), and how many bodies may be read at once
+    http_head_max_bytes: int = 64 * 1024
+    http_head_timeout_sec: float = 10.0
+    http_body_idle_sec: float = 20.0
+    http_body_min_rate: float = 4096.0  # bytes/s; 0: no minimum rate
+    http_body_grace_sec: float = 10.0
+    http_body_readers: int = 64
     boost_cache_bytes: int = 256 * 1024**2
     boost_max_job_phrases: int = 5000
     job_take_max: int = 8
     vad: bool = False  # the `vad` field's default; docs/vad.md says why off
+    confidence: bool = False  # the `confidence` field's default; docs/confidence.md says why off
+    confidence_calibration: str = ""  # a calibration JSON (bench/confidence.py --fit); "": the stored table
     speaker_model: str = str(APP_DIR / "models" / "campplus.ts")
     speaker_preload: bool = False
     diarize_workers: int = 1
@@ -246,10 +256,18 @@ class Config:
             worker_api_key=os.environ.get("WORKER_API_KEY", "").strip(),
             max_upload_bytes=_env_num("MAX_UPLOAD_BYTES", d.max_upload_bytes, int),
             shutdown_grace_sec=_env_num("SHUTDOWN_GRACE_SEC", d.shutdown_grace_sec),
+            http_head_max_bytes=max(1024, _env_num("HTTP_HEAD_MAX_BYTES", d.http_head_max_bytes, int)),
+            http_head_timeout_sec=max(0.1, _env_num("HTTP_HEAD_TIMEOUT_SEC", d.http_head_timeout_sec)),
+            http_body_idle_sec=max(0.1, _env_num("HTTP_BODY_IDLE_SEC", d.http_body_idle_sec)),
+            http_body_min_rate=max(0.0, _env_num("HTTP_BODY_MIN_RATE", d.http_body_min_rate)),
+            http_body_grace_sec=max(0.0, _env_num("HTTP_BODY_GRACE_SEC", d.http_body_grace_sec)),
+            http_body_readers=max(1, _env_num("HTTP_BODY_READERS", d.http_body_readers, int)),
             boost_cache_bytes=_env_num("BOOST_CACHE_BYTES", d.boost_cache_bytes, int),
             boost_max_job_phrases=max(1, _env_num("BOOST_MAX_JOB_PHRASES", d.boost_max_job_phrases, int)),
             job_take_max=_env_num("JOB_TAKE_MAX", d.job_take_max, int),
             vad=_env_choice("VAD", "off", ("on", "off")) == "on",
+            confidence=_env_choice("CONFIDENCE", "off", ("on", "off")) == "on",
+            confidence_calibration=_env("CONFIDENCE_CALIBRATION", d.confidence_calibration),
             speaker_model=_env("SPEAKER_MODEL", d.speaker_model),
             speaker_preload=_env_flag("SPEAKER_PRELOAD"),
             diarize_workers=max(1, _env_num("DIARIZE_WORKERS", d.diarize_workers, int)),
@@ -268,6 +286,16 @@ class Config:
             realtime_send_queue=max(1, _env_num("REALTIME_SEND_QUEUE", d.realtime_send_queue, int)),
             model_languages=_env_languages("MODEL_LANGUAGES"),
         )
+
+
+def model_name(model: str) -> str:
+    """What answers call the model: a hub id as given ("nvidia/parakeet-tdt-0.6b-v3"), a local
+    .nemo file or unpacked directory by its name ("models/demo-tdt.nemo": "demo-tdt"), never
+    the server's path to it (/v1/models, a job's stats)."""
+    path = Path(model).expanduser()
+    if model.endswith(".nemo") or path.is_absolute() or model.startswith(".") or path.exists():
+        return path.name.removesuffix(".nemo") or "model"
+    return model
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -58,6 +58,16 @@ CODES: dict[str, Code] = {
     "model_unavailable": Code(503, "the model could not be loaded on this worker", False),
     "temp_dir_failed": Code(503, "the worker cannot make this job's temp dir (WORKER_TMP_DIR)", False),
     "unknown_route": Code(404, "an openai_route this worker does not serve", True),
+    # a request over HTTP or the OpenAI routes, before it is a job
+    "invalid_request": Code(400, "an OpenAI request field, the body or the form is not valid (`param` names the field)", True),
+    "invalid_api_key": Code(401, "WORKER_API_KEY is set and the request's bearer token is missing or wrong", True),
+    "unknown_url": Code(404, "a route (or method) the HTTP server does not serve; /v1/audio/translations", True),
+    "request_timeout": Code(408, "the request's head or body stopped arriving, or arrived too slowly", True),
+    "body_too_large": Code(413, "a JSON body, a form field or the form's field count is over its cap", True),
+    "busy": Code(429, "MAX_CONCURRENT_JOBS requests (or HTTP_BODY_READERS bodies) are in flight; see Retry-After", True),
+    "headers_too_large": Code(431, "the request line and headers are over HTTP_HEAD_MAX_BYTES", True),
+    "unavailable": Code(503, "the worker cannot take the request now (a GPU fault, no temp dir); retry", False),
+    "shutting_down": Code(503, "the worker got SIGTERM: a new request, or one still running after SHUTDOWN_GRACE_SEC", False),
 }
 
 
@@ -77,6 +87,13 @@ class ItemError(Exception):
         self.code = code
         self.message = message
         self.duration = duration  # known when the audio was decoded (e.g. too_long)
+
+
+def bug(where: str) -> ItemError:
+    """An item's internal_error: a bug `where` ("in its path", "rendering its result"), logged in
+    full on the worker (redacted); the client's message carries neither the exception's type nor
+    its text, which may hold server paths."""
+    return ItemError("internal_error", f"the worker failed on this item ({where}): a bug, logged on the worker")
 
 
 def cancelled(when: str = "") -> ItemError:

@@ -156,8 +156,9 @@ def configure_logging() -> None:
     level = config.CFG.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
-    if not any(isinstance(f, logsafe.SafeLogRecords) for f in log.filters):
-        log.addFilter(logsafe.SafeLogRecords())
+    for own in (log, logging.getLogger("parakeet-worker.http")):  # a logger's filters see only its own records
+        if not any(isinstance(f, logsafe.SafeLogRecords) for f in own.filters):
+            own.addFilter(logsafe.SafeLogRecords())
     for handler_ in logging.getLogger().handlers:
         if not any(isinstance(f, logsafe.SafeLogRecords) for f in handler_.filters):
             handler_.addFilter(logsafe.SafeLogRecords())

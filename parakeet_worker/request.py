@@ -1,97 +1,119 @@
 """The native request: {"inputs": [...], "timestamps", "output_format", "boost_phrases",
-"boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers",
-"language", "languages"} checked before
-anything runs (the Runpod SDK's rp_validator, then the checks it skips), and the job's own
-boosting list resolved.
+"boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers",
+"known_speakers", "language", "languages", "confidence", "logprobs"} checked before anything runs, each field for its
+type, range and size (parakeet_worker.checks), and the job's own boosting list resolved.
+
+The Runpod SDK's rp_validator is not used: its messages name Python types ("timestamps should be
+<class 'bool'> type, not <class 'str'>"), its float() raises OverflowError on a 400-digit
+integer, and it checks no range. Here a bad field is "invalid input: <field> must be ..., not
+...", in JSON's words, whatever the value: nesting is walked without recursion first, numbers
+are compared exactly before any conversion.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from runpod.serverless.utils.rp_validator import validate
-
-from parakeet_worker import config, errors, logsafe
+from parakeet_worker import checks, config, logsafe
 from parakeet_worker import model as asr
 from parakeet_worker.analysis import boosting, known_speakers, language, speakers
-from parakeet_worker.analysis.boosting import Boost
+from parakeet_worker.analysis.boosting import BOOST_WEIGHT_MAX, Boost
+from parakeet_worker.checks import InputError
 
 log = logging.getLogger("parakeet-worker")
 OUTPUT_FORMATS = ("json", "text", "srt", "vtt")
+LANGUAGE_MAX_CHARS = 64  # a code, or a few: language.check_hint says which
 
-# The job schema, checked by the Runpod SDK's rp_validator. The validator skips `constraints`
-# when a default exists, so enums and ranges are also checked in check_input().
-INPUT_SCHEMA: dict[str, dict[str, Any]] = {
-    "inputs": {"type": list, "required": True},
-    "timestamps": {"type": bool, "required": False, "default": False},
-    "output_format": {"type": str, "required": False, "default": "json"},
-    "boost_phrases": {"type": list, "required": False, "default": []},
-    "boost_weight": {"type": float, "required": False, "default": 1.0},
-    "vad": {"type": bool, "required": False, "default": None},  # None: CFG.vad
-    "diarize": {"type": bool, "required": False, "default": False},
-    "num_speakers": {"type": int, "required": False, "default": None},
-    "min_speakers": {"type": int, "required": False, "default": None},
-    "max_speakers": {"type": int, "required": False, "default": None},
-    "known_speakers": {"type": list, "required": False, "default": None},
-    "language": {"type": str, "required": False, "default": None},  # a hint: the one language spoken
-    "languages": {"type": list, "required": False, "default": None},  # a hint: the languages that may be
+
+def _inputs(value: Any, name: str) -> list[Any]:
+    items = checks.as_list(value, name, 2**62)
+    if not items:
+        raise InputError(name, "must hold at least one item")
+    if len(items) > config.CFG.max_inputs:
+        raise InputError(name, f"has {len(items)} items, more than MAX_INPUTS={config.CFG.max_inputs}")
+    return items
+
+
+def _phrases(value: Any, name: str) -> tuple[str, ...]:
+    try:
+        return boosting.clean_phrases(value, name)
+    except ValueError as exc:  # its message names the field (and the phrase's index)
+        raise InputError.said(name, str(exc)) from None
+
+
+def _count(value: Any, name: str) -> int:
+    return checks.as_int(value, name, 1, speakers.DIARIZE_MAX_SPEAKERS)
+
+
+# Each field of the job, its check (value, name) -> the value to use, and its default when it is
+# absent or null. Checks raise InputError naming the field.
+FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
+    "inputs": (_inputs, None),
+    "timestamps": (checks.as_bool, False),
+    "output_format": (lambda v, n: checks.as_choice(v, n, OUTPUT_FORMATS), "json"),
+    "boost_phrases": (_phrases, ()),
+    "boost_weight": (lambda v, n: checks.as_float(v, n, 0.0, BOOST_WEIGHT_MAX), 1.0),
+    "vad": (checks.as_bool, None),  # None: CFG.vad
+    "diarize": (checks.as_bool, False),
+    "num_speakers": (_count, None),
+    "min_speakers": (_count, None),
+    "max_speakers": (_count, None),
+    "known_speakers": (lambda v, n: checks.as_list(v, n, 2**62), None),  # its entries: known_speakers.from_native
+    "language": (lambda v, n: checks.as_text(v, n, LANGUAGE_MAX_CHARS), None),  # a hint: the one language spoken
+    "languages": (lambda v, n: checks.as_text(v, n, 1000) if isinstance(v, str) else checks.as_list(v, n, 2**62), None),
+    "confidence": (checks.as_bool, None),  # None: CFG.confidence
+    "logprobs": (checks.as_bool, False),
 }
 
 
 def check_input(job_input: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """Validate the job with rp_validator plus the checks it skips; return (params, error)."""
+    """Check every field of a native job; return (params, None), or (None, the error: "invalid
+    input: ..." naming the field)."""
     if not isinstance(job_input, dict):
         return None, 'input must be an object like {"inputs": [{"source": "..."}]}'
-    for key, rule in INPUT_SCHEMA.items():  # the validator's float() raises OverflowError on 1e400 written out
-        value = job_input.get(key)
-        if rule["type"] is float and isinstance(value, int) and not isinstance(value, bool):
-            try:
-                float(value)
-            except OverflowError:
-                return None, f"invalid input: {key} is too large a number"
     try:
-        checked = validate(job_input, INPUT_SCHEMA)
-    except Exception as exc:  # noqa: BLE001 - the SDK's validator failing on odd input is still the input's fault
-        log.warning("the input validator raised on a job's input: %s", errors.short(exc))
-        return None, f"invalid input: the validator could not check it ({type(exc).__name__})"
-    if "errors" in checked:  # they quote unknown keys as given: echo them safely
-        return None, logsafe.echo("invalid input: " + " ".join(checked["errors"]))
-    params = checked["validated_input"]
-    if not params["inputs"]:
-        return None, "invalid input: inputs must hold at least one item"
-    if len(params["inputs"]) > config.CFG.max_inputs:
-        return None, f"invalid input: inputs has {len(params['inputs'])} items, more than MAX_INPUTS={config.CFG.max_inputs}"
-    if params["output_format"] not in OUTPUT_FORMATS:
-        return None, f"invalid input: output_format must be one of {list(OUTPUT_FORMATS)}"
-    try:
-        params["boost_phrases"] = boosting.clean_phrases(params["boost_phrases"])
-    except ValueError as exc:
-        return None, f"invalid input: {exc}"
-    weight_error = boosting.check_weight(params["boost_weight"])
-    if weight_error:
-        return None, f"invalid input: {weight_error}"
+        return _checked(job_input), None
+    except InputError as exc:
+        return None, logsafe.echo(f"invalid input: {exc}")
+
+
+def _checked(job_input: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(str(key) for key in job_input if key not in FIELDS)
+    if unknown:
+        allowed = ", ".join(FIELDS)
+        raise InputError(logsafe.echo(", ".join(unknown), 200), f"{'is not a field' if len(unknown) == 1 else 'are not fields'} "
+                         f"of a job; the fields are {allowed}")  # fmt: skip
+    for key, value in job_input.items():  # before anything walks a value: no recursion on any of them
+        checks.check_depth(value, key)
+    if "inputs" not in job_input:
+        raise InputError("inputs", 'is required: a list of items like {"source": "..."}')
+    params = {key: default if job_input.get(key) is None else check(job_input[key], key)
+              for key, (check, default) in FIELDS.items()}  # fmt: skip
     phrases = _job_phrase_count(params)
     if phrases > config.CFG.boost_max_job_phrases:
-        return None, (f"invalid input: the job's boost_phrases lists hold {phrases} phrases in all (each different "
-                      f"list counted once), more than BOOST_MAX_JOB_PHRASES={config.CFG.boost_max_job_phrases}")  # fmt: skip
+        raise InputError.said("boost_phrases", f"the job's boost_phrases lists hold {phrases} phrases in all (each "
+                              f"different list counted once), more than BOOST_MAX_JOB_PHRASES={config.CFG.boost_max_job_phrases}")  # fmt: skip
     if params["vad"] is None:  # not given (or null): the worker's VAD setting
         params["vad"] = config.CFG.vad
-    speakers_error = speakers.check_speakers(params)
+    if params["confidence"] is None:  # not given (or null): the worker's CONFIDENCE setting
+        params["confidence"] = config.CFG.confidence
+    speakers_error = speakers.check_speakers(params)  # how the counts go together; each names its fields
     if speakers_error:
-        return None, f"invalid input: {speakers_error}"
+        raise InputError.said("num_speakers", speakers_error)
     try:
         params["known_speakers"] = known_speakers.from_native(params.get("known_speakers"))
     except known_speakers.KnownSpeakerError as exc:
-        return None, f"invalid input: {exc}"
+        raise InputError(exc.param, exc.message, str(exc)) from None
     if params["known_speakers"] and not params["diarize"]:
-        return None, "invalid input: known_speakers needs diarize: true"
+        raise InputError("known_speakers", "needs diarize: true")
     try:  # each item may carry its own hint instead (job.Job.hint_of)
         params["language_hint"] = language.check_hint(params["language"], params["languages"], language.spoken())
     except language.HintError as exc:
-        return None, f"invalid input: {exc}"
-    return params, None
+        raise InputError.said(exc.param, str(exc)) from None
+    return params
 
 
 def _job_phrase_count(params: dict[str, Any]) -> int:

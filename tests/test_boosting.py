@@ -179,8 +179,8 @@ def test_weight_zero_turns_boosting_off(worker, misheard):
 @pytest.mark.parametrize(
     ("fields", "says"),
     [
-        ({"boost_phrases": "seven"}, "boost_phrases should be <class 'list'> type"),  # rp_validator's words
-        ({"boost_phrases": ["seven", 7]}, "boost_phrases[1] must be a string, not int"),
+        ({"boost_phrases": "seven"}, "boost_phrases must be a list of strings, not a string"),  # JSON's words
+        ({"boost_phrases": ["seven", 7]}, "boost_phrases[1] must be a string, not an integer"),
         ({"boost_phrases": ["seven", ""]}, "boost_phrases[1] is empty or only whitespace"),
         ({"boost_phrases": [" \t "]}, "boost_phrases[0] is empty or only whitespace"),
         ({"boost_phrases": ["se\x00ven"]}, "boost_phrases[0] 'se\\x00ven' holds control characters"),
@@ -191,9 +191,9 @@ def test_weight_zero_turns_boosting_off(worker, misheard):
         ({"boost_weight": -0.5}, "boost_weight must be a number from 0 to 10"),
         ({"boost_weight": 10.5}, "boost_weight must be a number from 0 to 10"),
         ({"boost_weight": float("nan")}, "boost_weight must be a number from 0 to 10"),
-        ({"boost_weight": "high"}, "boost_weight should be"),
-        ({"boost_weight": True}, "boost_weight should be"),
-        (json.loads('{"boost_weight": 1' + "0" * 400 + "}"), "boost_weight is too large a number"),  # valid JSON
+        ({"boost_weight": "high"}, 'boost_weight must be a number from 0 to 10, not "high"'),
+        ({"boost_weight": True}, "boost_weight must be a number from 0 to 10, not true"),
+        (json.loads('{"boost_weight": 1' + "0" * 400 + "}"), "boost_weight must be a number from 0 to 10, not an integer of more than 24 digits"),  # valid JSON
     ],
 )
 def test_malformed_job_fields_get_a_clear_job_error(worker, fields, says):
@@ -228,9 +228,9 @@ def test_malformed_item_lists_cost_that_item_only(worker, http_server):
     ]
     results = run_job(worker, inputs, boost_phrases=["one"])["results"]
     expected = [
-        "boost_phrases must be a list of strings, not str",
+        "boost_phrases must be a list of strings, not a string",
         "'Seven' holds characters the model's tokenizer does not know: 'S'",
-        "boost_phrases[1] must be a string, not NoneType",
+        "boost_phrases[1] must be a string, not null",
     ]
     for result, says in zip(results, expected, strict=False):
         assert result["code"] == "invalid_boost" and says in result["error"], result

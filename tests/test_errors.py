@@ -31,9 +31,45 @@ def test_every_code_raised_is_in_the_table():
     assert len(codes_raised()) > 20  # the scan sees the worker's codes
 
 
+# Where each transport helper takes its (status, code): argument positions; None: no status given.
+ANSWER_HELPERS = {"OpenAIError": (0, 2), "error": (None, 0), "retry_later": (None, 0), "send_error": (1, 3),
+                  "_refuse": (0, 2)}  # fmt: skip
+
+
+def codes_answered() -> list[tuple[int | None, str]]:
+    """(status, code) of every error a transport writes with a constant code: OpenAIError(status,
+    message, code, ...), http_server's error(code, ...) and retry_later(code, ...), and limits'
+    send_error(send, status, message, code) and _refuse(status, message, code)."""
+    found: list[tuple[int | None, str]] = []
+    paths = [*Path(parakeet_worker.__file__).parent.rglob("*.py"), REPO / "handler.py"]
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            where = ANSWER_HELPERS.get(name)
+            if where is None or len(node.args) <= where[1] or (name == "error" and not isinstance(node.func, ast.Name)):
+                continue
+            code = node.args[where[1]]
+            if isinstance(code, ast.Constant) and isinstance(code.value, str) and code.value:
+                status = node.args[where[0]] if where[0] is not None else None
+                found.append((status.value if isinstance(status, ast.Constant) else None, code.value))
+    return found
+
+
+def test_every_code_a_transport_answers_with_is_in_the_table_with_its_status():
+    """No route invents a code: each error object's code is in the table, with the status it is
+    sent with (an HTTP status for every code)."""
+    answered = codes_answered()
+    assert len({code for _, code in answered}) >= 8  # the scan sees the transports' codes
+    for status, code in answered:
+        assert code in errors.CODES, code
+        assert status is None or errors.CODES[code].status == status, (code, status)
+
+
 def test_every_code_has_a_status_and_a_meaning():
     for code, entry in errors.CODES.items():
-        assert entry.status in (400, 404, 413, 500, 503), code
+        assert entry.status in (400, 401, 404, 408, 413, 429, 431, 500, 503), code
         assert entry.meaning.strip(), code
         assert entry.client_fault == (entry.status < 500), code
 

@@ -26,17 +26,6 @@ from tools.testkit import UvicornThread, multipart
 PLACED = ["one", "hello", "seven", "stop", "three", "world"]
 
 
-@pytest.fixture(scope="module")
-def api(worker):
-    with UvicornThread(worker.http_app()) as running:
-        yield running
-
-
-@pytest.fixture
-def client(api):
-    return openai.OpenAI(base_url=f"{api.url}/v1", api_key="anything", max_retries=0, timeout=120)
-
-
 def job_dirs() -> list[str]:
     return sorted(p.name for p in TMP_ROOT.glob("job-*"))
 
@@ -192,7 +181,7 @@ def test_undecodable_file_is_a_bad_request_with_the_item_code(client, tmp_path):
 
 def test_models(client, worker):
     (model,) = client.models.list().data
-    assert model.id == settings.CFG.model and model.object == "model"
+    assert model.id == settings.model_name(settings.CFG.model) == "demo-tdt" and model.object == "model"
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -511,8 +500,9 @@ def free_port() -> int:
 
 def test_http_mode_dry_run_health_port_and_sigterm_drain(tmp_path):
     """A dry run (SKIP_MODEL_LOAD=1) serves without torch or NeMo, /ping answers on its own
-    port, and SIGTERM stops new connections while the request in flight still gets its answer;
-    then the process exits 0 and leaves no temp files."""
+    port, and after SIGTERM /ping says 503 on both ports and a new request gets a JSON 503 at
+    once, while the request in flight still gets its answer; then the process exits 0 and leaves
+    no temp files."""
     import subprocess
     import sys
 
@@ -543,7 +533,10 @@ def test_http_mode_dry_run_health_port_and_sigterm_drain(tmp_path):
             inflight = pool.submit(requests.post, url, files={"file": f}, data={"model": "m"}, timeout=120)
             wait_for(held.exists, "the request to reach the model")
             proc.terminate()  # SIGTERM
-            wait_for(lambda: answers(port) is None, "new connections to be refused")
+            wait_for(lambda: answers(port) == 503, "/ping to turn 503")
+            assert answers(health) == 503
+            late = requests.post(url, files={"file": ("a.wav", b"RIFF")}, data={"model": "m"}, timeout=30)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
             assert inflight.running()
             release.touch()
             answer = inflight.result()

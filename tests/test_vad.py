@@ -208,7 +208,7 @@ def test_vad_failure_costs_the_item_nothing(worker, monkeypatch, spaced):
 @pytest.mark.parametrize("value", ["yes", 1, 0, [], {}])
 def test_malformed_vad_is_refused(worker, value, spaced):
     out = call_handler(worker, {"id": "bad", "input": {"inputs": [{"source": spaced}], "vad": value}})
-    assert out.keys() == {"error"} and "vad should be <class 'bool'>" in out["error"], out
+    assert out.keys() == {"error"} and "vad must be true or false" in out["error"], out
 
 
 def test_vad_default_comes_from_the_config(worker, config, not_speech):

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from parakeet_worker import config, logsafe
+from parakeet_worker import checks, config, logsafe
 from parakeet_worker.logsafe import UNSAFE_CHARS
 from parakeet_worker.state import shared
 
@@ -43,13 +43,13 @@ def clean_phrases(value: Any, field_name: str = "boost_phrases") -> tuple[str, .
     sent in any order or spacing hits the same cached tree. Case is kept: Parakeet is cased, and
     "Runpod" and "runpod" are different token sequences. Raises ValueError saying what is wrong."""
     if not isinstance(value, list):
-        raise ValueError(f"{field_name} must be a list of strings, not {type(value).__name__}")
+        raise ValueError(f"{field_name} must be a list of strings, not {checks.kind_of(value)}")
     if len(value) > config.CFG.boost_max_phrases:
         raise ValueError(f"{field_name} has {len(value)} phrases, more than BOOST_MAX_PHRASES={config.CFG.boost_max_phrases}")
     phrases = set()
     for n, phrase in enumerate(value):
         if not isinstance(phrase, str):
-            raise ValueError(f"{field_name}[{n}] must be a string, not {type(phrase).__name__}")
+            raise ValueError(f"{field_name}[{n}] must be a string, not {checks.kind_of(phrase)}")
         text = " ".join(phrase.split())
         if not text:
             raise ValueError(f"{field_name}[{n}] is empty or only whitespace")

@@ -10,7 +10,7 @@ import os
 import threading
 from pathlib import Path
 
-from parakeet_worker import config, errors, logsafe
+from parakeet_worker import config, errors
 from parakeet_worker.audio import headers, jobdirs
 from parakeet_worker.config import SAMPLE_RATE
 from parakeet_worker.errors import ItemError, JobError
@@ -70,7 +70,8 @@ def make_job_dir() -> Path:
     except OSError as exc:
         full = exc.errno in DISK_FULL_ERRNOS
         why = "the worker ran out of disk space or inodes" if full else f"{exc.strerror or exc}"
-        raise JobError("temp_dir_failed", f"cannot make this job's temp dir under WORKER_TMP_DIR={logsafe.echo(str(root), 300)}: {why}") from None
+        log.warning("cannot make a job's temp dir under WORKER_TMP_DIR=%s: %s", root, why)  # the path: in the log only
+        raise JobError("temp_dir_failed", f"cannot make this job's temp dir under WORKER_TMP_DIR: {why}") from None
 
 
 class _Unremoved:

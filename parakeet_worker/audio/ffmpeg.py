@@ -127,7 +127,18 @@ def _wav_frames(dest: Path) -> int:
         dest.unlink(missing_ok=True)
         if disk.fs_full(dest.parent):  # a WAV cut short by a full disk reads as "Format not recognised"
             raise disk.disk_full("decoding it") from None
-        raise ItemError("not_audio", f"ffmpeg wrote no readable audio: {exc}") from None
+        raise ItemError("not_audio", f"ffmpeg wrote no readable audio: {without_paths(str(exc), dest)}") from None
+
+
+def without_paths(text: str, *paths: Path) -> str:
+    """ffmpeg's (or soundfile's) message without the worker's own file names: they name the job's
+    temp dir ("file:/tmp/parakeet-worker/job-x1y2/0.src: Invalid data ..."), which is no business
+    of the client's; the input is "the audio". The message's own words stay."""
+    for path in paths:
+        for name in (f"file:{path}", str(path)):
+            text = text.replace(name, "the audio")
+        text = text.replace(str(path.parent) + "/", "")
+    return text
 
 
 def to_wav(
@@ -140,7 +151,7 @@ def to_wav(
     except ItemError:
         dest.unlink(missing_ok=True)
         raise
-    tail = stderr[-400:]
+    tail = without_paths(stderr, src, dest)[-400:]
     if disk.says_disk_full(stderr):
         dest.unlink(missing_ok=True)
         raise disk.disk_full("decoding it")

@@ -115,11 +115,11 @@ def local_path(raw: str) -> Path:
     """Resolve a local path, refusing anything (`..`, symlinks) that ends outside the roots, and
     anything that is not a regular file (a FIFO would hold ffmpeg for ever)."""
     if logsafe.holds(raw, CONTROLS):  # a file:// URL can unquote to one
-        raise ItemError("invalid_source", "the path holds control characters (a NUL byte, a newline...)")
+        raise ItemError("invalid_source", "the 'source' path holds control characters (a NUL byte, a newline...)")
     encoded = os.fsencode(raw)
     if len(encoded) > PATH_MAX_BYTES or any(len(part) > NAME_MAX_BYTES for part in encoded.split(b"/")):
         raise ItemError(
-            "invalid_source", f"the path is too long (over {PATH_MAX_BYTES} bytes, or a name over {NAME_MAX_BYTES})"
+            "invalid_source", f"the 'source' path is too long (over {PATH_MAX_BYTES} bytes, or a name over {NAME_MAX_BYTES})"
         )
     path = Path(raw) if os.path.isabs(raw) else APP_DIR / raw
     try:
@@ -160,9 +160,9 @@ def decode_base64(value: str, dest: Path) -> Path:
     if value.startswith("data:"):
         comma = value.find(",")
         if comma < 0:
-            raise ItemError("invalid_source", "a data: URL needs a comma before its payload")
+            raise ItemError("invalid_source", "a data: URL ('source' or 'audio_base64') needs a comma before its payload")
         if ";base64" not in value[:comma].lower():
-            raise ItemError("invalid_source", "data: URLs must be base64-encoded")
+            raise ItemError("invalid_source", "data: URLs ('source' or 'audio_base64') must be base64-encoded")
         start = comma + 1
     end = len(value)
     while end > start and (value[end - 1] == "=" or value[end - 1].isspace()):
