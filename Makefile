@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL := models/demo-tdt.nemo
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps demo test lint bench bench-long bench-gpu gpu-check bench-cold parakeet-shaped bench-boost bench-realtime model clean
+.PHONY: setup system-deps demo test lint bench bench-long bench-memory bench-gpu gpu-check bench-cold parakeet-shaped bench-boost bench-realtime model clean
 
 setup: system-deps $(STAMP)
 
@@ -53,6 +53,11 @@ bench: setup
 
 bench-long: setup
 	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.long_audio
+
+# The memory model: predicted against measured peak, full and local attention, 2 to 30 minutes
+# (points over 6 GB predicted only), and the WER of each plan (~15 min on 2 cores).
+bench-memory: setup
+	PARAKEET_MODEL=$(DEMO_MODEL) $(PY) -m bench.memory_model --refit
 
 # The worker with the Parakeet-sized model (built into bench/out on first use): on CUDA the full
 # size against NeMo and the model-only floor, GPU memory and cold start; on CPU a reduced form.

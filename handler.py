@@ -35,10 +35,22 @@ from typing import Any, Protocol, TypeVar
 
 import runpod
 
-from parakeet_worker import config, engine, errors, openai_api, output, patches, pieces, privacy, request, scheduler
+from parakeet_worker import (
+    config,
+    engine,
+    errors,
+    memory,
+    openai_api,
+    output,
+    patches,
+    pieces,
+    privacy,
+    request,
+    scheduler,
+)
 from parakeet_worker import job as jobs
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import language, speakers, vad
+from parakeet_worker.analysis import confidence, language, speakers, vad
 from parakeet_worker.analysis.known_speakers import KnownSpeaker, KnownSpeakerError, Voiceprint
 from parakeet_worker.audio import decoder, disk, download, sources
 from parakeet_worker.audio.uploads import Uploads
@@ -48,7 +60,7 @@ from parakeet_worker.job import Events, Job
 from parakeet_worker.pieces import RESPLIT_FRACTION
 from parakeet_worker.scheduler import Arrival, Unit, UnitResult
 from parakeet_worker.state import shared
-from parakeet_worker.transcript import Prepared, Transcript
+from parakeet_worker.transcript import Prepared, Tokens, Transcript
 
 log = logging.getLogger("parakeet-worker")
 
@@ -134,8 +146,10 @@ def _decode_in_budget(
 
 # ---------------------------------------------------------------------------------------------
 # Batching: short items share batches, long ones run alone, and the longest switch the encoder
-# to local attention (pieces of items past MAX_SINGLE_PASS_SEC come one by one). Pure functions: ready units in,
-# the next batch out; nothing here touches the model, the disk or a clock.
+# to local attention (pieces of long items come one by one). What is short, long or local, and
+# how many rows a batch may hold, is what fits the memory there is (memory.planner(): the
+# config's SHORT_MAX_SEC, LOCAL_ATTENTION_AFTER_SEC and BATCH_MAX_TOTAL_SEC are upper limits).
+# Pure functions of the units and those limits: nothing here touches the model or the disk.
 # ---------------------------------------------------------------------------------------------
 
 SHORT, LONG, LOCAL = "short", "long", "local"
@@ -149,25 +163,34 @@ class _Timed(Protocol):
 T = TypeVar("T", bound=_Timed)
 
 
-def _bucket_of(duration: float) -> str:
-    if duration <= config.CFG.short_max_sec:
+def _full_attention_sec() -> float:
+    """The longest item that runs with full attention: LOCAL_ATTENTION_AFTER_SEC, or less where
+    full attention's memory (which grows with the square of the length) does not fit."""
+    return memory.planner().limits().full_sec
+
+
+def _bucket_of(duration: float, full_sec: float) -> str:
+    if duration <= min(config.CFG.short_max_sec, full_sec):
         return SHORT
-    return LOCAL if duration > config.CFG.local_attention_after_sec else LONG
+    return LOCAL if duration > full_sec else LONG
 
 
-def _bucketize_by_duration(items: Iterable[T]) -> dict[str, list[T]]:
+def _bucketize_by_duration(items: Iterable[T], full_sec: float | None = None) -> dict[str, list[T]]:
     """Split items into short (batched), long (alone, full attention) and local (alone, local
-    attention) buckets, each sorted by duration so batches pad little."""
+    attention) buckets, each sorted by duration so batches pad little. `full_sec`: the longest
+    item with full attention (_full_attention_sec() if not given)."""
+    full_sec = _full_attention_sec() if full_sec is None else full_sec
     buckets: dict[str, list[T]] = {SHORT: [], LONG: [], LOCAL: []}
     for item in items:
-        buckets[_bucket_of(item.duration)].append(item)
+        buckets[_bucket_of(item.duration, full_sec)].append(item)
     for bucket in buckets.values():
         bucket.sort(key=lambda p: p.duration)
     return buckets
 
 
-def _make_batches(items: Sequence[T]) -> list[list[T]]:
-    """Pack items into batches of <= BATCH_MAX_ITEMS and <= BATCH_MAX_TOTAL_SEC.
+def _make_batches(items: Sequence[T], fits: Callable[[int, float], bool] | None = None) -> list[list[T]]:
+    """Pack items into batches of <= BATCH_MAX_ITEMS and <= BATCH_MAX_TOTAL_SEC, each one that
+    `fits(rows, longest seconds)` in memory (all rows are padded to the longest).
 
     Items are sorted by duration and cut into runs that minimise padded seconds plus a fixed
     cost per batch (BATCH_OVERHEAD_SEC): the exact optimum over contiguous runs, by dynamic
@@ -181,8 +204,9 @@ def _make_batches(items: Sequence[T]) -> list[list[T]]:
         total = 0.0
         for start in range(end - 1, max(-1, end - 1 - config.CFG.batch_max_items), -1):
             total += ordered[start].duration
-            if total > config.CFG.batch_max_total_sec and start < end - 1:
-                break
+            if start < end - 1 and (total > config.CFG.batch_max_total_sec
+                                    or (fits is not None and not fits(end - start, ordered[end - 1].duration))):
+                break  # fmt: skip
             cost = best[start] + (end - start) * ordered[end - 1].duration + config.CFG.batch_overhead_sec
             if cost < best[end]:
                 best[end], cut[end] = cost, start
@@ -223,33 +247,40 @@ def _plan_next(ready: Sequence[Unit], local_mode: bool, served: Mapping[Any, flo
     for unit in sorted(ready, key=lambda u: u.seq):
         by_job.setdefault(unit.job, []).append(unit)
     order = sorted(by_job, key=lambda j: (served.get(j, 0.0), by_job[j][0].seq))
+    room = memory.planner().room()  # one reading of the memory there is, for this whole plan
+    cost, free, full_sec = memory.planner().cost(), room.free, memory.planner().limits(room).full_sec
+
+    def fits(rows: int, longest: float) -> bool:
+        return cost is None or free is None or cost.peak(longest, rows, memory.FULL) <= free
+
     live = [u for u in sorted(ready, key=lambda u: u.seq) if u.live_final]
     if live:
-        return _pack_short(live[0], live, [by_job[job] for job in order])
+        return _pack_short(live[0], live, [by_job[job] for job in order], full_sec, fits)
     lead = by_job[order[0]]
     first = lead[0]
-    lead_buckets = _bucketize_by_duration(lead)
+    lead_buckets = _bucketize_by_duration(lead, full_sec)
     if first not in lead_buckets[SHORT]:
         oldest_short = min((u.seq for u in lead_buckets[SHORT]), default=float("inf"))
         alone = sorted((u for u in lead_buckets[LONG] + lead_buckets[LOCAL] if u.seq < oldest_short), key=lambda u: u.seq)
         same_mode = [u for u in alone if (u in lead_buckets[LOCAL]) == local_mode]
         return [(same_mode or alone)[0]]
-    return _pack_short(first, [], [by_job[job] for job in order])
+    return _pack_short(first, [], [by_job[job] for job in order], full_sec, fits)
 
 
-def _pack_short(first: Unit, ahead: list[Unit], jobs_in_order: list[list[Unit]]) -> list[Unit]:
+def _pack_short(first: Unit, ahead: list[Unit], jobs_in_order: list[list[Unit]], full_sec: float,
+                fits: Callable[[int, float], bool]) -> list[Unit]:  # fmt: skip
     """The batch _make_batches puts `first` in, packed from the short units of `ahead` and then
     of each job in turn, until there are two batches' worth to choose from (`first` runs alone
-    if it is not short)."""
-    if _bucket_of(first.duration) != SHORT:
+    if it is not short); `full_sec` and `fits` are the memory's limits (see _plan_next)."""
+    if _bucket_of(first.duration, full_sec) != SHORT:
         return [first]
-    pool: list[Unit] = [u for u in ahead if _bucket_of(u.duration) == SHORT]
+    pool: list[Unit] = [u for u in ahead if _bucket_of(u.duration, full_sec) == SHORT]
     taken = set(map(id, pool))
     for units in jobs_in_order:
         if len(pool) >= 2 * config.CFG.batch_max_items:
             break
-        pool += [u for u in _bucketize_by_duration(units)[SHORT] if id(u) not in taken]
-    return next(batch for batch in _make_batches(pool) if first in batch)
+        pool += [u for u in _bucketize_by_duration(units, full_sec)[SHORT] if id(u) not in taken]
+    return next(batch for batch in _make_batches(pool, fits) if first in batch)
 
 
 def _padding_efficiency(batches: Iterable[Sequence[_Timed]]) -> float:
@@ -260,33 +291,41 @@ def _padding_efficiency(batches: Iterable[Sequence[_Timed]]) -> float:
     return real / padded if padded else 1.0
 
 
-def _maybe_set_local_attention(model: Any, duration: float) -> None:
-    """Local attention above LOCAL_ATTENTION_AFTER_SEC, full attention otherwise.
-
-    Switching costs about 2 s on the real model, so it only happens when the mode changes.
-    NeMo builds the new attention modules in training mode (dropout on), hence the eval().
-    """
-    want_local = duration > config.CFG.local_attention_after_sec
-    if want_local == asr.state().local_attention:
-        return
-    if want_local:
-        model.change_attention_model("rel_pos_local_attn", list(config.CFG.local_attention_context))
-    else:
-        model.change_attention_model("rel_pos", [-1, -1])
-    model.eval()
-    asr.state().local_attention = want_local
-    log.info("encoder attention: %s", "local" if want_local else "full")
+def _maybe_set_local_attention(model: Any, duration: float, rows: int = 1) -> None:
+    """Full attention where `rows` rows of `duration` seconds fit in memory with it and
+    `duration` is within LOCAL_ATTENTION_AFTER_SEC; local attention otherwise (its memory grows
+    with the length, full attention's with its square). The switch itself (about 2 s on the
+    real model) happens only when the mode changes (model.set_attention)."""
+    plan = memory.planner().plan([duration] * rows)
+    asr.set_attention(model, plan.mode == memory.LOCAL)
 
 
 def _run_batch(
-    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scripts: list[Any] | None = None
+    model: Any, audio: Any, lengths: list[int], timestamps: bool, boosts: list[Any], scripts: list[Any] | None = None,
+    scored: list[bool] | None = None,
 ) -> list[Any]:
-    """One planned batch through the model, the encoder set up for its longest row first; a
-    failing batch is retried in halves (engine.run_resilient). `scripts`: each row's language
-    hint's scripts (None: decoded as always)."""
-    return engine.run_resilient(
-        model, audio, lengths, timestamps, boosts, prepare=_maybe_set_local_attention, scripts=scripts
-    )
+    """One planned batch through the model, admitted by memory first (memory.MemoryPlanner.admit):
+    rows that do not fit now wait for a pass of their own after the shorter ones; a row that
+    does not fit even alone, after a wait for memory, gets out_of_memory, which cuts its item
+    smaller (_resplit_on_oom): the kernel's OOM killer never has to. The encoder is set up for
+    each pass's longest row; a failing pass is retried in halves (engine.run_resilient).
+    `scripts`: each row's language hint's scripts (None: decoded as always); `scored`: the rows
+    that get confidence."""
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    outs: dict[int, Any] = {}
+    while len(outs) < len(order):
+        rest = order[len(outs) :]
+        plan = memory.planner().admit([lengths[r] / SAMPLE_RATE for r in rest])
+        if not plan.fits:
+            outs[rest[0]] = ItemError("out_of_memory", f"not enough memory for this audio in one pass ({plan.line()})")
+            continue
+        rows = rest[: plan.rows]
+        ran = engine.run_resilient(model, audio[rows, : max(lengths[r] for r in rows)], [lengths[r] for r in rows],
+                                   timestamps, [boosts[r] for r in rows], prepare=_maybe_set_local_attention,
+                                   scripts=None if scripts is None else [scripts[r] for r in rows],
+                                   scored=None if scored is None else [scored[r] for r in rows])  # fmt: skip
+        outs.update(zip(rows, ran, strict=True))
+    return [outs[r] for r in range(len(lengths))]
 
 
 @shared
@@ -307,13 +346,17 @@ def _prepare_unit(job: Job, index: int, item: Any) -> tuple[Prepared, cf.Future 
         prepared = _fetch_to_wav(index, item, job.workdir, job.stop, arrival.announce)
         if job.speakers is not None:
             job.keep(prepared.wav)  # before the scheduler may read it and let it go
-        if prepared.duration > config.CFG.max_single_pass_sec:
+        if prepared.duration > memory.planner().limits().piece_sec:
             return prepared, None
         unit = job.speech_of(prepared)
         if unit is None:  # VAD heard no speech: answered without the model
             job.discard(prepared.wav)
             done: cf.Future = cf.Future()
-            done.set_result(UnitResult(Transcript(""), None))
+            silent = Transcript("")
+            if index in job.vad_probs:  # scored: how sure VAD is that there is none
+                silent = confidence.with_vad(dataclasses.replace(silent, tokens=Tokens()), job.vad_probs[index],
+                                             vad.VAD_FRAME / SAMPLE_RATE)  # fmt: skip
+            done.set_result(UnitResult(silent, None))
             return prepared, done
         # an item that may still be split (should it run out of memory) keeps its WAV until its
         # result is in; a shorter one's WAV goes as soon as the model has read it
@@ -333,13 +376,15 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
         job.prepared[index] = prepared
         labels = job.diarize(prepared)  # beside the transcription, on its own pool
         if future is None:
-            out = await _transcribe_split(job, prepared, config.CFG.max_single_pass_sec, prepared)
+            out = await _transcribe_split(job, prepared, _piece_sec(prepared), prepared)
         else:
             out = await job.result_of(future, prepared)
             if isinstance(out, ItemError) and out.code == "out_of_memory":  # the whole item in pieces (no clip)
                 out = await _resplit_on_oom(job, prepared, out, prepared)
             elif index in job.clips and isinstance(out, Transcript):
                 out = vad.on_timeline(job.clips[index], out)
+                if index in job.vad_probs:  # no_speech_prob from VAD rather than the decoder
+                    out = confidence.with_vad(out, job.vad_probs[index], vad.VAD_FRAME / SAMPLE_RATE)
         out = await jobs.labelled(job, out, labels)
         await job.detect_language(index, out)  # off the model thread, on the final text and segments
     except ItemError as exc:
@@ -353,6 +398,17 @@ async def _transcribe_item(job: Job, index: int, item: Any) -> Transcript | Item
         job.discard(prepared.wav)  # (already gone for a short item, read by the model)
     await job.settle(index)
     return out
+
+
+def _piece_sec(item: Prepared) -> float:
+    """The piece length of a long item: MAX_SINGLE_PASS_SEC, or less where one pass of that
+    (with local attention) does not fit the memory there is, never under PIECE_MIN_SEC. Decided
+    on the whole item before VAD (its speech is never longer, so a clip of an item within this
+    fits too); the attention mode is decided later, on what the model really gets."""
+    lim = memory.planner().limits()
+    if item.duration > lim.piece_sec and lim.piece_sec < config.CFG.max_single_pass_sec:
+        log.info("item %d: %.0f s in pieces of at most %.0f s (%s)", item.index, item.duration, lim.piece_sec, lim.line())
+    return lim.piece_sec
 
 
 async def _transcribe_split(job: Job, item: Prepared, piece_sec: float, whole: Prepared) -> Transcript | ItemError:
@@ -372,6 +428,10 @@ async def _transcribe_split(job: Job, item: Prepared, piece_sec: float, whole: P
         joined.text = f"{joined.text} {part.text}".strip()
         joined.words += [w.shifted(shift) for w in part.words]
         joined.segments += [s.shifted(shift) for s in part.segments]
+        if part.tokens is not None:  # scored: the pieces' tokens in order, the most speech-like piece
+            joined.tokens = (joined.tokens or Tokens()) + part.tokens
+            joined.no_speech_prob = min((x for x in (joined.no_speech_prob, part.no_speech_prob) if x is not None),
+                                        default=None)  # fmt: skip
     return joined
 
 
@@ -460,15 +520,23 @@ async def _post_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
 
 
 def ensure_model() -> Any:
-    """Start this process as a worker, once: every log line made safe (LOG_LEVEL), then the
-    model loaded (model.ensure_model). main() calls it before the SDK takes a job; a job run
-    in-process without main() calls it on its way in. No library's telemetry is on by then."""
+    """Start this process as a worker, once: every log line made safe (LOG_LEVEL), the temp
+    dirs of dead workers removed (disk.remove_dead_workers_dirs), then the model loaded and its
+    memory model fitted (model.ensure_model). main() calls it before the SDK takes a job; a job
+    run in-process without main() calls it on its way in. No library's telemetry is on by then."""
     privacy.telemetry_off()
     patches.configure_logging()
+    _started()
     model = asr.ensure_model()
     if model is not None:
         language.preload()  # py3langid (~1 s), on a thread of its own: the first item need not wait
     return model
+
+
+@shared
+def _started() -> bool:
+    disk.remove_dead_workers_dirs()
+    return True
 
 
 async def run_job(
@@ -477,7 +545,7 @@ async def run_job(
     """One native job, whatever brought it (Runpod's queue, the OpenAI route, the HTTP server):
     {"inputs": [...], "timestamps", "output_format", "boost_phrases", "boost_weight", "vad",
     "diarize", "num_speakers", "min_speakers", "max_speakers", "known_speakers", "language", "languages"} in
-    (request.INPUT_SCHEMA),
+    (request.FIELDS),
     {"results": [...], "stats": {...}} out; raises errors.JobError (its code, its message) when
     the job cannot run at all: invalid input, no model, a sick worker, no temp dir.
 

@@ -11,13 +11,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # fair sharing, state
     ("state", "config", "privacy", "logsafe", "errors", "checks", "transcript", "fairshare", "patches"),
     # audio in: every source to a 16 kHz mono WAV (a live stream to 16 kHz samples)
-    ("audio.headers", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads",
+    ("audio.headers", "audio.jobdirs", "audio.disk", "audio.ffmpeg", "audio.sources", "audio.download", "audio.decoder", "audio.uploads",
      "audio.live"),
     # analysis: each a model got once, and pure functions around it
-    ("analysis.vad", "analysis.live_vad", "analysis.known_speakers", "analysis.speakers", "analysis.boosting",
-     "analysis.language", "analysis.script_mask"),
+    ("analysis.vad", "analysis.confidence", "analysis.live_vad", "analysis.known_speakers", "analysis.speakers",
+     "analysis.boosting", "analysis.language", "analysis.script_mask"),
     # the model and the scheduler that runs it
-    ("model", "engine", "scheduler", "pieces"),
+    ("memory", "model", "engine", "scheduler", "pieces"),
     # one job: its request, its state, its answer; one live session, the same for a WebSocket
     ("request", "job", "output", "realtime_events", "realtime_engine", "realtime_session"),
     # transports: OpenAI's shapes, the HTTP limits and shutdown, the live WebSocket, the HTTP server

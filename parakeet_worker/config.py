@@ -142,6 +142,10 @@ class Config:
     local_attention_context: tuple[int, int] = (256, 256)
     max_single_pass_sec: float = 1800.0  # the piece length: longer items run in pieces (docs/performance.md: Long audio)
     piece_min_sec: float = 60.0  # a piece that runs out of memory is split smaller, down to this
+    memory_planning: bool = True  # attention, pieces and batches fit the memory there is (docs/operations.md: Memory)
+    memory_budget_bytes: int = 0  # the most the worker may hold on its device; 0: what the device and container allow
+    memory_margin: float = 0.25  # on every predicted peak
+    memory_wait_sec: float = 30.0  # a pass that does not fit waits this long for memory, then is cut smaller
     max_audio_sec: float = 14400.0
     max_inputs: int = 500
     max_download_bytes: int = 2 * 1024**3
@@ -183,6 +187,8 @@ class Config:
     boost_max_job_phrases: int = 5000
     job_take_max: int = 8
     vad: bool = False  # the `vad` field's default; docs/vad.md says why off
+    confidence: bool = False  # the `confidence` field's default; docs/confidence.md says why off
+    confidence_calibration: str = ""  # a calibration JSON (bench/confidence.py --fit); "": the stored table
     speaker_model: str = str(APP_DIR / "models" / "campplus.ts")
     speaker_preload: bool = False
     diarize_workers: int = 1
@@ -217,6 +223,10 @@ class Config:
             local_attention_context=_env_pair("LOCAL_ATTENTION_CONTEXT", "256,256"),
             max_single_pass_sec=max(1.0, _env_num("MAX_SINGLE_PASS_SEC", d.max_single_pass_sec)),
             piece_min_sec=max(1.0, _env_num("PIECE_MIN_SEC", d.piece_min_sec)),
+            memory_planning=_env_choice("MEMORY_PLANNING", "on", ("on", "off")) == "on",
+            memory_budget_bytes=_env_num("WORKER_MEMORY_BUDGET_BYTES", d.memory_budget_bytes, int),
+            memory_margin=_env_num("MEMORY_MARGIN", d.memory_margin),
+            memory_wait_sec=_env_num("MEMORY_WAIT_SEC", d.memory_wait_sec),
             max_audio_sec=_env_num("MAX_AUDIO_SEC", d.max_audio_sec),
             max_inputs=max(1, _env_num("MAX_INPUTS", d.max_inputs, int)),
             max_download_bytes=_env_num("MAX_DOWNLOAD_BYTES", d.max_download_bytes, int),
@@ -256,6 +266,8 @@ class Config:
             boost_max_job_phrases=max(1, _env_num("BOOST_MAX_JOB_PHRASES", d.boost_max_job_phrases, int)),
             job_take_max=_env_num("JOB_TAKE_MAX", d.job_take_max, int),
             vad=_env_choice("VAD", "off", ("on", "off")) == "on",
+            confidence=_env_choice("CONFIDENCE", "off", ("on", "off")) == "on",
+            confidence_calibration=_env("CONFIDENCE_CALIBRATION", d.confidence_calibration),
             speaker_model=_env("SPEAKER_MODEL", d.speaker_model),
             speaker_preload=_env_flag("SPEAKER_PRELOAD"),
             diarize_workers=max(1, _env_num("DIARIZE_WORKERS", d.diarize_workers, int)),

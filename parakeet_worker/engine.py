@@ -59,17 +59,20 @@ def gpu_fault_error() -> ItemError:
 def run_resilient(
     model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool, boosts: Sequence[Boost | None] | None = None,
     prepare: asr.Prepare | None = None, scripts: Sequence[frozenset[str] | None] | None = None,
+    scored: Sequence[bool] | None = None,
 ) -> list[Transcript | ItemError]:
     """Run a batch; if the model fails, retry its halves, so only an item that fails alone
     gets an error. A CUDA out-of-memory takes the same path, after emptying the cache. A GPU
     fault is not retried: it fails the batch and marks the worker sick (see _is_gpu_fault).
-    `boosts` and `scripts` (one per row, or None) are split with the rows."""
+    `boosts`, `scripts` (one per row, or None) and `scored` (the rows that want confidence) are
+    split with the rows."""
     if asr.state().gpu_fault:
         return [gpu_fault_error() for _ in lengths]
     boosts = list(boosts) if boosts is not None else [None] * len(lengths)
     scripts = list(scripts) if scripts is not None else [None] * len(lengths)
+    scored = list(scored) if scored is not None else [False] * len(lengths)
     try:
-        return list(asr.run_model(model, audio, lengths, timestamps, boosts, prepare, scripts))
+        return list(asr.run_model(model, audio, lengths, timestamps, boosts, prepare, scripts, scored))
     except Exception as exc:
         if _is_gpu_fault(exc):
             log.error("GPU fault, asking Runpod to replace this worker: %s", errors.short(exc))
@@ -87,8 +90,10 @@ def run_resilient(
         half = len(lengths) // 2
         first, second = lengths[:half], lengths[half:]
         return run_resilient(
-            model, audio[:half, : max(first)], first, timestamps, boosts[:half], prepare, scripts[:half]
-        ) + run_resilient(model, audio[half:, : max(second)], second, timestamps, boosts[half:], prepare, scripts[half:])
+            model, audio[:half, : max(first)], first, timestamps, boosts[:half], prepare, scripts[:half], scored[:half]
+        ) + run_resilient(
+            model, audio[half:, : max(second)], second, timestamps, boosts[half:], prepare, scripts[half:], scored[half:]
+        )
 
 
 def model_failed_error() -> ItemError:

@@ -44,7 +44,7 @@ CODES: dict[str, Code] = {
     "disk_full": Code(503, "the worker ran out of temp disk while writing this item; retry it", False),
     "temp_not_writable": Code(503, "the job's temp dir turned read-only; retry the item", False),
     "temp_dir_gone": Code(503, "the job's temp dir was removed while the job ran; retry the item", False),
-    "out_of_memory": Code(503, "the model ran out of memory on this item, even in the smallest pieces", False),
+    "out_of_memory": Code(503, "not enough memory for this item, even in the smallest pieces (run out of, or planned)", False),
     "transcription_failed": Code(503, "the model failed on this item alone", False),
     "gpu_failed": Code(503, "the GPU hit a fault no later call survives; the worker is being replaced", False),
     "model_failed": Code(503, "the worker's model thread died; the worker is being replaced", False),

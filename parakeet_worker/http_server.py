@@ -498,12 +498,13 @@ def stream(request: Request, req: OpenAIRequest, run_job: RunJob, uploads: Uploa
     (each item, each piece of a split file), then one transcript.text.done with the whole text;
     an error mid-way is an error event, and so is a shutdown that stops it. The job starts here,
     not in the generator, so that its end (done, failed, or cancelled when the client goes away)
-    cleans up even if the response never gets to run the generator."""
-    texts: asyncio.Queue[str] = asyncio.Queue()
+    cleans up even if the response never gets to run the generator. With include[]=logprobs each
+    event carries its tokens'."""
+    texts: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def events(kind: str, payload: dict[str, Any]) -> None:
         if kind == "text" and payload["text"]:
-            texts.put_nowait(payload["text"])
+            texts.put_nowait(payload)
 
     as_json = dataclasses.replace(req, response_format="json")
     job = gate.drain.track(asyncio.ensure_future(openai_transcribe(as_json, run_job, events, uploads)))
@@ -517,7 +518,8 @@ def stream(request: Request, req: OpenAIRequest, run_job: RunJob, uploads: Uploa
     return sse_events(job, texts, gate.drain)
 
 
-async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str], drain: Drain) -> AsyncIterator[bytes]:
+async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[dict[str, Any]], drain: Drain) -> AsyncIterator[bytes]:
+    """Each part's delta as it comes ({"text", "tokens" with logprobs}), then done or an error."""
     first = True
     try:
         while not (job.done() and texts.empty()):
@@ -526,7 +528,8 @@ async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str], drain:
             if not getter.done():
                 getter.cancel()
                 continue
-            yield sse(openai_delta(getter.result(), first))
+            part = getter.result()
+            yield sse(openai_delta(part["text"], first, part.get("tokens")))
             first = False
         if job.cancelled():  # the client went away, or the worker is shutting down
             if drain.stopping:
@@ -541,7 +544,7 @@ async def sse_events(job: asyncio.Future[Any], texts: asyncio.Queue[str], drain:
             log.exception("a streamed request failed")
             yield sse(OpenAIError(500, INTERNAL_MESSAGE, "internal_error").body())
             return
-        yield sse(openai_done(answer["text"], answer.get("languages")))
+        yield sse(openai_done(answer["text"], answer.get("languages"), answer.get("logprobs")))
     finally:
         job.cancel()  # the client is gone (or the job is done already): its own task cleans up
 

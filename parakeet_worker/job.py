@@ -218,9 +218,10 @@ class Job:
 
     Threads: it is made, awaited and closed on the event loop. Its prepare threads (one per
     item in flight) call boost_of, speech_of, submit, keep and discard and write `boosts`,
-    `clips` and `speech_sec` for their own item's index only; the model thread calls discard()
-    once it has read a WAV; diarize threads call unkeep(). `kept` is the one structure several
-    threads change, under `kept_lock`; `stop` (a threading.Event) is how close() reaches them all."""
+    `clips`, `speech_sec` and `vad_probs` for their own item's index only; the model thread
+    calls discard() once it has read a WAV; diarize threads call unkeep(). `kept` is the one
+    structure several threads change, under `kept_lock`; `stop` (a threading.Event) is how
+    close() reaches them all."""
 
     def __init__(self, params: dict[str, Any], scheduler: Scheduler, boost: Boost | None = None,
                  events: Events | None = None, workdir: Path | None = None, job_id: str = ""):  # fmt: skip
@@ -247,6 +248,9 @@ class Job:
         self.partial: dict[int, float] = {}  # seconds done inside split items still running
         self.vad: bool = params["vad"] and not config.CFG.skip_model_load  # a dry run loads no VAD either
         self.clips: dict[int, Prepared] = {}  # by input index: the speech-only clip the model got
+        self.confidence: bool = bool(params.get("confidence"))  # words' and segments' confidence
+        self.logprobs: bool = bool(params.get("logprobs"))  # each token's log-probability
+        self.vad_probs: dict[int, Any] = {}  # by input index, where VAD ran and confidence is on
         self.speech_sec: dict[int, float] = {}  # by input index, where VAD ran: speech it found
         self.progress = Progress()
         heap().jobs_in_flight += 1
@@ -302,7 +306,7 @@ class Job:
         if not self.vad:
             return item
         try:
-            regions = vad.speech_regions(item, self.stop)
+            regions, probs = vad.speech_and_probs(item, self.stop)
         except ItemError:
             raise
         except Exception as exc:  # noqa: BLE001 - transcribed without VAD instead
@@ -312,6 +316,8 @@ class Job:
             return item
         clip = vad.speech_clip(item, regions)
         self.speech_sec[item.index] = clip.duration
+        if self.scored:
+            self.vad_probs[item.index] = probs
         if not regions:
             return None
         self.clips[item.index] = clip
@@ -322,8 +328,15 @@ class Job:
         item's boosting too."""
         if self.stop.is_set():
             raise errors.cancelled()
-        unit = Unit(item, self, self.timestamps, final, boost=self.boosts.get(item.index), scripts=self.scripts_of(item.index))
+        unit = Unit(item, self, self.timestamps, final, boost=self.boosts.get(item.index),
+                    scripts=self.scripts_of(item.index), confidence=self.scored)  # fmt: skip
         return self.scheduler.submit(unit)
+
+    @property
+    def scored(self) -> bool:
+        """Whether this job's units are scored (analysis.confidence): it asked for confidence or
+        for token log-probabilities."""
+        return self.confidence or self.logprobs
 
     async def run(self, item: Prepared, final: bool = True, whole: Prepared | None = None) -> Transcript | ItemError:
         return await self.result_of(self.submit(item, final), item, whole)
@@ -336,7 +349,10 @@ class Job:
         if result.batch is not None:
             self.batches[result.batch.id] = result.batch
         if item is not None and isinstance(result.out, Transcript):
-            await self.emit("text", {"index": item.index, "text": result.out.text})
+            part: dict[str, Any] = {"index": item.index, "text": result.out.text}
+            if self.logprobs and result.out.tokens is not None:
+                part["tokens"] = result.out.tokens  # a streamed delta's logprobs
+            await self.emit("text", part)
         if item is not None and whole is not None and not isinstance(result.out, ItemError):
             done_to = item.start + item.frames - whole.start
             if done_to < whole.frames:  # the item's end is reported when the item is settled

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from parakeet_worker import config, errors, patches, privacy
-from parakeet_worker.analysis import boosting, script_mask, speakers, vad
+from parakeet_worker import config, errors, memory, patches, privacy
+from parakeet_worker.analysis import boosting, confidence, script_mask, speakers, vad
 from parakeet_worker.analysis.boosting import Boost
 from parakeet_worker.audio import disk
 from parakeet_worker.config import SAMPLE_RATE
@@ -179,7 +179,51 @@ def load_model(name: str) -> Any:
         configure_decoding(model, timestamps=False, cuda_graphs=False)
         _warm_up(model)
     state().load_timings["warm_up"] = time.perf_counter() - started
+    started = time.perf_counter()
+    fit_memory(model)
+    state().load_timings["memory_model"] = time.perf_counter() - started
     return model
+
+
+def set_attention(model: Any, local: bool) -> None:
+    """The encoder in local attention (LOCAL_ATTENTION_CONTEXT) or full attention. Switching
+    costs about 2 s on the real model, so it only happens when the mode changes. NeMo builds the
+    new attention modules in training mode (dropout on), hence the eval()."""
+    if local == state().local_attention:
+        return
+    if local:
+        model.change_attention_model("rel_pos_local_attn", list(config.CFG.local_attention_context))
+    else:
+        model.change_attention_model("rel_pos", [-1, -1])
+    model.eval()
+    state().local_attention = local
+    log.info("encoder attention: %s", "local" if local else "full")
+
+
+def fit_memory(model: Any) -> None:
+    """The memory model of this model on this device (memory.planner()): kept from an earlier
+    start of a worker on this machine with the same model, device and software, or measured now
+    with a few short passes of the encoder (a few seconds on CPU with the demo model, less on a
+    GPU). Off with MEMORY_PLANNING=off: the config's limits alone decide."""
+    if not config.CFG.memory_planning:
+        return
+    import platform
+
+    import torch
+
+    device, autocast = state().device, state().autocast
+    where = Path(config.CFG.model)
+    identity = (config.CFG.model, *((where.stat().st_size, where.stat().st_mtime) if where.exists() else ()))
+    hardware = torch.cuda.get_device_name() if device == "cuda" else f"cpu {platform.machine()}"
+    key = memory.cache_key(identity, hardware, str(autocast), torch.__version__, config.CFG.local_attention_context)
+    with state().model_lock:
+        runner = memory.encoder_pass(model, device, lambda mode: set_attention(model, mode == memory.LOCAL), autocast)
+        try:
+            memory.planner().fit(device, runner, key, memory.default_cache())
+        finally:
+            set_attention(model, False)
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
 
 def _prefetch(path: Path) -> None:
@@ -371,6 +415,7 @@ def _load_configured() -> Any:
     if config.CFG.skip_model_load:
         return None
     privacy.telemetry_off()  # before NeMo (and huggingface_hub, wandb, lightning) are imported
+    confidence_calibration()  # a bad CONFIDENCE_CALIBRATION fails here, before the long load
     model = load_model(config.CFG.model)
     with contextlib.suppress(Exception):  # a broken silero install fails on VAD's first use
         vad.import_silero()  # see there: not while model calls run
@@ -425,10 +470,14 @@ def load_rows(items: Sequence[Prepared]) -> tuple[np.ndarray, list[int], dict[in
     return audio, lengths, failed
 
 
-def forward_decode(model: Any, audio: np.ndarray, lengths: list[int], seeds: list[Any] | None = None) -> list[Any]:
+def forward_decode(
+    model: Any, audio: np.ndarray, lengths: list[int], seeds: list[Any] | None = None, scored: Sequence[bool] | None = None
+) -> list[Any]:
     """Encoder + greedy TDT decoding on a padded batch, as transcribe() does, minus its
     per-call dataloader, temp files and mode switching. Returns NeMo Hypothesis objects.
-    `seeds` (see registered) carry the rows' boosting requests."""
+    `seeds` (see registered) carry the rows' boosting requests. The rows `scored` marks get
+    their tokens' log-probabilities (analysis.confidence.token_logprobs, one pass over the batch
+    after decoding, while the encoder's output is still here) as `hyp.pw_logprobs`."""
     import torch
 
     device = state().device
@@ -440,46 +489,76 @@ def forward_decode(model: Any, audio: np.ndarray, lengths: list[int], seeds: lis
         hyps = model.decoding.rnnt_decoder_predictions_tensor(
             encoded, encoded_len, return_hypotheses=True, partial_hypotheses=seeds
         )
+        rows = [r for r, want in enumerate(scored or ()) if want]
+        if rows:
+            found = confidence.token_logprobs(model, encoded, encoded_len, hyps, rows)
+            for r, logprobs in zip(rows, found, strict=True):
+                hyps[r].pw_logprobs = logprobs
     del signal, encoded
     return list(hyps)
 
 
-# Called under the model lock before a batch runs, with the batch's longest row in seconds: how
-# the caller sets the encoder up for it (handler._maybe_set_local_attention).
-Prepare = Callable[[Any, float], None]
+# Called under the model lock before a batch runs, with the batch's longest row in seconds and
+# its rows: how the caller sets the encoder up for it (handler._maybe_set_local_attention).
+Prepare = Callable[[Any, float, int], None]
 
 
 def run_model(
     model: Any, audio: np.ndarray, lengths: list[int], timestamps: bool, boosts: Sequence[Boost | None] | None = None,
     prepare: Prepare | None = None, scripts: Sequence[frozenset[str] | None] | None = None,
+    scored: Sequence[bool] | None = None,
 ) -> list[Transcript]:
     """One model call on one batch (all rows in the same attention mode); `boosts` has one entry
     per row, None for a row decoded without boosting; `prepare` sets the encoder up first;
     `scripts` (one per row, or None) keeps a row's decoding to the scripts of its language hint
-    (analysis/script_mask.py: a batch without any decodes exactly as without the mask code)."""
+    (analysis/script_mask.py: a batch without any decodes exactly as without the mask code); the
+    rows `scored` marks (None: none) come back with confidence (analysis.confidence.scored).
+    Scoring runs after decoding and changes neither text nor timestamps."""
     if model is None:
         return [Transcript(DRY_RUN_TEXT) for _ in lengths]
     with state().model_lock:
         if prepare is not None:
-            prepare(model, max(lengths) / SAMPLE_RATE)
+            prepare(model, max(lengths) / SAMPLE_RATE, len(lengths))
         if any(m.training for m in model.modules()):
             model.eval()  # see _maybe_set_local_attention
         if state().timestamps != timestamps:
             _use_decoding(model, timestamps)
         with boosting.registered(model, boosts) as seeds, script_mask.masked_decoding(model, scripts):
-            hyps = forward_decode(model, audio, lengths, seeds)
+            if scored is not None and any(scored):  # (hooks that wrap forward_decode may take four arguments)
+                hyps = forward_decode(model, audio, lengths, seeds, scored)
+            else:
+                hyps = forward_decode(model, audio, lengths, seeds)
     stride = model.encoder.subsampling_factor * float(model.cfg.preprocessor.window_stride)
-    return [to_transcript(h, stride if timestamps else None) for h in hyps]
+    return [to_transcript(h, stride if timestamps else None, model.tokenizer) for h in hyps]
 
 
-def to_transcript(hyp: Any, frame_sec: float | None) -> Transcript:
+def to_transcript(hyp: Any, frame_sec: float | None, tokenizer: Any = None) -> Transcript:
     """NeMo Hypothesis -> Transcript; frame offsets become seconds (as NeMo's
-    process_timestamp_outputs computes them)."""
+    process_timestamp_outputs computes them). A hypothesis forward_decode scored comes back
+    with its confidence (analysis.confidence.scored; its tokens named by `tokenizer`)."""
     text = hyp.text if isinstance(hyp.text, str) else ""
     if frame_sec is None or not isinstance(getattr(hyp, "timestamp", None), dict):
-        return Transcript(text.strip())
+        out = Transcript(text.strip())
+    else:
 
-    def spans(kind: str) -> list[Span]:
-        return [Span(s[kind], s["start_offset"] * frame_sec, s["end_offset"] * frame_sec) for s in hyp.timestamp.get(kind, [])]
+        def spans(kind: str) -> list[Span]:
+            return [Span(s[kind], s["start_offset"] * frame_sec, s["end_offset"] * frame_sec) for s in hyp.timestamp.get(kind, [])]
 
-    return Transcript(text.strip(), spans("word"), spans("segment"))
+        out = Transcript(text.strip(), spans("word"), spans("segment"))
+    logprobs = getattr(hyp, "pw_logprobs", None)
+    if logprobs is None or tokenizer is None:
+        return out
+    durations = getattr(hyp, "token_duration", None)
+    durations = [int(d) for d in (durations.tolist() if hasattr(durations, "tolist") else durations or [])]
+    tokens = confidence.tokens_of(hyp, tokenizer, logprobs)
+    return confidence.scored(out, tokens, confidence.frames_of(hyp), durations, frame_sec, confidence_calibration())
+
+
+def confidence_calibration() -> confidence.Calibration:
+    """This model's calibration map (analysis.confidence.configured); a file that cannot be read
+    is said with the variable that names it."""
+    path = config.CFG.confidence_calibration
+    try:
+        return confidence.configured()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"CONFIDENCE_CALIBRATION={path!r} could not be read: {type(exc).__name__}: {exc}") from None

@@ -17,7 +17,7 @@ from typing import Any
 
 from parakeet_worker import checks, config, errors, logsafe
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import boosting, known_speakers
+from parakeet_worker.analysis import boosting, confidence, known_speakers
 from parakeet_worker.analysis import language as lang
 from parakeet_worker.analysis.boosting import BOOST_WEIGHT_MAX
 from parakeet_worker.analysis.known_speakers import KnownSpeaker
@@ -28,7 +28,7 @@ from parakeet_worker.checks import InputError
 from parakeet_worker.errors import JobError
 from parakeet_worker.job import Events
 from parakeet_worker.state import shared
-from parakeet_worker.transcript import Upload
+from parakeet_worker.transcript import Tokens, Upload
 
 log = logging.getLogger("parakeet-worker")
 
@@ -40,9 +40,10 @@ OPENAI_GRANULARITIES = ("word", "segment")
 OPENAI_OWN_FIELDS = ("file", "model", "response_format", "timestamp_granularities", "language", "languages",
                      "prompt", "temperature", "stream", "chunking_strategy", "boost_phrases", "boost_weight", "vad",
                      "diarize", "num_speakers", "min_speakers", "max_speakers", "keywords", "known_speaker_names",
-                     "known_speaker_references")  # fmt: skip
+                     "known_speaker_references", "include")  # fmt: skip
 # OpenAI fields for its own models: accepted and ignored, so that clients sending them still work.
-OPENAI_IGNORED_FIELDS = ("include",)
+OPENAI_IGNORED_FIELDS: tuple[str, ...] = ()
+OPENAI_INCLUDES = ("logprobs",)  # what `include[]` may ask for (docs/confidence.md)
 OPENAI_LANGUAGE_MAX_CHARS = 32
 OPENAI_MODEL_MAX_CHARS = 256  # accepted whatever it names; a name longer than this is no model's
 OPENAI_PROMPT_MAX_CHARS = 4096  # ignored (Parakeet takes no prompt); Whisper reads 224 tokens of it
@@ -75,6 +76,7 @@ class OpenAIRequest:
     segments: bool
     hint: tuple[str, ...] | None  # `language` or `languages`, checked against the model's languages
     stream: bool
+    logprobs: bool = False  # include[]=logprobs: on json and on the stream's events
 
 
 def form_field(fields: dict[str, Any], name: str) -> Any:
@@ -175,7 +177,11 @@ def _request(fields: dict[str, Any]) -> OpenAIRequest:
     _as_text(fields, "prompt", OPENAI_PROMPT_MAX_CHARS, lines=True)
     _as_float(fields.get("temperature"), "temperature", 0.0, 1.0, 0.0)
     weight = _as_float(fields.get("boost_weight"), "boost_weight", 0.0, BOOST_WEIGHT_MAX, 1.0)
+    include = _as_list(form_field(fields, "include"), "include")
+    if any(value not in OPENAI_INCLUDES for value in include):
+        raise OpenAIError(400, f"'include' may hold {list(OPENAI_INCLUDES)}", "invalid_request", "include")
     stream = _as_bool(fields.get("stream"), "stream")
+    logprobs = "logprobs" in include and (fmt == "json" or stream)  # where OpenAI's shapes have them
     verbose = fmt == "verbose_json"
     diarize = _wants_diarize(fields, fmt)
     known = _known_speakers(fields, diarize)
@@ -194,12 +200,16 @@ def _request(fields: dict[str, Any]) -> OpenAIRequest:
         job["known_speakers"] = known
     if hint:
         job["languages"] = list(hint)
+    if verbose:  # its segments' avg_logprob and no_speech_prob, its words' and segments' confidence
+        job["confidence"] = True
+    if logprobs:
+        job["logprobs"] = True
     for name in ("num_speakers", "min_speakers", "max_speakers"):  # refused without diarize, as natively
         count = _as_count(fields.get(name), name)
         if count is not None:
             job[name] = count
     return OpenAIRequest(job, fmt, verbose and "word" in granularities, verbose and "segment" in granularities,
-                         hint, stream)  # fmt: skip
+                         hint, stream, logprobs)  # fmt: skip
 
 
 def _hint(fields: dict[str, Any]) -> tuple[str, ...] | None:
@@ -282,15 +292,22 @@ def _compression_ratio(text: str) -> float:
 
 
 def _verbose(result: dict[str, Any], req: OpenAIRequest) -> dict[str, Any]:
-    """verbose_json. Parakeet reports no log-probabilities, no-speech probability or token ids:
-    those fields hold 0 and [] (greedy decoding: temperature 0)."""
+    """verbose_json: each segment's avg_logprob (its tokens' mean log-probability) and
+    no_speech_prob (VAD's where VAD ran, else the decoder's), and each word's and segment's
+    `confidence` (docs/confidence.md); no token ids ([]), temperature 0 (greedy decoding). Audio
+    with no words at all gets one empty segment over all of it, as Whisper answers silence, so
+    that its no_speech_prob can say how sure that is."""
     stamps = result.get("timestamps", {})
     body: dict[str, Any] = {"task": "transcribe", "language": _language_name(result, req),
                             "duration": result.get("duration", 0.0), "text": result["text"]}  # fmt: skip
     if req.segments:
-        body["segments"] = [openai_segment(n, s) for n, s in enumerate(stamps.get("segment", []))]
+        segments = stamps.get("segment", [])
+        if not segments and not result["text"] and result.get("no_speech_prob") is not None:
+            segments = [{"segment": "", "start": 0.0, "end": result.get("duration", 0.0),
+                         "no_speech_prob": result["no_speech_prob"]}]  # fmt: skip
+        body["segments"] = [openai_segment(n, s) for n, s in enumerate(segments)]
     if req.words:
-        body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]} for w in stamps.get("word", [])]
+        body["words"] = [{k: w[k] for k in ("word", "start", "end", "confidence") if k in w} for w in stamps.get("word", [])]
     body["usage"] = {"type": "duration", "seconds": result.get("duration", 0.0)}
     return body
 
@@ -313,11 +330,15 @@ def _languages(result: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def openai_segment(n: int, s: dict[str, Any]) -> dict[str, Any]:
-    return {
+    """One verbose_json segment from a native one (its scores where it has them, else 0)."""
+    out = {
         "id": n, "seek": int(s["start"] * 100), "start": s["start"], "end": s["end"], "text": s["segment"],
-        "tokens": [], "temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": _compression_ratio(s["segment"]),
-        "no_speech_prob": 0.0,
+        "tokens": [], "temperature": 0.0, "avg_logprob": s.get("avg_logprob", 0.0),
+        "compression_ratio": _compression_ratio(s["segment"]), "no_speech_prob": s.get("no_speech_prob", 0.0),
     }  # fmt: skip
+    if "confidence" in s:
+        out["confidence"] = s["confidence"]
+    return out
 
 
 def openai_result(out: dict[str, Any], req: OpenAIRequest) -> dict[str, Any] | str:
@@ -335,8 +356,10 @@ def openai_result(out: dict[str, Any], req: OpenAIRequest) -> dict[str, Any] | s
     elif req.response_format == "diarized_json":
         body = {**openai_diarized_json(result), "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}
     else:
-        body = {"text": result["text"], "languages": _languages(result),
-                "usage": {"type": "duration", "seconds": result.get("duration", 0.0)}}  # fmt: skip
+        body = {"text": result["text"], "languages": _languages(result)}
+        if req.logprobs:
+            body["logprobs"] = result.get("logprobs", [])
+        body["usage"] = {"type": "duration", "seconds": result.get("duration", 0.0)}
     if result.get("warning"):  # what the request asked for and did not get as asked (a JSON body has room to say so)
         body["warning"] = result["warning"]
     return body
@@ -418,14 +441,24 @@ def openai_diarized_json(result: dict[str, Any]) -> dict[str, Any]:
 # -- streaming: server-sent events as OpenAI sends them -----------------------------------------
 
 
-def openai_delta(text: str, first: bool) -> dict[str, Any]:
-    """transcript.text.delta: the next final part of the transcript (deltas joined = the text)."""
-    return {"type": "transcript.text.delta", "delta": text if first else f" {text}"}
+def openai_delta(text: str, first: bool, tokens: Tokens | None = None) -> dict[str, Any]:
+    """transcript.text.delta: the next final part of the transcript (deltas joined = the text),
+    with its tokens' `logprobs` when given (their texts joined = the delta)."""
+    event: dict[str, Any] = {"type": "transcript.text.delta", "delta": text if first else f" {text}"}
+    if tokens is not None:
+        event["logprobs"] = confidence.openai_logprobs(tokens, leading_space=not first)
+    return event
 
 
-def openai_done(text: str, languages: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """transcript.text.done: the whole text, and the languages detected (see _languages)."""
-    return {"type": "transcript.text.done", "text": text, "languages": languages or []}
+def openai_done(
+    text: str, languages: list[dict[str, str]] | None = None, logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """transcript.text.done: the whole text, the languages detected (see _languages), and every
+    token's `logprobs` when given (include[]=logprobs)."""
+    event: dict[str, Any] = {"type": "transcript.text.done", "text": text, "languages": languages or []}
+    if logprobs is not None:
+        event["logprobs"] = logprobs
+    return event
 
 
 # -- Runpod's OpenAI route on a queue endpoint --------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 from parakeet_worker import config, errors
 from parakeet_worker import model as asr
-from parakeet_worker.analysis import speakers
+from parakeet_worker.analysis import confidence, speakers
 from parakeet_worker.analysis.language import ItemLanguage
 from parakeet_worker.audio import sources
 from parakeet_worker.errors import ItemError
@@ -92,12 +92,17 @@ def _item_result(
     if out.turns is not None:
         result["turns"] = [t.as_dict() for t in out.turns]
     if params["timestamps"]:
-        segments = [s.as_dict("segment") for s in out.segments]
+        scores = bool(params.get("confidence"))
+        segments = [s.as_dict("segment", scores) for s in out.segments]
         if lang is not None and len(lang.segments) == len(segments):
             for segment, found in zip(segments, lang.segments, strict=True):
                 segment.update(found.as_fields(lang.hint))
                 del segment["language_probability"]  # per item only: segments are short, it says little
-        result["timestamps"] = {"word": [w.as_dict("word") for w in out.words], "segment": segments}
+        result["timestamps"] = {"word": [w.as_dict("word", scores) for w in out.words], "segment": segments}
+    if params.get("confidence") and out.no_speech_prob is not None:
+        result["no_speech_prob"] = out.no_speech_prob
+    if params.get("logprobs") and out.tokens is not None:
+        result["logprobs"] = confidence.openai_logprobs(out.tokens)
     if params["output_format"] in ("srt", "vtt"):
         result["subtitles"] = to_srt(out) if params["output_format"] == "srt" else to_vtt(out)
     notes = [w for w in (prepared.warning if prepared is not None else None, out.warning) if w]

@@ -64,10 +64,11 @@ class SchedulerEngine:
         return boosting.resolve_boost(asr.loaded_model(), cleaned, self.weight)
 
     async def transcribe(self, samples: np.ndarray, *, final: bool, boost: tuple[str, ...] | None,
-                         stream: object, language: tuple[str, ...] | None = None) -> Transcript | None:  # fmt: skip
+                         stream: object, language: tuple[str, ...] | None = None,
+                         scored: bool = False) -> Transcript | None:  # fmt: skip
         scripts = script_mask.hint_scripts(language) if language and script_mask.can_mask(asr.loaded_model()) else None
         unit = Unit(Prepared.in_memory(samples), job=stream, timestamps=final, final=False, boost=self._boost(boost),
-                    stream=stream, partial=not final, scripts=scripts)  # fmt: skip
+                    stream=stream, partial=not final, scripts=scripts, confidence=scored)  # fmt: skip
         self.asking += 1
         try:
             future = self.scheduler().submit(unit)

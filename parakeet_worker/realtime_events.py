@@ -14,14 +14,16 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from parakeet_worker.analysis import language
+from parakeet_worker.analysis import confidence, language
 from parakeet_worker.analysis.live_vad import VadParams
 from parakeet_worker.audio.live import AudioFormat, FormatError, parse_format
+from parakeet_worker.transcript import Tokens
 
 MAX_PHRASES = 200  # key phrases from one session's prompt and keywords
 MAX_PHRASE_CHARS = 100
 NOISE_REDUCTION_TYPES = ("near_field", "far_field")
-INCLUDE_VALUES = ("item.input_audio_transcription.logprobs",)
+LOGPROBS = "item.input_audio_transcription.logprobs"
+INCLUDE_VALUES = (LOGPROBS,)
 
 
 class ProtocolError(Exception):
@@ -82,10 +84,15 @@ class SessionConfig:
     turn_detection: VadParams | None = field(default_factory=VadParams)
     transcription: Transcription | None = field(default_factory=Transcription)
     configured: bool = False  # a session.update has been applied: audio may come
+    include: tuple[str, ...] = ()  # "item.input_audio_transcription.logprobs": tokens' logprobs on delta and completed
+
+    @property
+    def logprobs(self) -> bool:
+        return LOGPROBS in self.include
 
     def as_session(self, session_id: str, expires_at: int | None = None) -> dict[str, Any]:
         """The session object (RealtimeTranscriptionSessionCreateResponse's shape). Noise
-        reduction and logprobs are not offered: they show as null and [] whatever was asked."""
+        reduction is not offered: it shows as null whatever was asked."""
         return {
             "id": session_id,
             "object": "realtime.transcription_session",
@@ -99,7 +106,7 @@ class SessionConfig:
                     "noise_reduction": None,
                 }
             },
-            "include": [],
+            "include": list(self.include),
         }
 
 
@@ -120,6 +127,8 @@ def apply_update(config: SessionConfig, session: Any, default_model: str | None 
     if not isinstance(given, dict):
         raise ProtocolError("session.audio.input must be an object", param="session.audio.input")
     changes: dict[str, Any] = {"configured": True}
+    if "include" in session:
+        changes["include"] = tuple(dict.fromkeys(session["include"] or ()))
     if "format" in given:
         try:
             changes["format"] = parse_format(given["format"])
@@ -227,13 +236,33 @@ def words_json(words: Any, offset: float) -> list[dict[str, Any]]:
     return [{"word": w.text, "start": round(w.start + offset, 3), "end": round(w.end + offset, 3)} for w in words]
 
 
-def completed_event(item_id: str, transcript: Any, start: float, seconds: float) -> dict[str, Any]:
+def completed_event(item_id: str, transcript: Any, start: float, seconds: float, logprobs: bool = False) -> dict[str, Any]:
     """conversation.item.input_audio_transcription.completed, with usage by duration and, as this
-    worker's extra fields, the turn's word timestamps and its place on the session's timeline."""
+    worker's extra fields, the turn's word timestamps and its place on the session's timeline;
+    with `logprobs` (the session's include), every token's (analysis.confidence)."""
+    extra: dict[str, Any] = {}
+    if logprobs:
+        tokens = getattr(transcript, "tokens", None)
+        extra["logprobs"] = confidence.openai_logprobs(tokens) if tokens is not None else []
     return event("conversation.item.input_audio_transcription.completed", item_id=item_id, content_index=0,
                  transcript=transcript.text, usage={"type": "duration", "seconds": round(seconds, 3)},
                  words=words_json(transcript.words, start), start=round(start, 3),
-                 end=round(start + seconds, 3))  # fmt: skip
+                 end=round(start + seconds, 3), **extra)  # fmt: skip
+
+
+def delta_logprobs(transcript: Any, first: int, last: int) -> list[dict[str, Any]]:
+    """The tokens of words [first, last) of a partial transcript, as a delta's `logprobs` (the
+    first token's space kept after the first delta, so that they join to the delta); [] where
+    the tokens do not line up with the words."""
+    tokens = getattr(transcript, "tokens", None)
+    if tokens is None:
+        return []
+    groups = confidence.word_groups(tokens.pieces)
+    if len(groups) != len(transcript.text.split()) or last > len(groups):
+        return []
+    picked = [i for g in groups[first:last] for i in g]
+    part = Tokens(tuple(tokens.pieces[i] for i in picked), tuple(tokens.logprobs[i] for i in picked))
+    return confidence.openai_logprobs(part, leading_space=first > 0)
 
 
 def failed_event(item_id: str, message: str, code: str = "transcription_failed") -> dict[str, Any]:

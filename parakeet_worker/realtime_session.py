@@ -39,6 +39,7 @@ from parakeet_worker.realtime_events import (
     SessionConfig,
     apply_update,
     completed_event,
+    delta_logprobs,
     error_event,
     event,
     failed_event,
@@ -69,9 +70,11 @@ class Engine(Protocol):
     """The model as a session sees it (realtime_engine.SchedulerEngine is the worker's)."""
 
     async def transcribe(self, samples: np.ndarray, *, final: bool, boost: tuple[str, ...] | None,
-                         stream: object, language: tuple[str, ...] | None = None) -> TranscriptLike | None:  # fmt: skip
+                         stream: object, language: tuple[str, ...] | None = None,
+                         scored: bool = False) -> TranscriptLike | None:  # fmt: skip
         """Transcribe 16 kHz mono float32 `samples`, boosting the key phrases `boost`, kept to the
-        hinted languages `language` (checked codes) where the model can be. A partial
+        hinted languages `language` (checked codes) where the model can be; `scored`: with each
+        token's log-probability (the transcript's `tokens`, analysis.confidence). A partial
         (final=False) that the model has not started when another request of the same `stream`
         arrives is dropped: it returns None. A final is never dropped; it raises on failure (an
         exception with a `code` names it)."""
@@ -434,7 +437,8 @@ class Session:
         """Decode the turn so far; send as a delta the words that this decode and the previous
         one agree on (their common prefix) beyond those already sent."""
         try:
-            out = await self.engine.transcribe(samples, final=False, boost=self._boost, stream=self, language=self._hint)
+            out = await self.engine.transcribe(samples, final=False, boost=self._boost, stream=self, language=self._hint,
+                                               scored=self.config.logprobs)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a partial is a best effort; the final still comes
             log.warning("a partial transcription failed: %s", exc)
             return
@@ -448,16 +452,19 @@ class Session:
         item.last_words = words
         if agreed > item.sent:
             text = " ".join(words[item.sent : agreed])
+            extra = {"logprobs": delta_logprobs(out, item.sent, agreed)} if self.config.logprobs else {}
             self._send(event("conversation.item.input_audio_transcription.delta", item_id=item.id, content_index=0,
-                             delta=text if item.sent == 0 else " " + text))  # fmt: skip
+                             delta=text if item.sent == 0 else " " + text, **extra))  # fmt: skip
             item.sent = agreed
 
     async def _final(self, item: _Item, samples: np.ndarray, before: asyncio.Task[Any] | None) -> None:
         """The authoritative transcript of a committed turn; sent after the turn before it."""
         start, seconds = item.start / SAMPLE_RATE, len(samples) / SAMPLE_RATE
         try:
-            out = await self.engine.transcribe(samples, final=True, boost=self._boost, stream=self, language=self._hint)
-            result = completed_event(item.id, out, start, seconds) if out is not None else None
+            logprobs = self.config.logprobs
+            out = await self.engine.transcribe(samples, final=True, boost=self._boost, stream=self, language=self._hint,
+                                               scored=logprobs)  # fmt: skip
+            result = completed_event(item.id, out, start, seconds, logprobs) if out is not None else None
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the client gets `failed` for this turn; the session goes on

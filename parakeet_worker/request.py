@@ -1,6 +1,6 @@
 """The native request: {"inputs": [...], "timestamps", "output_format", "boost_phrases",
 "boost_weight", "vad", "diarize", "num_speakers", "min_speakers", "max_speakers",
-"known_speakers", "language", "languages"} checked before anything runs, each field for its
+"known_speakers", "language", "languages", "confidence", "logprobs"} checked before anything runs, each field for its
 type, range and size (parakeet_worker.checks), and the job's own boosting list resolved.
 
 The Runpod SDK's rp_validator is not used: its messages name Python types ("timestamps should be
@@ -64,6 +64,8 @@ FIELDS: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
     "known_speakers": (lambda v, n: checks.as_list(v, n, 2**62), None),  # its entries: known_speakers.from_native
     "language": (lambda v, n: checks.as_text(v, n, LANGUAGE_MAX_CHARS), None),  # a hint: the one language spoken
     "languages": (lambda v, n: checks.as_text(v, n, 1000) if isinstance(v, str) else checks.as_list(v, n, 2**62), None),
+    "confidence": (checks.as_bool, None),  # None: CFG.confidence
+    "logprobs": (checks.as_bool, False),
 }
 
 
@@ -96,6 +98,8 @@ def _checked(job_input: dict[str, Any]) -> dict[str, Any]:
                               f"different list counted once), more than BOOST_MAX_JOB_PHRASES={config.CFG.boost_max_job_phrases}")  # fmt: skip
     if params["vad"] is None:  # not given (or null): the worker's VAD setting
         params["vad"] = config.CFG.vad
+    if params["confidence"] is None:  # not given (or null): the worker's CONFIDENCE setting
+        params["confidence"] = config.CFG.confidence
     speakers_error = speakers.check_speakers(params)  # how the counts go together; each names its fields
     if speakers_error:
         raise InputError.said("num_speakers", speakers_error)

@@ -49,6 +49,7 @@ class Unit:
     stream: Any = None
     partial: bool = False
     scripts: frozenset[str] | None = None  # its item's language hint's scripts (None: no mask); mixed too
+    confidence: bool = False  # its job asked for confidence or logprobs (analysis.confidence)
 
     @property
     def duration(self) -> float:
@@ -78,9 +79,10 @@ class UnitResult:
 
 # (ready units, local attention now, model seconds served by job) -> the next batch
 Plan = Callable[[Sequence[Unit], bool, Mapping[Any, float]], list[Unit]]
-# (model, padded audio, lengths, timestamps, boosts, scripts) -> one result per row
+# (model, padded audio, lengths, timestamps, boosts, scripts, rows that want confidence) -> one result per row
 Run = Callable[
-    [Any, np.ndarray, list[int], bool, list[Boost | None], list[frozenset[str] | None]], list[Transcript | ItemError]
+    [Any, np.ndarray, list[int], bool, list[Boost | None], list[frozenset[str] | None], list[bool]],
+    list[Transcript | ItemError],
 ]
 
 
@@ -235,7 +237,7 @@ class Scheduler:
         if rows:
             ran = self.run_batch(model, audio[rows] if failed else audio, [lengths[r] for r in rows],
                                  any(batch[r].timestamps for r in rows), [batch[r].boost for r in rows],
-                                 [batch[r].scripts for r in rows])  # fmt: skip
+                                 [batch[r].scripts for r in rows], [batch[r].confidence for r in rows])  # fmt: skip
             outs.update(zip(rows, ran, strict=True))
         real = sum(items[r].duration for r in rows)
         info = BatchInfo(next(self.batch_ids), len(rows), real, len(rows) * max((items[r].duration for r in rows), default=0))

@@ -235,3 +235,20 @@ def tmpfs(options: str) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", "-l", str(where)], check=True)
         where.rmdir()
+
+
+@pytest.fixture(scope="module")
+def api(worker):
+    """The worker's own HTTP server (handler.http_app) on 127.0.0.1, for a test module."""
+    from tools.testkit import UvicornThread
+
+    with UvicornThread(worker.http_app()) as running:
+        yield running
+
+
+@pytest.fixture
+def client(api):
+    """The official openai client, pointed at `api`."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{api.url}/v1", api_key="anything", max_retries=0, timeout=120)

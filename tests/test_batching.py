@@ -17,8 +17,9 @@ from parakeet_worker.fairshare import FairShare
 from parakeet_worker.scheduler import Unit
 from parakeet_worker.transcript import Prepared
 
-CFG = dataclasses.replace(
-    settings.CFG, short_max_sec=600, batch_max_items=16, batch_max_total_sec=1200, local_attention_after_sec=1440
+CFG = dataclasses.replace(  # the config's limits alone: memory-aware plans are tests/test_memory_plans.py's
+    settings.CFG, short_max_sec=600, batch_max_items=16, batch_max_total_sec=1200, local_attention_after_sec=1440,
+    memory_planning=False,
 )
 
 

@@ -82,7 +82,7 @@ def test_make_job_dir(worker, config, tmp_path):
     config(tmp_dir=str(tmp_path / "a" / "b"))
     first, second = disk.make_job_dir(), disk.make_job_dir()
     assert first != second and first.parent == second.parent == tmp_path / "a" / "b"
-    assert first.is_dir() and not any(first.iterdir())
+    assert first.is_dir() and [p.name for p in first.iterdir()] == [".owner"]  # its owner's lock (audio.jobdirs)
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

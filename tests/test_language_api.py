@@ -19,22 +19,11 @@ from conftest import DATA_ROOT, call_handler, run_job, speech_file, temp_leftove
 
 from parakeet_worker.analysis import language
 from tools import synth, testkit
-from tools.testkit import UvicornThread, multipart
+from tools.testkit import multipart
 
 LONG_A = "hello world one two three four five"  # 35 characters: over the 20 detection needs
 LONG_B = "seven eight nine zero stop go left right"
 SHORT = "yes no"  # under 20: no language
-
-
-@pytest.fixture(scope="module")
-def api(worker):
-    with UvicornThread(worker.http_app()) as running:
-        yield running
-
-
-@pytest.fixture
-def client(api):
-    return openai.OpenAI(base_url=f"{api.url}/v1", api_key="anything", max_retries=0, timeout=120)
 
 
 def transcribe(client, path, **params):

@@ -26,17 +26,6 @@ from tools.testkit import UvicornThread, multipart
 PLACED = ["one", "hello", "seven", "stop", "three", "world"]
 
 
-@pytest.fixture(scope="module")
-def api(worker):
-    with UvicornThread(worker.http_app()) as running:
-        yield running
-
-
-@pytest.fixture
-def client(api):
-    return openai.OpenAI(base_url=f"{api.url}/v1", api_key="anything", max_retries=0, timeout=120)
-
-
 def job_dirs() -> list[str]:
     return sorted(p.name for p in TMP_ROOT.glob("job-*"))
 

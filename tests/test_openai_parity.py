@@ -19,13 +19,7 @@ from conftest import DATA_ROOT, call_handler, speech_file, temp_leftovers, words
 from parakeet_worker import config as settings
 from parakeet_worker.audio import sources
 from tools import synth
-from tools.testkit import UvicornThread, conversation
-
-
-@pytest.fixture(scope="module")
-def api(worker):
-    with UvicornThread(worker.http_app()) as running:
-        yield running
+from tools.testkit import conversation
 
 
 def queue_route(worker, body: dict) -> dict | str:

@@ -4,7 +4,7 @@
 
 REQUEST: {"jobs": [job input, ...], "result": path}. The process imports handler (which reads the
 environment and loads the model as the deployed worker does), runs each job through handler(),
-and writes {"outputs": [...], "gpu_peak_mb": [...], "load": LOAD_TIMINGS, "device": ...} to
+and writes {"outputs": [...], "gpu_peak_mb": [...], "rss_peak_mb": ..., "load": LOAD_TIMINGS, "device": ...} to
 `result`. GPU peaks are per job (torch.cuda.reset_peak_memory_stats before each)."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from parakeet_worker import model as asr
-
 
 def main(request_file: str) -> None:
     request = json.loads(Path(request_file).read_text())
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
+    from parakeet_worker import memory
+    from parakeet_worker import model as asr
     from tools.testkit import answer, load_worker
 
     handler = load_worker()
@@ -39,6 +39,7 @@ def main(request_file: str) -> None:
         "load": dict(getattr(handler, "LOAD_TIMINGS", {})),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "autocast": str(asr.state().autocast),
+        "rss_peak_mb": memory.process_rss(key="VmHWM:") / 2**20,  # this process's resident peak, load included
     }
     if cuda:
         result["model_gpu_mb"] = sum(p.numel() * p.element_size() for p in asr.loaded_model().parameters()) / 2**20

@@ -5,6 +5,7 @@
     python tests/workers.py progress JOBS.json RESULT.json      # jobs one by one, config changes between
     python tests/workers.py vad-threads REPORT.json             # torch threads after VAD's model loads
     python tests/workers.py import-all REPORT.json              # what importing every module does
+    python tests/workers.py calibrate REPORT.json               # the memory model's probes, a fit, checks
 
 A hook patches a name where it lives (model.forward_decode), as a test in-process would; the
 environment (PW_*) tells it what to do. Each writes its report to a file: a log line of another
@@ -208,6 +209,33 @@ def import_all(report: str) -> None:
                                                 "audit_hooks": len(hooks)}))  # fmt: skip
 
 
+def calibrate(report: str) -> None:
+    """test_memory_plans: the memory model's probes measured in this process (run with the
+    image's malloc settings, as the worker runs), a fit, and passes measured against it."""
+    from parakeet_worker import memory
+    from parakeet_worker import model as asr
+    from tools.testkit import load_worker
+
+    load_worker()
+    model = asr.loaded_model()
+    runner = memory.encoder_pass(model, "cpu", lambda mode: asr.set_attention(model, mode == memory.LOCAL))
+    cost, measured = memory.calibrate(runner, "cpu", memory.DEFAULT_PROBES, margin=0.25)  # the worker's own probes
+    checks = [{"seconds": s, "mode": m, "what": "encoder on noise",
+               "used": memory.measure(lambda s=s, m=m: runner(s, 1, m), "cpu")}
+              for s, m in ((60.0, "full"), (180.0, "full"), (90.0, "local"), (300.0, "local"))]  # fmt: skip
+    import numpy as np
+
+    from tools.testkit import conversation
+
+    audio = conversation([0, 1] * 25, seed=5)[0][None, :].astype(np.float32)
+    for mode in ("full", "local"):  # whole passes of speech, as the scheduler runs them
+        asr.set_attention(model, mode == memory.LOCAL)
+        used = memory.measure(lambda: asr.run_model(model, audio, [audio.shape[1]], False), "cpu")
+        checks.append({"seconds": audio.shape[1] / 16000, "mode": mode, "what": "speech, encoder and decoder", "used": used})
+    pathlib.Path(report).write_text(json.dumps({"cost": cost.to_dict(), "checks": checks,
+                                                "probes": [dataclasses.asdict(p) for p in measured]}))  # fmt: skip
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "serve":
@@ -220,5 +248,7 @@ if __name__ == "__main__":
         vad_threads(*args)
     elif command == "import-all":
         import_all(*args)
+    elif command == "calibrate":
+        calibrate(*args)
     else:
         sys.exit(f"unknown command {command!r}")

@@ -27,7 +27,7 @@ import numpy as np
 import soundfile as sf
 
 from parakeet_worker import config, errors
-from parakeet_worker.analysis import known_speakers, vad
+from parakeet_worker.analysis import confidence, known_speakers, vad
 from parakeet_worker.analysis.known_speakers import KnownSpeaker, Voiceprint
 from parakeet_worker.config import SAMPLE_RATE
 from parakeet_worker.errors import ItemError
@@ -115,21 +115,30 @@ def _energy_regions(samples: np.ndarray) -> list[tuple[float, float]]:
 DIARIZE_BRIDGE_SEC = 1.0
 
 
-def _vad_regions(samples: np.ndarray) -> list[tuple[float, float]]:
-    """Speech as silero hears it (see "Voice activity"; unpadded: a window of a pause is no
-    speaker's), in seconds; the loudness rule where VAD cannot run (its model failed to load)."""
+def _silero_speech(samples: np.ndarray, what: str) -> list[tuple[float, float]] | None:
+    """Speech as silero hears it, unpadded (a window of a pause is no speaker's), in seconds;
+    None where VAD cannot run (its model failed to load): the loudness rule is used then."""
     try:
         with vad.vad_slot():
             frames = vad.raw_regions(vad.vad_probs(vad.reader(samples), len(samples)), len(samples))
     except Exception as exc:  # noqa: BLE001 - the loudness rule still finds clean speech
-        log.warning("voice activity detection failed for diarization (%s); using loudness", errors.short(exc))
+        log.warning("voice activity detection failed %s (%s); using loudness", what, errors.short(exc))
+        return None
+    return [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in frames]
+
+
+def _vad_regions(samples: np.ndarray) -> list[tuple[float, float]]:
+    """Speech as silero hears it (see "Voice activity"), pauses under DIARIZE_BRIDGE_SEC bridged,
+    in seconds; the loudness rule where VAD cannot run."""
+    found = _silero_speech(samples, "for diarization")
+    if found is None:
         return _energy_regions(samples)
     merged: list[list[float]] = []
-    for a, b in frames:  # pauses inside a speaker's turn (and between turns) bridged, as by loudness
-        if merged and a / SAMPLE_RATE - merged[-1][1] < DIARIZE_BRIDGE_SEC:
-            merged[-1][1] = b / SAMPLE_RATE
+    for a, b in found:  # pauses inside a speaker's turn (and between turns) bridged, as by loudness
+        if merged and a - merged[-1][1] < DIARIZE_BRIDGE_SEC:
+            merged[-1][1] = b
         else:
-            merged.append([a / SAMPLE_RATE, b / SAMPLE_RATE])
+            merged.append([a, b])
     return [(a, b) for a, b in merged]
 
 
@@ -369,7 +378,9 @@ def _speaker_of(turns: list[Turn], ends: list[float], start: float, end: float) 
 
 
 def with_speakers(transcript: Transcript, turns: list[Turn]) -> Transcript:
-    """Words labelled by overlap; segments cut where the speaker changes."""
+    """Words labelled by overlap; segments cut where the speaker changes. A scored segment's
+    parts are scored again from their own words (analysis.confidence.segment_of) and keep the
+    segment's no_speech_prob."""
     ends = [t.end for t in turns]
     words = [dataclasses.replace(w, speaker=_speaker_of(turns, ends, w.start, w.end)) for w in transcript.words]
     starts = [w.start for w in words]
@@ -381,7 +392,8 @@ def with_speakers(transcript: Transcript, turns: list[Turn]) -> Transcript:
             continue
         for speaker, run in itertools.groupby(inside, key=lambda w: w.speaker):
             run = list(run)
-            segments.append(Span(" ".join(w.text for w in run), run[0].start, run[-1].end, speaker))
+            part = Span(" ".join(w.text for w in run), run[0].start, run[-1].end, speaker, no_speech_prob=seg.no_speech_prob)
+            segments.append(confidence.segment_of(run, part, confidence.configured()) if seg.logprob is not None else part)
     return dataclasses.replace(transcript, words=words, segments=segments, turns=turns)
 
 
@@ -423,13 +435,8 @@ def within_reach(count: SpeakerCount, windows: int, speech_sec: float) -> tuple[
 def _reference_speech(samples: np.ndarray) -> list[tuple[float, float]]:
     """A reference's speech as silero hears it, unbridged (a pause is nobody's voice), in
     seconds; the loudness rule where VAD cannot run."""
-    try:
-        with vad.vad_slot():
-            frames = vad.raw_regions(vad.vad_probs(vad.reader(samples), len(samples)), len(samples))
-    except Exception as exc:  # noqa: BLE001 - the loudness rule still finds clean speech
-        log.warning("voice activity detection failed on a speaker reference (%s); using loudness", errors.short(exc))
-        return _energy_regions(samples)
-    return [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in frames]
+    found = _silero_speech(samples, "on a speaker reference")
+    return _energy_regions(samples) if found is None else found
 
 
 def enrol(speaker: KnownSpeaker, wav: Path, frames: int, stop: threading.Event) -> Voiceprint:

@@ -173,11 +173,17 @@ def speech_regions(item: Prepared, stop: threading.Event | None = None) -> list[
     """The item's speech as padded, bridged frame ranges of its WAV, on a VAD slot (waiting for
     one ends if `stop` is set). Raises ItemError("cancelled") once stopped; any other exception
     means VAD failed."""
+    return speech_and_probs(item, stop)[0]
+
+
+def speech_and_probs(item: Prepared, stop: threading.Event | None = None) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """speech_regions, and the speech probability of each VAD_FRAME of the item on the way
+    (a segment's no_speech_prob is read from them: analysis.confidence.with_vad)."""
     with vad_slot(stop), sf.SoundFile(str(item.wav)) as f:
         f.seek(item.start)
         probs = vad_probs(lambda n: f.read(n, dtype="float32"), item.frames, stop)
     regions = pad_and_bridge(raw_regions(probs, item.frames), item.frames)
-    return [(item.start + lo, item.start + hi) for lo, hi in regions]
+    return [(item.start + lo, item.start + hi) for lo, hi in regions], probs
 
 
 # --- The speech-only clip, and its times back on the item's timeline ---
@@ -200,19 +206,19 @@ def on_timeline(clip: Prepared, transcript: Transcript) -> Transcript:
     def region(t: float) -> int:
         return min(max(bisect.bisect_right(at, t) - 1, 0), len(sizes) - 1)
 
-    def word(s: Span) -> Span:
+    def word(s: Span) -> Span:  # (its scores, if any, go along)
         k = region(s.start)
         end = min(s.end, at[k + 1])
-        return Span(s.text, origin[k] + s.start - at[k], origin[k] + max(end, s.start) - at[k])
+        return dataclasses.replace(s, start=origin[k] + s.start - at[k], end=origin[k] + max(end, s.start) - at[k])
 
     words = [word(w) for w in transcript.words]
 
     def segment(s: Span) -> Span:
         inside = [m for w, m in zip(transcript.words, words, strict=True) if s.start <= w.start < s.end]
         start = word(s).start
-        return Span(s.text, start, inside[-1].end if inside else word(s).end)
+        return dataclasses.replace(s, start=start, end=inside[-1].end if inside else word(s).end)
 
-    return Transcript(transcript.text, words, [segment(s) for s in transcript.segments])
+    return dataclasses.replace(transcript, words=words, segments=[segment(s) for s in transcript.segments])
 
 
 # --- Pauses where a long item is cut ---

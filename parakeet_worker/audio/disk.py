@@ -7,13 +7,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
 from parakeet_worker import config, errors
-from parakeet_worker.audio import headers
+from parakeet_worker.audio import headers, jobdirs
 from parakeet_worker.config import SAMPLE_RATE
 from parakeet_worker.errors import ItemError, JobError
 from parakeet_worker.state import shared
@@ -54,14 +52,21 @@ def tmp_problem(folder: Path) -> ItemError | None:
     return disk_full("writing to it") if fs_full(folder) else None
 
 
+@shared
+def job_dirs() -> jobdirs.JobDirs:
+    """The job dirs this process owns, each with its owner lock held (audio.jobdirs)."""
+    return jobdirs.JobDirs()
+
+
 def make_job_dir() -> Path:
-    """A fresh temp dir for one job under WORKER_TMP_DIR, which is created if missing. Raises
-    JobError, never OSError, when that cannot be done (WORKER_TMP_DIR cannot be created, or the
-    disk or its inodes are full), so the job gets an answer that says so."""
+    """A fresh temp dir for one job under WORKER_TMP_DIR, which is created if missing, named
+    with its owner (this process) so that the next worker can remove it should this one be
+    killed (audio.jobdirs). Raises JobError, never OSError, when that cannot be done
+    (WORKER_TMP_DIR cannot be created, or the disk or its inodes are full), so the job gets an
+    answer that says so."""
     root = Path(config.CFG.tmp_dir)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix="job-", dir=root))
+        return job_dirs().make(root)
     except OSError as exc:
         full = exc.errno in DISK_FULL_ERRNOS
         why = "the worker ran out of disk space or inodes" if full else f"{exc.strerror or exc}"
@@ -89,15 +94,17 @@ def remove_job_dir(workdir: Path) -> None:
     with left_over.lock:
         todo = [workdir, *left_over.dirs]
         left_over.dirs.clear()
-    left = set()
-    for folder in todo:
-        shutil.rmtree(folder, ignore_errors=True)
-        if os.path.lexists(folder):
-            left.add(folder)
+    left = {folder for folder in todo if not job_dirs().remove(folder)}
     if left:
         log.warning("%d job temp dir(s) could not be removed yet; retried at the next job's end", len(left))
         with left_over.lock:
             left_over.dirs.update(left)
+
+
+def remove_dead_workers_dirs() -> list[Path]:
+    """At a worker's start: remove the job dirs under WORKER_TMP_DIR whose owner is provably
+    dead (a worker killed by the OOM killer, say), never a live worker's (audio.jobdirs.sweep)."""
+    return jobdirs.sweep(Path(config.CFG.tmp_dir))
 
 
 def says_disk_full(stderr: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import threading
 from pathlib import Path
 
@@ -49,7 +48,7 @@ class Uploads:
             upload.f.close()
         if self.dir is not None:
             disk.budget().release_under(self.dir)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            disk.remove_job_dir(self.dir)
             self.dir = None
 
 
