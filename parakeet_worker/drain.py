@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 log = logging.getLogger("parakeet-worker.http")
 
 ANSWER_SEC = 10.0  # after the grace: how long stopped requests get to send their 503s
+RECANCEL_SEC = 0.5  # how often work that outlived its cancellation is cancelled again
 SHUTDOWN_CODE = "shutting_down"
 SHUTDOWN_MESSAGE = "this worker is shutting down; retry the request (another worker will take it)"
 
@@ -77,9 +78,11 @@ class Drain:
         if self.work:
             log.warning("shutting down: stopping %d request(s) still running after %g s", len(self.work),
                         self.grace_sec)  # fmt: skip
-            for work in list(self.work):
+        deadline = time.monotonic() + ANSWER_SEC
+        while self.work and time.monotonic() < deadline:
+            for work in list(self.work):  # again each turn: a cancellation can be lost (gh-86296)
                 work.cancel()
-            await asyncio.wait(set(self.work), timeout=ANSWER_SEC)
+            await asyncio.wait(set(self.work), timeout=min(RECANCEL_SEC, max(0.0, deadline - time.monotonic())))
 
 
 def draining_server(config: Any, drain: Drain, also: Callable[[], Awaitable[None]] | None = None) -> Any:

@@ -302,8 +302,9 @@ class _TimedBody:
             return {"type": "http.disconnect"}
         if self.complete:
             return await self._receive()
-        try:
-            message = await asyncio.wait_for(self._receive(), max(0.0, self.deadline() - time.monotonic()))
+        try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (gh-86296)
+            async with asyncio.timeout(max(0.0, self.deadline() - time.monotonic())):
+                message = await self._receive()
         except TimeoutError:
             return await self._late()
         if message["type"] == "http.request":

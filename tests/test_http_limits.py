@@ -75,6 +75,14 @@ def job_dirs() -> list[str]:
     return sorted(p.name for p in TMP_ROOT.glob("job-*"))
 
 
+def no_leftovers() -> bool:
+    """No temp file left; False (look again) when a dir vanished while it was being listed."""
+    try:
+        return temp_leftovers() == []
+    except FileNotFoundError:
+        return False
+
+
 # --- raw HTTP/1.1 over a socket ------------------------------------------------------------------
 
 
@@ -245,7 +253,7 @@ def test_slow_bodies_hold_no_job_slot(served):
     finally:
         for one in slow:
             one.stop()
-    wait_for(lambda: temp_leftovers() == [], 30, "the abandoned uploads to be cleaned up")
+    wait_for(no_leftovers, 30, "the abandoned uploads to be cleaned up")
 
 
 def test_a_stalled_body_gets_408(served):
@@ -259,7 +267,7 @@ def test_a_stalled_body_gets_408(served):
     json_sock.sendall(upload_head("/transcribe", "application/json", 1000) + b'{"input": ')
     assert_json_error(read_answer(json_sock, 30), 408, "request_timeout")
     json_sock.close()
-    wait_for(lambda: temp_leftovers() == [], 30, "the stalled upload to be cleaned up")
+    wait_for(no_leftovers, 30, "the stalled upload to be cleaned up")
 
 
 def test_a_trickling_body_gets_408_under_the_minimum_rate(served):
@@ -268,7 +276,7 @@ def test_a_trickling_body_gets_408_under_the_minimum_rate(served):
     trickle = slow_upload(api)
     trickle._every = 0.1
     assert_json_error(trickle.answer(30), 408, "request_timeout")
-    wait_for(lambda: temp_leftovers() == [], 30, "the trickled upload to be cleaned up")
+    wait_for(no_leftovers, 30, "the trickled upload to be cleaned up")
 
 
 def test_429s_carry_retry_after(served, worker, monkeypatch):
@@ -296,7 +304,7 @@ def test_429s_carry_retry_after(served, worker, monkeypatch):
         assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1, full.text
     finally:
         reading.stop()
-    wait_for(lambda: temp_leftovers() == [], 30, "the abandoned upload to be cleaned up")
+    wait_for(no_leftovers, 30, "the abandoned upload to be cleaned up")
 
 
 def test_an_early_answer_reaches_a_client_still_sending(served):
@@ -325,7 +333,7 @@ def test_an_early_answer_reaches_a_client_still_sending(served):
     assert_json_error(rest, 413, "too_large")
     assert read_answer(sock, 30) is None  # closed afterwards
     sock.close()
-    wait_for(lambda: temp_leftovers() == [], 30, "the refused upload to be cleaned up")
+    wait_for(no_leftovers, 30, "the refused upload to be cleaned up")
 
 
 def read_answer_from(sock: socket.socket, start: bytes) -> tuple[int, dict[str, str], bytes] | None:

@@ -111,8 +111,9 @@ class EndlessUpload:
         return int(lines[0].split()[1]), ctype, body
 
 
-def assert_shutdown_503(code: int, ctype: str, body: str | bytes) -> None:
-    assert code == 503 and ctype.startswith("application/json"), (code, ctype, body[:300])
+def assert_shutdown_503(code: int, ctype: str, body: str | bytes, log: Path | None = None) -> None:
+    said = log.read_text()[-4000:] if log is not None and log.exists() else ""
+    assert code == 503 and ctype.startswith("application/json"), (code, ctype, body[:300], said)
     assert json.loads(body)["error"]["code"] == "shutting_down", body[:300]
 
 
@@ -158,8 +159,9 @@ def test_sigterm_answers_everyone_in_json_and_exits_0(tmp_path):
             assert code == 200 and events, events
             last = events[-1]
             assert last.get("type") == "transcript.text.done" or last["error"]["code"] == "shutting_down", last
-            assert_shutdown_503(*upload.answer())
+            uploaded = upload.answer()
         exit_code = proc.wait(60)
+        assert_shutdown_503(*uploaded, log)
     finally:
         if proc.poll() is None:
             proc.kill()
