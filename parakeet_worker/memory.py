@@ -727,5 +727,8 @@ def planner() -> MemoryPlanner:
 
 def default_cache() -> Path:
     """Where fitted costs are kept between starts of a worker on this machine (a container
-    restarted after a crash skips the probes): beside the job dirs, under WORKER_TMP_DIR."""
-    return Path(config.CFG.tmp_dir) / "memory-fit"
+    restarted after a crash skips the probes): $TMPDIR/parakeet-worker-memory, beside (not in)
+    WORKER_TMP_DIR, whose every file belongs to a job."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "parakeet-worker-memory"

@@ -24,10 +24,10 @@ from tools.testkit import FakeRunpodQueue, LocalServer, conversation, loopback_o
 # Left behind by imports, empty, and the same on every machine: lhotse (a NeMo dependency) makes
 # ~/.lhotse/tools at import; torch._dynamo makes its compile cache dir, $TMPDIR/torchinductor_<user>;
 # WORKER_TMP_DIR's default is $TMPDIR/parakeet-worker (job dirs go inside it and are removed).
-EMPTY_DIRS_ALLOWED = ("home/.lhotse", "home/.lhotse/tools", "tmp/parakeet-worker", "tmp/parakeet-worker/memory-fit")
-# The worker's own file beside the job dirs: the model's fitted memory cost (numbers per pass
-# length; memory.default_cache), kept for the next start.
-OWN_FILES = ("tmp/parakeet-worker/memory-fit/memory-cost-",)
+EMPTY_DIRS_ALLOWED = ("home/.lhotse", "home/.lhotse/tools", "tmp/parakeet-worker", "tmp/parakeet-worker-memory")
+# The worker's own file: the model's fitted memory cost (numbers per pass length, nothing about
+# the machine's user or the audio; memory.default_cache), kept for the next start.
+OWN_FILES = ("tmp/parakeet-worker-memory/memory-cost-",)
 
 
 def test_telemetry_off_sets_only_what_is_unset():
