@@ -15,20 +15,8 @@ from conftest import DATA_ROOT, run_job, speech_file, temp_leftovers, until, wor
 
 from parakeet_worker import model as asr
 from tools import synth, testkit
-from tools.testkit import UvicornThread
 
 SPACED = ["three", "left", "hello", "nine", "down", "go", "seven", "world"]
-
-
-@pytest.fixture(scope="module")
-def api(worker):
-    with UvicornThread(worker.http_app()) as running:
-        yield running
-
-
-@pytest.fixture
-def client(api):
-    return openai.OpenAI(base_url=f"{api.url}/v1", api_key="anything", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
