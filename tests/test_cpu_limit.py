@@ -4,22 +4,11 @@ os.cpu_count(), the host's count. The parsing is checked on sample cgroup trees.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 from parakeet_worker import config as settings
-
-
-def tree(root: Path, files: dict[str, str], self_cgroup: str = "0::/\n") -> tuple[Path, Path]:
-    """A cgroup mount at root/fs with `files` (paths relative to it), and a /proc/self/cgroup."""
-    for rel, text in files.items():
-        path = root / "fs" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    (root / "fs").mkdir(exist_ok=True)
-    (root / "self-cgroup").write_text(self_cgroup)
-    return root / "fs", root / "self-cgroup"
+from tools.testkit import cgroup_tree as tree
 
 
 @pytest.mark.parametrize(

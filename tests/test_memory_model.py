@@ -11,21 +11,11 @@ import pytest
 
 from parakeet_worker import memory
 from parakeet_worker.memory import FULL, LOCAL, GiB, MiB, PassCost, Probe
+from tools.testkit import cgroup_tree as tree
 
 # ---------------------------------------------------------------------------------------------
 # What the worker can use
 # ---------------------------------------------------------------------------------------------
-
-
-def tree(root: Path, files: dict[str, str], self_cgroup: str = "0::/\n") -> tuple[Path, Path]:
-    """A cgroup mount at root/fs with `files` (paths relative to it), and a /proc/self/cgroup."""
-    for rel, text in files.items():
-        path = root / "fs" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    (root / "fs").mkdir(exist_ok=True)
-    (root / "self-cgroup").write_text(self_cgroup)
-    return root / "fs", root / "self-cgroup"
 
 
 G, M = GiB, MiB

@@ -678,3 +678,15 @@ def multipart(fields: dict[str, Any], file: Path, field: str = "file") -> tuple[
             "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
     body = b"".join([*parts, head, Path(file).read_bytes(), f"\r\n--{boundary}--\r\n".encode()])
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+def cgroup_tree(root: Path, files: dict[str, str], self_cgroup: str = "0::/\n") -> tuple[Path, Path]:
+    """A cgroup mount at root/fs with `files` (paths relative to it), and a /proc/self/cgroup:
+    what the worker's CPU and memory limits are read from, for tests of that reading."""
+    for rel, text in files.items():
+        path = root / "fs" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (root / "fs").mkdir(exist_ok=True)
+    (root / "self-cgroup").write_text(self_cgroup)
+    return root / "fs", root / "self-cgroup"
